@@ -1,0 +1,336 @@
+"""Task configuration: nested dataclasses, loaded from YAML with ``key=value`` overrides.
+
+Every field has a one-line docstring (the comment above it); unknown keys are rejected with a
+suggestion, types are checked, and ``validate()`` names the field and the fix for bad values
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A task file or override is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # diffusers pipeline: a hub id, a local folder with model_index.json, or "tiny" (random, from config)
+    pretrained: str = "tiny"
+    # hub revision (branch, tag or commit) when `pretrained` is a hub id
+    revision: str | None = None
+    # override the scheduler's prediction type: epsilon | v_prediction | sample (null: as the pipeline says)
+    prediction_type: str | None = None
+    # lora (peft adapter, the reference policy is the adapter disabled) or full fine-tuning
+    finetune: str = "lora"
+    # LoRA rank r
+    lora_rank: int = 4
+    # LoRA alpha (scale alpha / r); null means alpha = r
+    lora_alpha: float | None = None
+    # image size of the tiny pipeline, pixels (latents are half)
+    tiny_image_size: int = 32
+    # seed used to initialize the tiny pipeline's random weights
+    tiny_seed: int = 0
+
+
+@dataclass
+class SamplerConfig:
+    # ddim (DDIM with eta > 0, DDPO)
+    name: str = "ddim"
+    # K, denoising steps per sample
+    num_steps: int = 20
+    # DDIM eta during training samples (0 would be deterministic and have no log-prob)
+    eta: float = 1.0
+    # classifier-free guidance scale, used for sampling and for re-evaluating log-probs (1 = off)
+    guidance_scale: float = 5.0
+
+
+@dataclass
+class RewardConfig:
+    # a registered reward name (jpeg_compressibility, aesthetic, clip_score, ...) or a path file.py[:function]
+    name: str = "jpeg_compressibility"
+    # weight of this term in the summed reward
+    weight: float = 1.0
+    # keyword options passed to the reward's factory
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class AlgorithmConfig:
+    # ddpo (PPO-clip, per-prompt statistics) | grpo (group-relative) | loop (leave-one-out) | reinforce
+    name: str = "ddpo"
+    # PPO clip range on per-step ratios (DDPO: 1e-4 with mean-reduced log-probs); null = no clipping
+    clip_range: float | None = 1e-4
+    # advantages are clipped to [-adv_clip_max, adv_clip_max]
+    adv_clip_max: float = 5.0
+    # samples per prompt in each batch (grpo and loop need >= 2)
+    group_size: int = 1
+    # grpo: divide by the group's std, the batch's std, or none
+    std_scope: str = "group"
+    # reinforce: subtract the batch-mean reward as a baseline
+    reinforce_baseline: bool = True
+    # ddpo: rewards kept per prompt for its statistics
+    stat_buffer_size: int = 16
+    # ddpo: rewards a prompt needs before its own statistics are used (else batch statistics)
+    stat_min_count: int = 16
+    # coefficient beta of the closed-form KL to the reference policy (0 = off)
+    kl_coef: float = 0.0
+    # how per-step log-probs reduce over latent dims: mean (DDPO, Flow-GRPO) or sum
+    logprob_reduction: str = "mean"
+    # fraction of the K denoising steps trained per sample (DDPO's timestep_fraction)
+    timestep_fraction: float = 1.0
+    # passes over each epoch's samples
+    inner_epochs: int = 1
+
+
+@dataclass
+class OptimConfig:
+    # AdamW learning rate
+    learning_rate: float = 3e-4
+    # AdamW beta1
+    beta1: float = 0.9
+    # AdamW beta2
+    beta2: float = 0.999
+    # AdamW weight decay
+    weight_decay: float = 1e-4
+    # AdamW epsilon
+    eps: float = 1e-8
+    # gradient-norm clip
+    max_grad_norm: float = 1.0
+    # minibatches accumulated per optimizer step (each over all trained timesteps)
+    gradient_accumulation_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    # name of the run, its folder under output_dir (null: the task file's name)
+    run_name: str | None = None
+    # where run folders are written
+    output_dir: str = "runs"
+    # global seed: sampling noise, prompt choice, shuffling all derive from (seed, epoch, rank)
+    seed: int = 0
+    # training epochs (each: sample, score, update)
+    num_epochs: int = 20
+    # samples per sampling batch, per process
+    sample_batch_size: int = 8
+    # sampling batches per epoch, per process
+    num_batches_per_epoch: int = 2
+    # trajectories per training minibatch, per process
+    train_batch_size: int = 8
+    # prompts: a list, a named set (see flowrl.prompts), or a text file with one prompt per line
+    prompts: typing.Any = "simple_animals"
+    # prompts rendered into the evaluation image grid (deterministic DDIM, fixed seed)
+    eval_prompts: list | None = None
+    # write an evaluation grid every this many epochs (0 = never)
+    eval_every: int = 5
+    # write a checkpoint every this many epochs (0 = only at the end)
+    save_every: int = 5
+    # keep at most this many checkpoints (oldest deleted)
+    keep_checkpoints: int = 3
+    # no | fp16 | bf16 (through accelerate)
+    mixed_precision: str = "no"
+    # null | tensorboard | wandb (through accelerate), besides the JSONL metrics always written
+    log_with: str | None = None
+    # keep an exponential moving average of the trained weights (used for evaluation and saving)
+    ema: bool = False
+    # EMA decay per optimizer step
+    ema_decay: float = 0.99
+    # score rewards in a background thread while the next batch samples
+    async_reward: bool = True
+    # resume from a checkpoint folder, or "auto" for the latest complete one in the run folder
+    resume: str | None = None
+
+
+@dataclass
+class TaskConfig:
+    # one-line description of the task
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> TaskConfig:
+        """Check values that are well-typed but wrong; raise ConfigError naming field and fix."""
+        a, s, t, m, o = self.algorithm, self.sampler, self.train, self.model, self.optim
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(a.name in ALGORITHMS, f"algorithm.name: unknown algorithm {a.name!r}{_suggest(a.name, ALGORITHMS)}; choose one of {ALGORITHMS}")
+        need(m.finetune in ("lora", "full"), f"model.finetune must be 'lora' or 'full', got {m.finetune!r}")
+        need(m.finetune != "lora" or m.lora_rank >= 1, f"model.lora_rank must be >= 1, got {m.lora_rank} (use model.finetune=full to train all weights)")
+        need(s.name == "ddim", f"sampler.name: unknown sampler {s.name!r}{_suggest(s.name, ['ddim'])}; Stable Diffusion trains with 'ddim'")
+        need(s.num_steps >= 1, f"sampler.num_steps must be >= 1, got {s.num_steps}")
+        need(s.eta > 0, f"sampler.eta must be > 0 for training (eta=0 is deterministic and has no log-prob), got {s.eta}")
+        need(s.guidance_scale >= 1.0, f"sampler.guidance_scale must be >= 1 (1 = no guidance), got {s.guidance_scale}")
+        need(o.learning_rate > 0, f"optim.learning_rate must be > 0, got {o.learning_rate}")
+        need(o.gradient_accumulation_steps >= 1, f"optim.gradient_accumulation_steps must be >= 1, got {o.gradient_accumulation_steps}")
+        need(a.clip_range is None or a.clip_range > 0, f"algorithm.clip_range must be > 0 or null, got {a.clip_range}")
+        need(0 < a.timestep_fraction <= 1, f"algorithm.timestep_fraction must be in (0, 1], got {a.timestep_fraction}")
+        need(a.logprob_reduction in ("mean", "sum"), f"algorithm.logprob_reduction must be 'mean' or 'sum', got {a.logprob_reduction!r}")
+        need(a.group_size >= 1, f"algorithm.group_size must be >= 1, got {a.group_size}")
+        need(a.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
+        need(a.inner_epochs >= 1, f"algorithm.inner_epochs must be >= 1, got {a.inner_epochs}")
+        if a.name in ("grpo", "loop"):
+            need(a.group_size >= 2, f"algorithm.group_size must be >= 2 for {a.name} (advantages are relative within a group), got {a.group_size}")
+        for key in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "num_epochs"):
+            need(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+        need(
+            t.sample_batch_size % a.group_size == 0,
+            f"train.sample_batch_size ({t.sample_batch_size}) must be divisible by algorithm.group_size ({a.group_size}) so each batch holds whole groups",
+        )
+        total = t.sample_batch_size * t.num_batches_per_epoch
+        need(total % t.train_batch_size == 0, f"train.train_batch_size ({t.train_batch_size}) must divide the samples per epoch (sample_batch_size x num_batches_per_epoch = {total})")
+        need(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
+        need(t.log_with in (None, "tensorboard", "wandb"), f"train.log_with must be null, tensorboard or wandb, got {t.log_with!r}")
+        need(0 < t.ema_decay < 1, f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
+        need(len(self.rewards) >= 1, "rewards: give at least one reward, e.g. [{name: jpeg_compressibility}]")
+        return self
+
+
+ALGORITHMS = ["ddpo", "grpo", "loop", "reinforce"]
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value, tp, where: str):
+    """Check ``value`` against the annotation ``tp`` (ints pass as floats); raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+        (item,) = typing.get_args(tp) or (typing.Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is list and isinstance(value, list):
+        return value
+    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _from_dict(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}{_suggest(key, names)}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _set_path(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    """``["train.num_epochs=5", "model.pretrained=./sd"]`` -> [(key, YAML-parsed value)]."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.num_epochs=5)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+        out.append((key.strip(), value))
+    return out
+
+
+def tasks_dir() -> Path:
+    """Built-in task files: ``flowrl/_tasks`` in an installed wheel, else the checkout's ``tasks/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_tasks", here.parent / "tasks"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("flowrl's built-in tasks folder is missing; reinstall flowrl")
+
+
+def resolve_task_path(task: str) -> Path:
+    """A task file by path, or by name among the built-in tasks (``jpeg_tiny`` or ``tasks/jpeg_tiny.yaml``)."""
+    p = Path(task).expanduser()
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    builtin = tasks_dir() / name
+    if builtin.is_file():
+        return builtin
+    known = sorted(f.stem for f in tasks_dir().glob("*.yaml"))
+    raise ConfigError(f"task file {task!r} not found{_suggest(p.stem, known)}; built-in tasks: {', '.join(known)}")
+
+
+def load_config(task: str | None = None, overrides: list[str] | None = None) -> TaskConfig:
+    """Load a task file (or the defaults when None), apply overrides, type-check and validate."""
+    data: dict = {}
+    if task is not None:
+        path = resolve_task_path(task)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"task file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"task file {path} must be a mapping of sections (model, sampler, ...)")
+    for key, value in parse_overrides(overrides or []):
+        _set_path(data, key, value)
+    return _from_dict(TaskConfig, data).validate()
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,16 @@
+"""The policy-gradient core: advantages and losses for any Gaussian denoising chain."""
+
+from flowrl.core.advantages import (
+    PerPromptStatTracker,
+    group_advantages,
+    leave_one_out_advantages,
+)
+from flowrl.core.losses import gaussian_kl, policy_loss
+
+__all__ = [
+    "PerPromptStatTracker",
+    "gaussian_kl",
+    "group_advantages",
+    "leave_one_out_advantages",
+    "policy_loss",
+]

@@ -1,0 +1,206 @@
+"""DDIM with eta > 0 as a Gaussian policy (DDPO, Black et al. 2023, https://arxiv.org/abs/2305.13301).
+
+Notation (Song et al. 2020, "Denoising Diffusion Implicit Models", https://arxiv.org/abs/2010.02502):
+
+    alpha_prod_t       -> a_t         cumulative product of (1 - beta), at the current step
+    alpha_prod_t_prev  -> a_{t-1}     the same at the step the transition lands on
+    pred_original      -> x0_hat      the model's estimate of the clean sample
+    pred_epsilon       -> eps_hat     the model's estimate of the noise
+    std_dev_t          -> sigma_t(eta)
+
+One step, formula (12) with (16):
+
+    sigma_t = eta * sqrt((1 - a_{t-1}) / (1 - a_t)) * sqrt(1 - a_t / a_{t-1})
+    mu      = sqrt(a_{t-1}) * x0_hat + sqrt(1 - a_{t-1} - sigma_t^2) * eps_hat
+    x_{t-1} ~ N(mu, sigma_t^2 I)
+
+so log p(x_{t-1} | x_t, c) is a Gaussian log-density, exact and cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flowrl.chain import Chain
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob
+
+
+class DDIMSampler:
+    """DDIM(eta) over the timestep schedule of a diffusers ``DDIMScheduler`` config.
+
+    Args:
+        scheduler_config: the pipeline's scheduler config (``pipe.scheduler.config``); its
+            ``num_train_timesteps``, betas, ``steps_offset``, ``set_alpha_to_one``,
+            ``timestep_spacing``, ``clip_sample`` and ``prediction_type`` are honoured.
+        num_steps: K, the number of denoising steps.
+        eta: noise scale; 0 is deterministic DDIM (evaluation), 1 is DDPM-like (DDPO's default).
+        logprob_reduction: ``"mean"`` or ``"sum"`` over event dims (see ``reduce_event``).
+    """
+
+    def __init__(self, scheduler_config: dict, num_steps: int = 50, eta: float = 1.0, logprob_reduction: str = "mean"):
+        from diffusers import DDIMScheduler
+
+        if num_steps < 1:
+            raise ValueError(f"sampler.num_steps must be >= 1, got {num_steps}")
+        if eta < 0:
+            raise ValueError(f"sampler.eta must be >= 0, got {eta}")
+        if logprob_reduction not in LOGPROB_REDUCTIONS:
+            raise ValueError(f"algorithm.logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}")
+        config = dict(scheduler_config)
+        if config.get("thresholding", False):
+            raise ValueError("DDIM with dynamic thresholding has no Gaussian step; set thresholding=False in the scheduler config")
+        scheduler = DDIMScheduler.from_config(config)
+        scheduler.set_timesteps(num_steps)
+        self.config = scheduler.config
+        self.num_steps = num_steps
+        self.eta = eta
+        self.logprob_reduction = logprob_reduction
+        self.prediction_type = scheduler.config.prediction_type
+        self.alphas_cumprod = scheduler.alphas_cumprod.double()  # (T,)
+        self.final_alpha_cumprod = float(scheduler.final_alpha_cumprod)
+        self.timesteps = scheduler.timesteps.clone()  # (K,) descending
+        step_ratio = scheduler.config.num_train_timesteps // num_steps
+        self.prev_timesteps = self.timesteps - step_ratio  # (K,), as DDIMScheduler.step computes it
+        if eta > 0:
+            std = self.std(self.timesteps, self.prev_timesteps)
+            if (std == 0).any():
+                bad = self.timesteps[std == 0].tolist()
+                raise ValueError(
+                    f"DDIM step std is 0 at timesteps {bad} although eta={eta}: the log-prob there is undefined. "
+                    "Use Stable Diffusion's scheduler settings steps_offset=1 and set_alpha_to_one=False."
+                )
+
+    # ------------------------------------------------------------------ schedule
+    def _alpha_prod(self, t: Tensor) -> Tensor:
+        """a_t for integer timesteps t (any shape); a_{-n} is ``final_alpha_cumprod``."""
+        t = t.long().cpu()
+        a = self.alphas_cumprod[t.clamp(min=0)]
+        return torch.where(t >= 0, a, torch.full_like(a, self.final_alpha_cumprod)).float()
+
+    def std(self, t: Tensor, prev_t: Tensor) -> Tensor:
+        """sigma_t(eta) of formula (16), float32, shape of t."""
+        a_t, a_prev = self._alpha_prod(t), self._alpha_prod(prev_t)
+        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        return self.eta * variance.clamp(min=0).sqrt()
+
+    # ------------------------------------------------------------------ one step
+    def step(
+        self,
+        model_output: Tensor,
+        t: Tensor,
+        prev_t: Tensor,
+        sample: Tensor,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> StepOutput:
+        """One DDIM(eta) transition, in float32 whatever the model dtype.
+
+        Args:
+            model_output: (B, C, H, W) the network's output (eps, v or x0 per ``prediction_type``).
+            t, prev_t: (B,) integer timesteps of this step and the one it lands on.
+            sample: (B, C, H, W) x_t.
+            prev_sample: (B, C, H, W) x_{t-1} to evaluate; drawn from the step's Gaussian if None.
+            generator / noise: the randomness for drawing x_{t-1} (noise ~ N(0, I) given directly
+                reproduces ``DDIMScheduler.step(..., variance_noise=noise)``).
+        """
+        model_output, sample = model_output.float(), sample.float()
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        # 1. a_t and a_{t-1}, per sample
+        a_t = self._alpha_prod(t).to(sample.device).view(shape)
+        a_prev = self._alpha_prod(prev_t).to(sample.device).view(shape)
+        b_t = 1 - a_t
+        # 2. x0_hat and eps_hat from the model output, formula (12)
+        if self.prediction_type == "epsilon":
+            pred_original = (sample - b_t.sqrt() * model_output) / a_t.sqrt()
+            pred_epsilon = model_output
+        elif self.prediction_type == "v_prediction":
+            pred_original = a_t.sqrt() * sample - b_t.sqrt() * model_output
+            pred_epsilon = a_t.sqrt() * model_output + b_t.sqrt() * sample
+        elif self.prediction_type == "sample":
+            pred_original = model_output
+            pred_epsilon = (sample - a_t.sqrt() * pred_original) / b_t.sqrt()
+        else:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        # 3. optional clipping of x0_hat (as DDIMScheduler; eps_hat is not re-derived)
+        if self.config.clip_sample:
+            r = self.config.clip_sample_range
+            pred_original = pred_original.clamp(-r, r)
+        # 4. sigma_t(eta), formula (16)
+        variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
+        std = self.eta * variance.clamp(min=0).sqrt()
+        # 5. the mean: "x0 part" plus "direction pointing to x_t", formula (12)
+        mean = a_prev.sqrt() * pred_original + (1 - a_prev - std**2).clamp(min=0).sqrt() * pred_epsilon
+        # 6. draw x_{t-1} ~ N(mean, sigma_t^2 I) unless given
+        if prev_sample is None:
+            if noise is None:
+                noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+            prev_sample = mean + std * noise
+        prev_sample = prev_sample.float()
+        # 7. log N(x_{t-1}; mean, sigma_t^2 I), reduced over event dims
+        log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
+        return StepOutput(prev_sample, mean, std, log_prob, pred_original)
+
+    # ------------------------------------------------------------------ whole chain
+    @torch.no_grad()
+    def sample(
+        self,
+        adapter,
+        prompts: list[str],
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        cond: dict[str, Tensor] | None = None,
+        progress: bool = False,
+    ) -> Chain:
+        """Run the chain from x_T ~ N(0, I) and record every transition with its log-prob."""
+        device = adapter.device
+        cond = adapter.condition(prompts, guidance_scale) if cond is None else cond
+        B = len(prompts)
+        if latents is None:
+            latents = torch.randn((B, *adapter.latent_shape), generator=generator, device=device)
+        states = [latents.float()]
+        log_probs = []
+        iterator = self.timesteps
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc="sampling", leave=False)
+        for k, t in enumerate(iterator):
+            t_b = t.expand(B).to(device)
+            prev_b = self.prev_timesteps[k].expand(B).to(device)
+            out = adapter(states[-1], t_b, cond, guidance_scale)
+            if self.eta > 0:
+                step = self.step(out, t_b, prev_b, states[-1], generator=generator)
+                log_probs.append(step.log_prob)
+            else:
+                step = self.step(out, t_b, prev_b, states[-1], noise=torch.zeros_like(states[-1]))
+                log_probs.append(torch.full((B,), float("nan"), device=device))
+            states.append(step.prev_sample)
+        return Chain(
+            latents=torch.stack(states, dim=1),  # (B, K+1, C, H, W)
+            timesteps=self.timesteps.to(device).expand(B, -1).clone(),  # (B, K)
+            next_timesteps=self.prev_timesteps.to(device).expand(B, -1).clone(),  # (B, K)
+            log_probs=torch.stack(log_probs, dim=1),  # (B, K)
+            cond=cond,
+            prompts=list(prompts),
+            guidance_scale=guidance_scale,
+        )
+
+    def log_prob(self, adapter, chain: Chain, step_index: Tensor, net=None, reference: bool = False) -> StepOutput:
+        """Re-evaluate transition ``step_index[b]`` of each trajectory b under the adapter's current
+        parameters (differentiably). ``step_index`` is (B,) long, so each trajectory may train on
+        a different denoising step (timestep subsampling). ``net`` overrides the module called
+        (the DDP wrapper in training); ``reference=True`` evaluates the reference policy instead."""
+        b = torch.arange(len(chain), device=chain.latents.device)
+        step_index = step_index.to(chain.latents.device)
+        x_t = chain.latents[b, step_index]  # (B, C, H, W)
+        x_prev = chain.latents[b, step_index + 1]  # (B, C, H, W)
+        t = chain.timesteps[b, step_index]  # (B,)
+        prev_t = chain.next_timesteps[b, step_index]  # (B,)
+        if reference:
+            out = adapter.reference_forward(x_t, t, chain.cond, chain.guidance_scale)
+        else:
+            out = adapter(x_t, t, chain.cond, chain.guidance_scale, net=net)
+        return self.step(out, t, prev_t, x_t, prev_sample=x_prev)

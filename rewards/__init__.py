@@ -1,0 +1,1 @@
+"""Built-in reward scripts (loaded by flowrl.rewards; each registers its factories by name)."""

@@ -1,0 +1,33 @@
+import copy
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def _tiny_pipes():
+    from flowrl.models.sd import build_tiny_sd_pipeline
+
+    return {pt: build_tiny_sd_pipeline(prediction_type=pt) for pt in ("epsilon", "v_prediction")}
+
+
+@pytest.fixture
+def tiny_pipe(_tiny_pipes):
+    """A fresh copy of the tiny epsilon-prediction SD pipeline (tests may add adapters to it)."""
+    return copy.deepcopy(_tiny_pipes["epsilon"])
+
+
+@pytest.fixture
+def tiny_pipe_v(_tiny_pipes):
+    return copy.deepcopy(_tiny_pipes["v_prediction"])
+
+
+def perturb_lora(adapter, scale: float = 0.05, seed: int = 0) -> None:
+    """Give the LoRA B matrices (zero at init) random values so the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in adapter.unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
