@@ -30,7 +30,11 @@ def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name) and (p / "state.json").is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and CHECKPOINT_RE.match(p.name) and (p / "state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
@@ -58,9 +62,14 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    save_file(
+        {k: v.detach().float().contiguous().cpu() for k, v in trainable.items()},
+        str(tmp / "trainable.safetensors"),
+    )
     if ema is not None:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        save_file(
+            {k: v.detach().float().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors")
+        )
     torch.save(optimizer_state, tmp / "optimizer.pt")
     if extra_writer is not None:
         extra_writer(tmp)

@@ -1,8 +1,8 @@
 """``flowrl train`` and ``flowrl sample``.
 
-    flowrl train tasks/jpeg_tiny.yaml train.num_epochs=40 model.pretrained=./my-sd15
-    flowrl sample --model tiny --lora runs/jpeg_tiny/checkpoints/epoch_000020 --prompt "a cat" -n 4
-    accelerate launch --num_processes 2 -m flowrl.cli train tasks/jpeg_tiny.yaml
+flowrl train tasks/jpeg_tiny.yaml train.num_epochs=40 model.pretrained=./my-sd15
+flowrl sample --model tiny --lora runs/jpeg_tiny/checkpoints/epoch_000020 --prompt "a cat" -n 4
+accelerate launch --num_processes 2 -m flowrl.cli train tasks/jpeg_tiny.yaml
 """
 
 from __future__ import annotations
@@ -47,11 +47,15 @@ def _sample(args: argparse.Namespace) -> int:
         raise SystemExit("flowrl sample: give at least one --prompt or --prompts-file")
     prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_sd_pipeline(args.model, **({"image_size": args.tiny_image_size} if args.model == "tiny" else {}))
+    pipe = load_sd_pipeline(
+        args.model, **({"image_size": args.tiny_image_size} if args.model == "tiny" else {})
+    )
     if args.lora:
         lora = Path(args.lora)
         if not lora.exists():
-            raise SystemExit(f"flowrl sample: --lora {lora} does not exist (give a checkpoint folder or a .safetensors file)")
+            raise SystemExit(
+                f"flowrl sample: --lora {lora} does not exist (give a checkpoint folder or a .safetensors file)"
+            )
         if lora.is_dir():
             pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors")
         else:
@@ -79,13 +83,22 @@ def _sample(args: argparse.Namespace) -> int:
             "logprob_reduction": sampler.logprob_reduction,
             "scheduler_config": json.dumps(dict(sampler.config)),
         }
-        save_file({k: v.cpu() for k, v in chain.tensors().items()}, str(out / "trajectory.safetensors"), metadata=meta)
-    print(f"wrote {len(images)} images to {out}" + (" and trajectory.safetensors" if args.save_trajectory else ""))
+        save_file(
+            {k: v.cpu() for k, v in chain.tensors().items()},
+            str(out / "trajectory.safetensors"),
+            metadata=meta,
+        )
+    print(
+        f"wrote {len(images)} images to {out}"
+        + (" and trajectory.safetensors" if args.save_trajectory else "")
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowrl", description="RL fine-tuning of denoising generative models.")
+    parser = argparse.ArgumentParser(
+        prog="flowrl", description="RL fine-tuning of denoising generative models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="fine-tune a model on a task file")
@@ -107,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--tiny-image-size", type=int, default=32)
     sa.add_argument("--device")
     sa.add_argument("--out", default="samples")
-    sa.add_argument("--save-trajectory", action="store_true", help="also save latents per step, timesteps and log-probs (safetensors)")
+    sa.add_argument(
+        "--save-trajectory",
+        action="store_true",
+        help="also save latents per step, timesteps and log-probs (safetensors)",
+    )
     sa.set_defaults(func=_sample)
     return parser
 

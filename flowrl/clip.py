@@ -21,13 +21,17 @@ TINY_CLIP_CONFIG = {
 }
 
 
-def load_open_clip(model: str = "ViT-L-14", pretrained: str | None = "openai", device: str | torch.device = "cpu"):
+def load_open_clip(
+    model: str = "ViT-L-14", pretrained: str | None = "openai", device: str | torch.device = "cpu"
+):
     """(model, tokenizer, image_size, mean, std) for an OpenCLIP architecture, eval mode, frozen."""
     import open_clip
 
     if pretrained is not None and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
         if not Path(pretrained).expanduser().is_file():
-            raise FileNotFoundError(f"CLIP weights file {pretrained!r} does not exist; give a local file, a tag like 'openai', or null")
+            raise FileNotFoundError(
+                f"CLIP weights file {pretrained!r} does not exist; give a local file, a tag like 'openai', or null"
+            )
     if model == "flowrl-tiny":
         from open_clip.model import CLIP
 
@@ -53,7 +57,9 @@ def preprocess(images: Tensor, image_size: int, mean: Tensor, std: Tensor) -> Te
     h, w = images.shape[-2:]
     scale = image_size / min(h, w)
     if scale != 1:
-        images = F.interpolate(images, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False)
+        images = F.interpolate(
+            images, size=(round(h * scale), round(w * scale)), mode="bicubic", align_corners=False
+        )
     h, w = images.shape[-2:]
     top, left = (h - image_size) // 2, (w - image_size) // 2
     images = images[..., top : top + image_size, left : left + image_size]

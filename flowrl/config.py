@@ -168,23 +168,53 @@ class TaskConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(a.name in ALGORITHMS, f"algorithm.name: unknown algorithm {a.name!r}{_suggest(a.name, ALGORITHMS)}; choose one of {ALGORITHMS}")
+        need(
+            a.name in ALGORITHMS,
+            f"algorithm.name: unknown algorithm {a.name!r}{_suggest(a.name, ALGORITHMS)}; choose one of {ALGORITHMS}",
+        )
         need(m.finetune in ("lora", "full"), f"model.finetune must be 'lora' or 'full', got {m.finetune!r}")
-        need(m.finetune != "lora" or m.lora_rank >= 1, f"model.lora_rank must be >= 1, got {m.lora_rank} (use model.finetune=full to train all weights)")
-        need(s.name == "ddim", f"sampler.name: unknown sampler {s.name!r}{_suggest(s.name, ['ddim'])}; Stable Diffusion trains with 'ddim'")
+        need(
+            m.finetune != "lora" or m.lora_rank >= 1,
+            f"model.lora_rank must be >= 1, got {m.lora_rank} (use model.finetune=full to train all weights)",
+        )
+        need(
+            s.name == "ddim",
+            f"sampler.name: unknown sampler {s.name!r}{_suggest(s.name, ['ddim'])}; Stable Diffusion trains with 'ddim'",
+        )
         need(s.num_steps >= 1, f"sampler.num_steps must be >= 1, got {s.num_steps}")
-        need(s.eta > 0, f"sampler.eta must be > 0 for training (eta=0 is deterministic and has no log-prob), got {s.eta}")
-        need(s.guidance_scale >= 1.0, f"sampler.guidance_scale must be >= 1 (1 = no guidance), got {s.guidance_scale}")
+        need(
+            s.eta > 0,
+            f"sampler.eta must be > 0 for training (eta=0 is deterministic and has no log-prob), got {s.eta}",
+        )
+        need(
+            s.guidance_scale >= 1.0,
+            f"sampler.guidance_scale must be >= 1 (1 = no guidance), got {s.guidance_scale}",
+        )
         need(o.learning_rate > 0, f"optim.learning_rate must be > 0, got {o.learning_rate}")
-        need(o.gradient_accumulation_steps >= 1, f"optim.gradient_accumulation_steps must be >= 1, got {o.gradient_accumulation_steps}")
-        need(a.clip_range is None or a.clip_range > 0, f"algorithm.clip_range must be > 0 or null, got {a.clip_range}")
-        need(0 < a.timestep_fraction <= 1, f"algorithm.timestep_fraction must be in (0, 1], got {a.timestep_fraction}")
-        need(a.logprob_reduction in ("mean", "sum"), f"algorithm.logprob_reduction must be 'mean' or 'sum', got {a.logprob_reduction!r}")
+        need(
+            o.gradient_accumulation_steps >= 1,
+            f"optim.gradient_accumulation_steps must be >= 1, got {o.gradient_accumulation_steps}",
+        )
+        need(
+            a.clip_range is None or a.clip_range > 0,
+            f"algorithm.clip_range must be > 0 or null, got {a.clip_range}",
+        )
+        need(
+            0 < a.timestep_fraction <= 1,
+            f"algorithm.timestep_fraction must be in (0, 1], got {a.timestep_fraction}",
+        )
+        need(
+            a.logprob_reduction in ("mean", "sum"),
+            f"algorithm.logprob_reduction must be 'mean' or 'sum', got {a.logprob_reduction!r}",
+        )
         need(a.group_size >= 1, f"algorithm.group_size must be >= 1, got {a.group_size}")
         need(a.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
         need(a.inner_epochs >= 1, f"algorithm.inner_epochs must be >= 1, got {a.inner_epochs}")
         if a.name in ("grpo", "loop"):
-            need(a.group_size >= 2, f"algorithm.group_size must be >= 2 for {a.name} (advantages are relative within a group), got {a.group_size}")
+            need(
+                a.group_size >= 2,
+                f"algorithm.group_size must be >= 2 for {a.name} (advantages are relative within a group), got {a.group_size}",
+            )
         for key in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "num_epochs"):
             need(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
         need(
@@ -192,9 +222,18 @@ class TaskConfig:
             f"train.sample_batch_size ({t.sample_batch_size}) must be divisible by algorithm.group_size ({a.group_size}) so each batch holds whole groups",
         )
         total = t.sample_batch_size * t.num_batches_per_epoch
-        need(total % t.train_batch_size == 0, f"train.train_batch_size ({t.train_batch_size}) must divide the samples per epoch (sample_batch_size x num_batches_per_epoch = {total})")
-        need(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
-        need(t.log_with in (None, "tensorboard", "wandb"), f"train.log_with must be null, tensorboard or wandb, got {t.log_with!r}")
+        need(
+            total % t.train_batch_size == 0,
+            f"train.train_batch_size ({t.train_batch_size}) must divide the samples per epoch (sample_batch_size x num_batches_per_epoch = {total})",
+        )
+        need(
+            t.mixed_precision in ("no", "fp16", "bf16"),
+            f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}",
+        )
+        need(
+            t.log_with in (None, "tensorboard", "wandb"),
+            f"train.log_with must be null, tensorboard or wandb, got {t.log_with!r}",
+        )
         need(0 < t.ema_decay < 1, f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
         need(len(self.rewards) >= 1, "rewards: give at least one reward, e.g. [{name: jpeg_compressibility}]")
         return self
@@ -229,7 +268,9 @@ def _coerce(value, tp, where: str):
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(
+            f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r} ({type(value).__name__})"
+        )
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -264,7 +305,9 @@ def _from_dict(cls, data: dict, where: str = ""):
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise ConfigError(f"unknown config key {path!r}{_suggest(key, names)}; valid keys here: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown config key {path!r}{_suggest(key, names)}; valid keys here: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 
@@ -272,11 +315,22 @@ def _from_dict(cls, data: dict, where: str = ""):
 def _set_path(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
-    node[keys[-1]] = value
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):  # rewards.0.weight=2
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"override {dotted!r}: {k!r} is not an index of a {len(node)}-item list")
+            if last:
+                node[int(k)] = value
+            else:
+                node = node[int(k)]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = value
+            else:
+                node = node.setdefault(k, {})
+        else:
+            raise ConfigError(f"override {dotted!r}: {keys[i - 1]!r} is not a section")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
@@ -313,7 +367,9 @@ def resolve_task_path(task: str) -> Path:
     if builtin.is_file():
         return builtin
     known = sorted(f.stem for f in tasks_dir().glob("*.yaml"))
-    raise ConfigError(f"task file {task!r} not found{_suggest(p.stem, known)}; built-in tasks: {', '.join(known)}")
+    raise ConfigError(
+        f"task file {task!r} not found{_suggest(p.stem, known)}; built-in tasks: {', '.join(known)}"
+    )
 
 
 def load_config(task: str | None = None, overrides: list[str] | None = None) -> TaskConfig:

@@ -7,9 +7,30 @@ from pathlib import Path
 PROMPT_SETS: dict[str, list[str]] = {
     # DDPO's "simple_animals" style set, shortened
     "simple_animals": [
-        "a cat", "a dog", "a horse", "a monkey", "a rabbit", "a zebra", "a spider", "a bird",
-        "a sheep", "a deer", "a cow", "a goat", "a lion", "a tiger", "a bear", "a raccoon",
-        "a fox", "a wolf", "a lizard", "a beetle", "an ant", "a butterfly", "a fish", "a shark",
+        "a cat",
+        "a dog",
+        "a horse",
+        "a monkey",
+        "a rabbit",
+        "a zebra",
+        "a spider",
+        "a bird",
+        "a sheep",
+        "a deer",
+        "a cow",
+        "a goat",
+        "a lion",
+        "a tiger",
+        "a bear",
+        "a raccoon",
+        "a fox",
+        "a wolf",
+        "a lizard",
+        "a beetle",
+        "an ant",
+        "a butterfly",
+        "a fish",
+        "a shark",
     ],
     "colors": ["a red square", "a green square", "a blue square", "a yellow square"],
 }
@@ -28,7 +49,11 @@ def load_prompts(spec) -> list[str]:
             raise FileNotFoundError(
                 f"train.prompts: {spec!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor an existing file"
             )
-        prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        prompts = [
+            ln.strip()
+            for ln in path.read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")
+        ]
         source = f"prompt file {path}"
     else:
         raise TypeError(f"train.prompts must be a list, a prompt-set name or a file path, got {spec!r}")

@@ -19,7 +19,11 @@ class MetricsWriter:
         self.path = Path(path)
         if truncate_from_epoch is not None and self.path.exists():
             # on resume, drop rows of epochs that will be re-run
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", -1) < truncate_from_epoch]
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("epoch", -1) < truncate_from_epoch
+            ]
             self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, row: dict) -> None:
@@ -32,7 +36,9 @@ class MetricsWriter:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
 
 
-def plot_reward_curve(rows: list[dict], path: str | os.PathLike, x_key: str = "epoch", title: str = "reward") -> None:
+def plot_reward_curve(
+    rows: list[dict], path: str | os.PathLike, x_key: str = "epoch", title: str = "reward"
+) -> None:
     """Mean reward (with +/- 1 std band) against epochs, saved as a PNG."""
     import matplotlib
 
@@ -60,9 +66,13 @@ def plot_reward_curve(rows: list[dict], path: str | os.PathLike, x_key: str = "e
     os.replace(tmp, path)
 
 
-def image_grid(images: torch.Tensor, labels: list[str] | None = None, ncol: int | None = None, scale: int | None = None) -> Image.Image:
+def image_grid(
+    images: torch.Tensor, labels: list[str] | None = None, ncol: int | None = None, scale: int | None = None
+) -> Image.Image:
     """A PIL grid of (B, 3, H, W) images in [0, 1], each upscaled to at least 128 px, with labels."""
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     B, H, W, _ = arr.shape
     scale = scale or max(1, math.ceil(128 / max(H, W)))
     ncol = ncol or min(B, 8)
@@ -80,7 +90,9 @@ def image_grid(images: torch.Tensor, labels: list[str] | None = None, ncol: int 
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, labels: list[str] | None = None, ncol: int | None = None) -> None:
+def save_image_grid(
+    images: torch.Tensor, path: str | os.PathLike, labels: list[str] | None = None, ncol: int | None = None
+) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")

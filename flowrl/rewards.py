@@ -136,8 +136,9 @@ def _resolve(spec: str) -> tuple[Callable[..., RewardFn], bool]:
         return _REGISTRY[registered[0]].factory, _REGISTRY[registered[0]].differentiable
     if name is None or not callable(getattr(module, name, None)):
         raise AttributeError(
-            f"reward script {path} defines no {attr!r}" if attr else
-            f"reward script {path} defines neither reward_fn(images, prompts, metadata) nor make_reward(**kwargs)"
+            f"reward script {path} defines no {attr!r}"
+            if attr
+            else f"reward script {path} defines neither reward_fn(images, prompts, metadata) nor make_reward(**kwargs)"
             + (f"; it registers {registered}: pick one with {path}:<name>" if registered else "")
         )
     fn = getattr(module, name)
@@ -147,13 +148,17 @@ def _resolve(spec: str) -> tuple[Callable[..., RewardFn], bool]:
     def plain(**kwargs) -> RewardFn:
         kwargs.pop("device", None)
         if kwargs:
-            raise TypeError(f"{name} takes no options but got {sorted(kwargs)}; define make_reward(**kwargs) to accept options")
+            raise TypeError(
+                f"{name} takes no options but got {sorted(kwargs)}; define make_reward(**kwargs) to accept options"
+            )
         return fn
 
     return plain, differentiable
 
 
-def validate_rewards(name: str, out, batch_size: int, device: torch.device | str = "cpu") -> tuple[Tensor, dict]:
+def validate_rewards(
+    name: str, out, batch_size: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, dict]:
     """Check a reward's output: B finite floats (and an optional info dict)."""
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
         values, info = out
@@ -166,7 +171,9 @@ def validate_rewards(name: str, out, batch_size: int, device: torch.device | str
         else:
             tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), dtype=torch.float32, device=device)
     except (TypeError, ValueError) as e:
-        raise RewardError(f"reward {name!r} returned {type(values).__name__}, which is not numbers: return a (B,) tensor of floats") from e
+        raise RewardError(
+            f"reward {name!r} returned {type(values).__name__}, which is not numbers: return a (B,) tensor of floats"
+        ) from e
     if tensor.shape != (batch_size,):
         raise RewardError(
             f"reward {name!r} returned shape {tuple(tensor.shape)} for a batch of {batch_size} images: "
@@ -175,7 +182,9 @@ def validate_rewards(name: str, out, batch_size: int, device: torch.device | str
     bad = ~torch.isfinite(tensor)
     if bad.any():
         idx = bad.nonzero().flatten().tolist()
-        raise RewardError(f"reward {name!r} returned non-finite values (NaN or inf) at batch positions {idx}: fix the reward or clamp its output")
+        raise RewardError(
+            f"reward {name!r} returned non-finite values (NaN or inf) at batch positions {idx}: fix the reward or clamp its output"
+        )
     return tensor, info
 
 
@@ -203,7 +212,9 @@ class Reward:
             self.differentiable &= differentiable
         self._pool: ThreadPoolExecutor | None = None
 
-    def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None) -> tuple[Tensor, dict]:
+    def __call__(
+        self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None
+    ) -> tuple[Tensor, dict]:
         """(B,) weighted total and an info dict with each term's (B,) values under ``reward/<name>``."""
         metadata = metadata if metadata is not None else [{} for _ in prompts]
         total = torch.zeros(len(prompts), device=self.device)

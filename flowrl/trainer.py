@@ -37,7 +37,10 @@ class NonFiniteError(FloatingPointError):
 
 def _seed_for(*parts: int) -> int:
     """A 63-bit seed from integers (stable across runs and processes)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint32).astype(np.uint64) @ np.array([1 << 31, 1], dtype=np.uint64)) % (1 << 63)
+    return int(
+        np.random.SeedSequence(list(parts)).generate_state(2, dtype=np.uint32).astype(np.uint64)
+        @ np.array([1 << 31, 1], dtype=np.uint64)
+    ) % (1 << 63)
 
 
 @dataclass
@@ -82,7 +85,9 @@ class Trainer:
             cpu=not torch.cuda.is_available(),  # so torchrun on a CPU machine gives MULTI_CPU (gloo)
             mixed_precision=t.mixed_precision,
             log_with=t.log_with,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")
+            ),
         )
         acc = self.accelerator
         self.device = acc.device
@@ -90,19 +95,32 @@ class Trainer:
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
 
         pipe = load_sd_pipeline(
-            m.pretrained, revision=m.revision, prediction_type=m.prediction_type, **(
-                {"image_size": m.tiny_image_size, "seed": m.tiny_seed} if m.pretrained == "tiny" else {}
-            )
+            m.pretrained,
+            revision=m.revision,
+            prediction_type=m.prediction_type,
+            **({"image_size": m.tiny_image_size, "seed": m.tiny_seed} if m.pretrained == "tiny" else {}),
         )
         self.adapter = StableDiffusionAdapter(
-            pipe, m.finetune, m.lora_rank, m.lora_alpha, weight_dtype, keep_reference=a.kl_coef > 0 and m.finetune == "full"
+            pipe,
+            m.finetune,
+            m.lora_rank,
+            m.lora_alpha,
+            weight_dtype,
+            keep_reference=a.kl_coef > 0 and m.finetune == "full",
         ).to(self.device)
-        self.sampler = DDIMSampler(pipe.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta, a.logprob_reduction)
-        self.reward = Reward([{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in cfg.rewards], device=self.device)
+        self.sampler = DDIMSampler(
+            pipe.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta, a.logprob_reduction
+        )
+        self.reward = Reward(
+            [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in cfg.rewards],
+            device=self.device,
+        )
 
         o = cfg.optim
         params = self.adapter.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps)
+        optimizer = torch.optim.AdamW(
+            params, lr=o.learning_rate, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps
+        )
         self.net, self.optimizer = acc.prepare(self.adapter.unet, optimizer)
         self.stat_tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
         self.ema = EMA(self.adapter.trainable_state_dict(), t.ema_decay) if t.ema else None
@@ -113,7 +131,11 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", truncate_from_epoch=self.start_epoch) if acc.is_main_process else None
+        self.metrics = (
+            MetricsWriter(self.run_dir / "metrics.jsonl", truncate_from_epoch=self.start_epoch)
+            if acc.is_main_process
+            else None
+        )
         if t.log_with:
             acc.init_trackers(self.run_dir.name, config=_flat(config_to_dict(cfg)))
 
@@ -130,11 +152,15 @@ class Trainer:
         if t.resume == "auto":
             found = latest_checkpoint(self.run_dir)
             if found is None:
-                raise ConfigError(f"train.resume=auto: no complete checkpoint under {self.run_dir}/checkpoints to resume from")
+                raise ConfigError(
+                    f"train.resume=auto: no complete checkpoint under {self.run_dir}/checkpoints to resume from"
+                )
             return found
         folder = Path(t.resume)
         if not (folder / "state.json").is_file():
-            raise ConfigError(f"train.resume: {folder} is not a complete flowrl checkpoint folder (no state.json); use train.resume=auto")
+            raise ConfigError(
+                f"train.resume: {folder} is not a complete flowrl checkpoint folder (no state.json); use train.resume=auto"
+            )
         return folder
 
     def _load(self, folder: Path) -> None:
@@ -146,7 +172,9 @@ class Trainer:
         self.stat_tracker.load_state_dict(state["stat_tracker"])
         if self.ema is not None:
             if ckpt["ema"] is None:
-                raise ConfigError(f"train.ema is on but checkpoint {folder} has no EMA weights; resume with train.ema=false")
+                raise ConfigError(
+                    f"train.ema is on but checkpoint {folder} has no EMA weights; resume with train.ema=false"
+                )
             self.ema.shadow = {k: v.float() for k, v in ckpt["ema"].items()}
         self.accelerator.print(f"resumed from {folder} at epoch {self.start_epoch}")
 
@@ -155,7 +183,11 @@ class Trainer:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
-        state = {"next_epoch": next_epoch, "global_step": self.global_step, "stat_tracker": self.stat_tracker.state_dict()}
+        state = {
+            "next_epoch": next_epoch,
+            "global_step": self.global_step,
+            "stat_tracker": self.stat_tracker.state_dict(),
+        }
         return save_checkpoint(
             self.run_dir,
             next_epoch,
@@ -209,7 +241,11 @@ class Trainer:
             # (rank, batch, group) -> a globally unique group id for GRPO / LOOP
             group = torch.arange(per_batch, device=self.device).repeat_interleave(a.group_size)
             chain.metadata["group"] = group + per_batch * (i + t.num_batches_per_epoch * self.rank)
-            pending.append(self.reward.submit(chain.samples, prompts) if t.async_reward else self.reward(chain.samples, prompts))
+            pending.append(
+                self.reward.submit(chain.samples, prompts)
+                if t.async_reward
+                else self.reward(chain.samples, prompts)
+            )
             chains.append(chain)
         infos = []
         for chain, p in zip(chains, pending):
@@ -218,7 +254,9 @@ class Trainer:
             infos.append(info)
         out = Chain.cat(chains)
         out.metadata["group"] = torch.cat([c.metadata["group"] for c in chains])
-        out.metadata["reward_terms"] = {k: torch.cat([i[k] for i in infos]) for k in infos[0] if k.startswith("reward/")}
+        out.metadata["reward_terms"] = {
+            k: torch.cat([i[k] for i in infos]) for k in infos[0] if k.startswith("reward/")
+        }
         return out
 
     def compute_advantages(self, chain: Chain) -> tuple[Tensor, dict]:
@@ -250,7 +288,6 @@ class Trainer:
         acc = self.accelerator
         B, K = len(chain), chain.num_steps
         Kt = math.ceil(a.timestep_fraction * K)
-        clip_range = None if a.name == "reinforce" else a.clip_range
         n_mb = B // t.train_batch_size
         self.net.train()
         sums: dict[str, float] = {}
@@ -284,7 +321,9 @@ class Trainer:
                     grad_norm = acc.clip_grad_norm_(self.adapter.trainable_parameters(), o.max_grad_norm)
                     if not torch.isfinite(grad_norm):
                         self.optimizer.zero_grad(set_to_none=True)
-                        raise NonFiniteError(f"non-finite gradient norm at epoch {epoch}, minibatch {mb}: update skipped")
+                        raise NonFiniteError(
+                            f"non-finite gradient norm at epoch {epoch}, minibatch {mb}: update skipped"
+                        )
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1
@@ -302,7 +341,9 @@ class Trainer:
         if a.kl_coef > 0:
             ref = self.sampler.log_prob(self.adapter, sub, idx, reference=True)
             kl = gaussian_kl(out.mean, ref.mean.detach(), out.std, a.logprob_reduction)
-        return policy_loss(out.log_prob, old, sub.advantages, None if a.name == "reinforce" else a.clip_range, kl, a.kl_coef)
+        return policy_loss(
+            out.log_prob, old, sub.advantages, None if a.name == "reinforce" else a.clip_range, kl, a.kl_coef
+        )
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -311,10 +352,14 @@ class Trainer:
         sampler = DDIMSampler(self.sampler.config, self.cfg.sampler.num_steps, eta=0.0)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 12345)
         with self.ema_weights():
-            chain = sampler.sample(self.adapter, self.eval_prompts, self.cfg.sampler.guidance_scale, generator=gen)
+            chain = sampler.sample(
+                self.adapter, self.eval_prompts, self.cfg.sampler.guidance_scale, generator=gen
+            )
             images = self.adapter.decode(chain.latents[:, -1])
         if self.accelerator.is_main_process:
-            save_image_grid(images, self.run_dir / "samples" / f"epoch_{epoch:04d}.png", labels=self.eval_prompts)
+            save_image_grid(
+                images, self.run_dir / "samples" / f"epoch_{epoch:04d}.png", labels=self.eval_prompts
+            )
         return images
 
     # ------------------------------------------------------------------ loop
@@ -326,7 +371,13 @@ class Trainer:
         history = []
         if self.start_epoch == 0 and t.eval_every:
             self.evaluate(0)
-        bar = tqdm(range(self.start_epoch, t.num_epochs), desc="epochs", disable=not acc.is_local_main_process, initial=self.start_epoch, total=t.num_epochs)
+        bar = tqdm(
+            range(self.start_epoch, t.num_epochs),
+            desc="epochs",
+            disable=not acc.is_local_main_process,
+            initial=self.start_epoch,
+            total=t.num_epochs,
+        )
         try:
             for epoch in bar:
                 torch.manual_seed(_seed_for(t.seed, epoch, self.rank, 3))
@@ -345,7 +396,11 @@ class Trainer:
                 bar.set_postfix(reward=f"{row['reward_mean']:.4g}", kl=f"{row.get('approx_kl', 0):.2g}")
                 if acc.is_main_process:
                     self.metrics.write(row)
-                    plot_reward_curve(self.metrics.rows(), self.run_dir / "reward_curve.png", title=f"{self.run_dir.name}: reward")
+                    plot_reward_curve(
+                        self.metrics.rows(),
+                        self.run_dir / "reward_curve.png",
+                        title=f"{self.run_dir.name}: reward",
+                    )
                 if t.log_with:
                     acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
                 done = epoch + 1

@@ -47,7 +47,9 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         path = hf_hub_download(repo, filename)
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"aesthetic weights {path!r} not found; give a local file, hf://repo/file, or null for random weights")
+        raise FileNotFoundError(
+            f"aesthetic weights {path!r} not found; give a local file, hf://repo/file, or null for random weights"
+        )
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 

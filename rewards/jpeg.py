@@ -18,7 +18,9 @@ from flowrl.rewards import register_reward
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """(B,) JPEG file size in kB of (B, 3, H, W) images in [0, 1]."""
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     sizes = []
     for a in arr:
         buf = io.BytesIO()

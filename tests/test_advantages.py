@@ -22,7 +22,9 @@ def test_group_advantages_match_loop():
             torch.testing.assert_close(adv[m], (r - r.mean()) / (r.std(unbiased=False) + 1e-6))
     adv_b, _ = group_advantages(rewards, groups, "batch")
     m = groups == 5
-    torch.testing.assert_close(adv_b[m], (rewards[m] - rewards[m].mean()) / (rewards.std(unbiased=False) + 1e-6))
+    torch.testing.assert_close(
+        adv_b[m], (rewards[m] - rewards[m].mean()) / (rewards.std(unbiased=False) + 1e-6)
+    )
 
 
 def test_leave_one_out_matches_loop():

@@ -31,7 +31,9 @@ def test_ratio_is_one_on_policy(request, pipe_name, guidance_scale):
     # mixed steps per trajectory (timestep subsampling) in one batched forward
     idx = torch.tensor([3, 0, 2, 1, 0])
     new = sampler.log_prob(adapter, chain, idx)
-    torch.testing.assert_close(new.log_prob, chain.log_probs.gather(1, idx[:, None]).squeeze(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        new.log_prob, chain.log_probs.gather(1, idx[:, None]).squeeze(1), rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("algorithm_clip", [1e-4, None])
@@ -45,7 +47,9 @@ def test_loss_terms_and_lora_only_gradients(tiny_pipe, algorithm_clip):
     ref = sampler.log_prob(adapter, chain, idx, reference=True)
     kl = gaussian_kl(new.mean, ref.mean, new.std)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    terms = policy_loss(new.log_prob, chain.log_probs.gather(1, idx[:, None]).squeeze(1), adv, algorithm_clip, kl, 0.1)
+    terms = policy_loss(
+        new.log_prob, chain.log_probs.gather(1, idx[:, None]).squeeze(1), adv, algorithm_clip, kl, 0.1
+    )
     assert {"loss", "loss_pg", "loss_kl", "approx_kl", "clipfrac", "ratio_mean"} <= set(terms)
     assert terms["loss"].ndim == 0 and torch.isfinite(terms["loss"])
     torch.testing.assert_close(terms["ratio_mean"], torch.tensor(1.0), atol=1e-5, rtol=0)

@@ -13,7 +13,9 @@ TINY_CLIP = {"clip_model": "flowrl-tiny", "clip_pretrained": None}
 
 
 def test_builtins_are_registered():
-    assert {"jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score"} <= set(available_rewards())
+    assert {"jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "clip_score"} <= set(
+        available_rewards()
+    )
 
 
 def test_jpeg_rewards_order_smooth_and_noisy_images():
@@ -63,9 +65,13 @@ def test_aesthetic_loads_weights_file(tmp_path):
 
 
 def test_weighted_sum(tmp_path):
-    r = Reward([{"name": "jpeg_compressibility", "weight": 2.0}, {"name": "jpeg_incompressibility", "weight": 0.5}])
+    r = Reward(
+        [{"name": "jpeg_compressibility", "weight": 2.0}, {"name": "jpeg_incompressibility", "weight": 0.5}]
+    )
     total, info = r(IMAGES, PROMPTS)
-    torch.testing.assert_close(total, 2.0 * info["reward/jpeg_compressibility"] + 0.5 * info["reward/jpeg_incompressibility"])
+    torch.testing.assert_close(
+        total, 2.0 * info["reward/jpeg_compressibility"] + 0.5 * info["reward/jpeg_incompressibility"]
+    )
 
 
 def _script(tmp_path, body: str, name="my_reward.py"):
@@ -109,9 +115,15 @@ def test_example_reward_script_in_repo():
 @pytest.mark.parametrize(
     "body, match",
     [
-        ("def reward_fn(images, prompts, metadata):\n    return [float('nan')] * len(prompts)\n", "non-finite"),
+        (
+            "def reward_fn(images, prompts, metadata):\n    return [float('nan')] * len(prompts)\n",
+            "non-finite",
+        ),
         ("def reward_fn(images, prompts, metadata):\n    return [1.0, 2.0]\n", r"shape \(2,\).*\(3,\)"),
-        ("def reward_fn(images, prompts, metadata):\n    raise RuntimeError('scorer crashed')\n", "raised RuntimeError: scorer crashed"),
+        (
+            "def reward_fn(images, prompts, metadata):\n    raise RuntimeError('scorer crashed')\n",
+            "raised RuntimeError: scorer crashed",
+        ),
         ("def reward_fn(images, prompts, metadata):\n    return 'high'\n", "not numbers"),
     ],
 )

@@ -50,7 +50,11 @@ class PerPromptStatTracker:
         return torch.as_tensor(out, dtype=torch.float32, device=rewards.device)
 
     def state_dict(self) -> dict:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "stats": {k: list(v) for k, v in self.stats.items()}}
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "stats": {k: list(v) for k, v in self.stats.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer_size, self.min_count = state["buffer_size"], state["min_count"]
@@ -62,7 +66,9 @@ def _group_index(groups: Tensor) -> Tensor:
     return torch.unique(groups, return_inverse=True)[1]
 
 
-def group_advantages(rewards: Tensor, groups: Tensor, std_scope: str = "group", eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def group_advantages(
+    rewards: Tensor, groups: Tensor, std_scope: str = "group", eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
     """GRPO advantages (B,) and a (B,) mask of trajectories in groups whose rewards vary.
 
     ``groups`` (B,) says which samples share a prompt draw (G samples of one prompt).
@@ -98,7 +104,9 @@ def leave_one_out_advantages(rewards: Tensor, groups: Tensor) -> Tensor:
     n = int(g.max()) + 1
     count = torch.zeros(n, device=rewards.device).index_add_(0, g, torch.ones_like(rewards))
     if (count < 2).any():
-        raise ValueError("leave-one-out advantages need at least 2 samples per prompt (algorithm.group_size >= 2)")
+        raise ValueError(
+            "leave-one-out advantages need at least 2 samples per prompt (algorithm.group_size >= 2)"
+        )
     total = torch.zeros(n, device=rewards.device).index_add_(0, g, rewards)
     baseline = (total[g] - rewards) / (count[g] - 1)
     return rewards - baseline

@@ -107,7 +107,9 @@ def build_tiny_sd_pipeline(
     )
 
 
-def load_sd_pipeline(pretrained: str, *, revision: str | None = None, prediction_type: str | None = None, **tiny_kwargs):
+def load_sd_pipeline(
+    pretrained: str, *, revision: str | None = None, prediction_type: str | None = None, **tiny_kwargs
+):
     """Load a Stable Diffusion pipeline from a hub id, a local folder, or ``"tiny"``.
 
     Raises a ``FileNotFoundError`` that names the path when a local-looking path is missing, rather
@@ -130,7 +132,10 @@ def load_sd_pipeline(pretrained: str, *, revision: str | None = None, prediction
             "folder. Save one with `pipeline.save_pretrained(folder)` or give a hub id."
         )
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(path) if path.exists() else pretrained, revision=revision, safety_checker=None, requires_safety_checker=False
+        str(path) if path.exists() else pretrained,
+        revision=revision,
+        safety_checker=None,
+        requires_safety_checker=False,
     )
     config = dict(pipe.scheduler.config)
     if prediction_type is not None:
@@ -188,7 +193,9 @@ class StableDiffusionAdapter(nn.Module):
             from peft import LoraConfig
 
             if lora_rank < 1:
-                raise ValueError(f"model.lora_rank must be >= 1 for LoRA, got {lora_rank}; use finetune: full instead")
+                raise ValueError(
+                    f"model.lora_rank must be >= 1 for LoRA, got {lora_rank}; use finetune: full instead"
+                )
             self.unet.requires_grad_(False)
             if weight_dtype != torch.float32:
                 self.unet.to(dtype=weight_dtype)
@@ -268,7 +275,12 @@ class StableDiffusionAdapter(nn.Module):
 
     # ------------------------------------------------------------------ prediction
     def forward(
-        self, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0, net: nn.Module | None = None
+        self,
+        latents: Tensor,
+        timesteps: Tensor,
+        cond: dict[str, Tensor],
+        guidance_scale: float = 1.0,
+        net: nn.Module | None = None,
     ) -> Tensor:
         """Raw UNet output (B, C, H, W) in float32, with classifier-free guidance when scale > 1.
 
@@ -276,7 +288,9 @@ class StableDiffusionAdapter(nn.Module):
         return self._predict(self.unet if net is None else net, latents, timesteps, cond, guidance_scale)
 
     @torch.no_grad()
-    def reference_forward(self, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
+    def reference_forward(
+        self, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0
+    ) -> Tensor:
         """The reference policy's output: the UNet with its LoRA adapter disabled (or the frozen copy)."""
         with self.reference_mode() as net:
             return self._predict(net, latents, timesteps, cond, guidance_scale)
@@ -296,7 +310,14 @@ class StableDiffusionAdapter(nn.Module):
                 "full fine-tuning has no reference policy: set keep_reference=True (the trainer does when algorithm.kl_coef > 0)"
             )
 
-    def _predict(self, net: nn.Module, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance_scale: float) -> Tensor:
+    def _predict(
+        self,
+        net: nn.Module,
+        latents: Tensor,
+        timesteps: Tensor,
+        cond: dict[str, Tensor],
+        guidance_scale: float,
+    ) -> Tensor:
         dtype = torch.float32 if self.finetune == "full" else self.weight_dtype
         embeds = cond["prompt_embeds"]
         if timesteps.ndim == 0:
@@ -331,6 +352,8 @@ class StableDiffusionAdapter(nn.Module):
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
             metadata = self.unet.peft_config["default"].to_dict()
-            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+            StableDiffusionPipeline.save_lora_weights(
+                folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+            )
         else:
             self.unet.save_pretrained(folder / "unet")

@@ -21,7 +21,11 @@ CLIP_VOCAB_SIZE = 49408
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible map from bytes to printable unicode characters (GPT-2 scheme)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -67,4 +71,6 @@ def clip_tokenizer_files() -> tuple[str, str]:
 def offline_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     """The CLIP tokenizer Stable Diffusion uses, built from open-clip-torch's vocabulary."""
     vocab_file, merges_file = clip_tokenizer_files()
-    return CLIPTokenizer(vocab_file, merges_file, model_max_length=model_max_length, pad_token="<|endoftext|>")
+    return CLIPTokenizer(
+        vocab_file, merges_file, model_max_length=model_max_length, pad_token="<|endoftext|>"
+    )

@@ -38,7 +38,9 @@ class DDIMSampler:
         logprob_reduction: ``"mean"`` or ``"sum"`` over event dims (see ``reduce_event``).
     """
 
-    def __init__(self, scheduler_config: dict, num_steps: int = 50, eta: float = 1.0, logprob_reduction: str = "mean"):
+    def __init__(
+        self, scheduler_config: dict, num_steps: int = 50, eta: float = 1.0, logprob_reduction: str = "mean"
+    ):
         from diffusers import DDIMScheduler
 
         if num_steps < 1:
@@ -46,10 +48,14 @@ class DDIMSampler:
         if eta < 0:
             raise ValueError(f"sampler.eta must be >= 0, got {eta}")
         if logprob_reduction not in LOGPROB_REDUCTIONS:
-            raise ValueError(f"algorithm.logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}")
+            raise ValueError(
+                f"algorithm.logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}"
+            )
         config = dict(scheduler_config)
         if config.get("thresholding", False):
-            raise ValueError("DDIM with dynamic thresholding has no Gaussian step; set thresholding=False in the scheduler config")
+            raise ValueError(
+                "DDIM with dynamic thresholding has no Gaussian step; set thresholding=False in the scheduler config"
+            )
         scheduler = DDIMScheduler.from_config(config)
         scheduler.set_timesteps(num_steps)
         self.config = scheduler.config
@@ -135,7 +141,9 @@ class DDIMSampler:
         # 6. draw x_{t-1} ~ N(mean, sigma_t^2 I) unless given
         if prev_sample is None:
             if noise is None:
-                noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+                noise = torch.randn(
+                    sample.shape, generator=generator, device=sample.device, dtype=torch.float32
+                )
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
         # 7. log N(x_{t-1}; mean, sigma_t^2 I), reduced over event dims
@@ -188,7 +196,9 @@ class DDIMSampler:
             guidance_scale=guidance_scale,
         )
 
-    def log_prob(self, adapter, chain: Chain, step_index: Tensor, net=None, reference: bool = False) -> StepOutput:
+    def log_prob(
+        self, adapter, chain: Chain, step_index: Tensor, net=None, reference: bool = False
+    ) -> StepOutput:
         """Re-evaluate transition ``step_index[b]`` of each trajectory b under the adapter's current
         parameters (differentiably). ``step_index`` is (B,) long, so each trajectory may train on
         a different denoising step (timestep subsampling). ``net`` overrides the module called
