@@ -71,7 +71,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     for i, img in enumerate(images):
         arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        Image.fromarray(arr).save(out / f"{i:04d}.png")
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(out / f"{i:04d}.png")
     save_image_grid(images, out / "grid.png", labels=prompts)
     if args.save_trajectory:
         meta = {

@@ -69,7 +69,10 @@ def plot_reward_curve(
 def image_grid(
     images: torch.Tensor, labels: list[str] | None = None, ncol: int | None = None, scale: int | None = None
 ) -> Image.Image:
-    """A PIL grid of (B, 3, H, W) images in [0, 1], each upscaled to at least 128 px, with labels."""
+    """A PIL grid of (B, C, H, W) images in [0, 1] (C = 3 or 1), each upscaled to at least 128 px,
+    with labels."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
     arr = (
         (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     )

@@ -148,7 +148,9 @@ class StableDiffusionAdapter(nn.Module):
     """The UNet of a Stable Diffusion pipeline, as a policy network for the samplers.
 
     Args:
-        pipeline: a ``StableDiffusionPipeline`` (see :func:`load_sd_pipeline`).
+        pipeline: a ``StableDiffusionPipeline`` (see :func:`load_sd_pipeline`), or any object with
+            its ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler`` and ``vae`` attributes;
+            ``vae=None`` makes a pixel-space model (the UNet denoises images in [-1, 1]).
         finetune: ``"lora"`` (peft adapter on the attention projections), ``"full"``, or ``"frozen"``
             (nothing trains: sampling and evaluation, e.g. after ``pipeline.load_lora_weights``).
         lora_rank, lora_alpha: the LoRA rank r and scale numerator (scale = alpha / r).
@@ -184,11 +186,13 @@ class StableDiffusionAdapter(nn.Module):
         self._reference: nn.Module | None = None
         self._negative_embeds: Tensor | None = None
 
-        self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
+        if self.vae is not None:
+            self.vae.requires_grad_(False)
         if weight_dtype != torch.float32:
-            self.vae.to(dtype=weight_dtype)
             self.text_encoder.to(dtype=weight_dtype)
+            if self.vae is not None:
+                self.vae.to(dtype=weight_dtype)
         if finetune == "lora":
             from peft import LoraConfig
 
@@ -335,7 +339,10 @@ class StableDiffusionAdapter(nn.Module):
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """(B, 3, H, W) images in [0, 1], float32."""
+        """(B, C, H, W) images in [0, 1], float32 (C = 3, or the UNet's channels for a pixel-space
+        model without a VAE, whose samples live in [-1, 1])."""
+        if self.vae is None:
+            return (latents.float() / 2 + 0.5).clamp(0, 1)
         vae_dtype = next(self.vae.parameters()).dtype
         images = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
