@@ -64,3 +64,27 @@ def preprocess(images: Tensor, image_size: int, mean: Tensor, std: Tensor) -> Te
     top, left = (h - image_size) // 2, (w - image_size) // 2
     images = images[..., top : top + image_size, left : left + image_size]
     return (images - mean.to(images.dtype)) / std.to(images.dtype)
+
+
+def similarity_reward(
+    clip, tokenizer, image_size: int, mean: Tensor, std: Tensor, device, scale: float = 1.0
+):
+    """A reward function ``scale * cos(image embedding, prompt embedding)`` for an OpenCLIP model;
+    prompt embeddings are cached. Differentiable in the images."""
+    text_cache: dict[str, Tensor] = {}
+
+    def text_embeds(prompts: list[str]) -> Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in text_cache]
+        if missing:
+            with torch.no_grad():
+                e = clip.encode_text(tokenizer(missing).to(device))
+                e = e / e.norm(dim=-1, keepdim=True)
+            text_cache.update(zip(missing, e))
+        return torch.stack([text_cache[p] for p in prompts])
+
+    def reward_fn(images, prompts, metadata):
+        img = clip.encode_image(preprocess(images.to(device).float(), image_size, mean, std))
+        img = img / img.norm(dim=-1, keepdim=True)
+        return scale * (img * text_embeds(prompts)).sum(-1), {}
+
+    return reward_fn

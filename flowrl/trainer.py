@@ -236,7 +236,10 @@ class Trainer:
         for i in range(t.num_batches_per_epoch):
             idx = rng.integers(len(self.prompts), size=per_batch)
             prompts = [self.prompts[j] for j in idx for _ in range(a.group_size)]
-            chain = self.sampler.sample(self.adapter, prompts, self.cfg.sampler.guidance_scale, generator=gen)
+            with self.accelerator.autocast():  # the same precision as the training forward: ratio 1 on-policy
+                chain = self.sampler.sample(
+                    self.adapter, prompts, self.cfg.sampler.guidance_scale, generator=gen
+                )
             chain.samples = self.adapter.decode(chain.latents[:, -1])
             # (rank, batch, group) -> a globally unique group id for GRPO / LOOP
             group = torch.arange(per_batch, device=self.device).repeat_interleave(a.group_size)

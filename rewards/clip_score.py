@@ -20,23 +20,7 @@ def clip_score(
     scale: float = 1.0,
     device: str | torch.device = "cpu",
 ):
-    from flowrl.clip import load_open_clip, preprocess
+    from flowrl.clip import load_open_clip, similarity_reward
 
     clip, tokenizer, size, mean, std = load_open_clip(clip_model, clip_pretrained, device)
-    text_cache: dict[str, torch.Tensor] = {}
-
-    def text_embeds(prompts: list[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if p not in text_cache]
-        if missing:
-            with torch.no_grad():
-                e = clip.encode_text(tokenizer(missing).to(device))
-                e = e / e.norm(dim=-1, keepdim=True)
-            text_cache.update(zip(missing, e))
-        return torch.stack([text_cache[p] for p in prompts])
-
-    def reward_fn(images, prompts, metadata):
-        img = clip.encode_image(preprocess(images.to(device).float(), size, mean, std))
-        img = img / img.norm(dim=-1, keepdim=True)
-        return scale * (img * text_embeds(prompts)).sum(-1), {}
-
-    return reward_fn
+    return similarity_reward(clip, tokenizer, size, mean, std, device, scale)

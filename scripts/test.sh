@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export FLOWRL_CACHE="${FLOWRL_CACHE:-$PWD/.cache}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ruff check flowrl tests rewards examples bench
 python -m pytest -q "$@"

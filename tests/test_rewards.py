@@ -146,3 +146,51 @@ def test_async_submit_matches_sync():
     fut = r.submit(IMAGES, PROMPTS)
     torch.testing.assert_close(fut.result()[0], r(IMAGES, PROMPTS)[0])
     r.close()
+
+
+def test_pickscore_with_a_tiny_local_clip_model(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from flowrl.models.tokenizer import offline_clip_tokenizer
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": 49408,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+        },
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(tmp_path / "pick")
+    offline_clip_tokenizer().save_pretrained(tmp_path / "pick")
+    reward = Reward([{"name": "pickscore", "kwargs": {"model": str(tmp_path / "pick"), "processor": None}}])
+    values, _ = reward(IMAGES, PROMPTS)
+    assert values.shape == (3,) and torch.isfinite(values).all() and reward.differentiable
+
+
+def test_hpsv2_loads_an_open_clip_state_dict(tmp_path):
+    from flowrl.clip import load_open_clip
+
+    clip, *_ = load_open_clip("flowrl-tiny", None)
+    torch.save({"state_dict": clip.state_dict()}, tmp_path / "hps.pt")
+    values, _ = Reward(
+        [{"name": "hpsv2", "kwargs": {"weights": str(tmp_path / "hps.pt"), "clip_model": "flowrl-tiny"}}]
+    )(IMAGES, PROMPTS)
+    expected, _ = Reward([{"name": "clip_score", "kwargs": TINY_CLIP}])(IMAGES, PROMPTS)
+    torch.testing.assert_close(values, expected)
+    with pytest.raises(FileNotFoundError, match="hpsv2 weights"):
+        Reward([{"name": "hpsv2", "kwargs": {"weights": str(tmp_path / "missing.pt")}}])
