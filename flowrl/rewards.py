@@ -107,7 +107,7 @@ def available_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _resolve(spec: str) -> tuple[Callable[..., RewardFn], bool]:
+def resolve_reward(spec: str) -> tuple[Callable[..., RewardFn], bool]:
     """A (factory, differentiable) pair for a registered name or ``file.py[:name]``."""
     path_part, _, attr = spec.rpartition(":") if ".py:" in spec else (spec, "", "")
     if not path_part.endswith(".py"):
@@ -205,7 +205,7 @@ class Reward:
         self.differentiable = True
         for spec in specs:
             name = spec["name"]
-            factory, differentiable = _resolve(name)
+            factory, differentiable = resolve_reward(name)
             kwargs = dict(spec.get("kwargs") or {})
             fn = factory(device=device, **kwargs) if _accepts(factory, "device") else factory(**kwargs)
             self.terms.append((name, float(spec.get("weight", 1.0)), fn))

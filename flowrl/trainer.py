@@ -27,7 +27,7 @@ from flowrl.core.losses import gaussian_kl, policy_loss
 from flowrl.models.sd import StableDiffusionAdapter, load_sd_pipeline
 from flowrl.prompts import load_prompts
 from flowrl.report import MetricsWriter, plot_reward_curve, save_image_grid
-from flowrl.rewards import Reward
+from flowrl.rewards import Reward, resolve_reward
 from flowrl.samplers.ddim import DDIMSampler
 
 
@@ -77,7 +77,10 @@ class Trainer:
         self.cfg = cfg
         t, m, a = cfg.train, cfg.model, cfg.algorithm
         self.run_dir = Path(t.output_dir) / (t.run_name or task_name)
-        self.prompts = load_prompts(t.prompts)  # before anything heavy: a bad prompt file fails fast
+        # before anything heavy: bad prompts or reward names fail fast
+        self.prompts = load_prompts(t.prompts)
+        for r in cfg.rewards:
+            resolve_reward(r.name)
         self.eval_prompts = list(t.eval_prompts) if t.eval_prompts else self.prompts[:8]
         resume_from = self._resume_folder()
 

@@ -46,9 +46,9 @@ def test_clip_rewards_plumbing_with_random_tiny_clip(name):
 def test_aesthetic_loads_weights_file(tmp_path):
     from safetensors.torch import save_file
 
-    from flowrl.rewards import _resolve
+    from flowrl.rewards import resolve_reward
 
-    factory, _ = _resolve("aesthetic")
+    factory, _ = resolve_reward("aesthetic")
     fn_random = factory(**TINY_CLIP)
     torch.manual_seed(3)
     import importlib

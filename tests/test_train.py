@@ -285,3 +285,41 @@ def test_python_api_example_runs():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rewards per epoch" in proc.stdout
+
+
+def test_trains_from_a_local_pipeline_folder(tmp_path):
+    from flowrl.models.sd import build_tiny_sd_pipeline
+
+    build_tiny_sd_pipeline(seed=3).save_pretrained(tmp_path / "sd")
+    history = Trainer(
+        _cfg(tmp_path, "train.num_epochs=1", "train.eval_every=0", f"model.pretrained={tmp_path / 'sd'}")
+    ).train()
+    assert len(history) == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trainer(_cfg(tmp_path, f"model.pretrained={tmp_path / 'nope'}", name="x"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        Trainer(_cfg(tmp_path, f"model.pretrained={tmp_path / 'empty'}", name="y"))
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.prompts=/no/such/prompts.txt", "neither a prompt set"),
+        ("train.sample_batch_size=6", "divisible by algorithm.group_size"),
+        ("optim.learning_rate=-1", "learning_rate must be > 0"),
+        ("sampler.eta=0", "eta must be > 0"),
+        ("rewards=[{name: jpeg_compresibility}]", "Did you mean 'jpeg_compressibility'"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, override, match):
+    extra = ["algorithm.name=grpo", "algorithm.group_size=4"] if "sample_batch_size" in override else []
+    with pytest.raises((ConfigError, FileNotFoundError, KeyError), match=match):
+        Trainer(_cfg(tmp_path, override, *extra))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_empty_prompt_file(tmp_path):
+    (tmp_path / "p.txt").write_text("# only a comment\n\n")
+    with pytest.raises(ValueError, match="has no prompts"):
+        Trainer(_cfg(tmp_path, f"train.prompts={tmp_path / 'p.txt'}"))
