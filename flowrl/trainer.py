@@ -10,6 +10,7 @@ uninterrupted run would have done.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -84,6 +85,13 @@ class Trainer:
         self.eval_prompts = list(t.eval_prompts) if t.eval_prompts else self.prompts[:8]
         resume_from = self._resume_folder()
 
+        # accelerate keeps one global state per process; a second Trainer in the same process (tests,
+        # notebooks, sweeps) may ask for another precision, so start from a clean accelerator state
+        # (the distributed process group, if any, is kept).
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # so torchrun on a CPU machine gives MULTI_CPU (gloo)
             mixed_precision=t.mixed_precision,
@@ -211,7 +219,6 @@ class Trainer:
 
     def ema_weights(self):
         """Context in which the trained parameters hold their EMA (no-op without EMA)."""
-        import contextlib
 
         @contextlib.contextmanager
         def swap():
@@ -298,6 +305,7 @@ class Trainer:
         self.net.train()
         sums: dict[str, float] = {}
         count = 0
+        grad_norms = []
         for inner in range(a.inner_epochs):
             g = torch.Generator().manual_seed(_seed_for(t.seed, epoch, self.rank, 2, inner))
             perm = torch.randperm(B, generator=g)
@@ -311,7 +319,7 @@ class Trainer:
                 for j in range(Kt):
                     idx = sub_steps[:, j].to(self.device)
                     sync = last_of_cycle and j == Kt - 1
-                    ctx = acc.no_sync(self.net) if not sync and self.world > 1 else _nullcontext()
+                    ctx = acc.no_sync(self.net) if not sync and self.world > 1 else contextlib.nullcontext()
                     with ctx, acc.autocast():
                         terms = self.step_loss(sub, idx)
                         if not torch.isfinite(terms["loss"]):
@@ -333,10 +341,10 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * Kt
+                    grad_norms.append(float(grad_norm))
                     if self.ema is not None:
                         self.ema.update(self.adapter.trainable_state_dict())
-        return {k: v / count for k, v in sums.items()}
+        return {**{k: v / count for k, v in sums.items()}, "grad_norm": sum(grad_norms) / len(grad_norms)}
 
     def step_loss(self, sub: Chain, idx: torch.Tensor) -> dict:
         """The loss terms for one denoising step per trajectory of a minibatch."""
@@ -419,14 +427,6 @@ class Trainer:
             if t.log_with:
                 acc.end_training()
         return history
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
