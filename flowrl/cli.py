@@ -13,7 +13,24 @@ import sys
 from pathlib import Path
 
 
+def _is_robot_task(task: str) -> bool:
+    """A task file with ``kind: robot`` at the top goes to the robot trainer (flowrl.robot)."""
+    import yaml
+
+    from flowrl.config import resolve_task_path
+
+    try:
+        data = yaml.safe_load(resolve_task_path(task).read_text())
+    except yaml.YAMLError:
+        return False  # load_config reports it
+    return isinstance(data, dict) and data.get("kind") == "robot"
+
+
 def _train(args: argparse.Namespace) -> int:
+    if _is_robot_task(args.task):
+        from flowrl.robot.cli import train_robot
+
+        return train_robot(args)
     from flowrl.config import load_config, resolve_task_path
     from flowrl.trainer import Trainer
 
@@ -30,13 +47,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from flowrl.robot.cli import pretrain_robot
+
+    return pretrain_robot(args)
+
+
 def _sample(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from flowrl.models.sd import StableDiffusionAdapter, load_sd_pipeline
+    from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
     from flowrl.report import save_image_grid
-    from flowrl.samplers.ddim import DDIMSampler
+    from flowrl.samplers import build_sampler
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -47,9 +70,9 @@ def _sample(args: argparse.Namespace) -> int:
         raise SystemExit("flowrl sample: give at least one --prompt or --prompts-file")
     prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_sd_pipeline(
-        args.model, **({"image_size": args.tiny_image_size} if args.model == "tiny" else {})
-    )
+    family = detect_family(args.model, args.family)
+    sampler_name = args.sampler or FAMILIES[family][1][0]
+    pipe = load_pipeline(args.model, family, image_size=args.tiny_image_size)
     if args.lora:
         lora = Path(args.lora)
         if not lora.exists():
@@ -60,8 +83,16 @@ def _sample(args: argparse.Namespace) -> int:
             pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors")
         else:
             pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    adapter = StableDiffusionAdapter(pipe, finetune="frozen").to(device)
-    sampler = DDIMSampler(pipe.scheduler.config, args.num_steps, args.eta)
+    adapter = build_adapter(pipe, family, finetune="frozen").to(device)
+    noise = args.eta if sampler_name == "ddim" else args.noise_level
+    sampler = build_sampler(
+        sampler_name,
+        adapter.scheduler_config,
+        args.num_steps,
+        eta=args.eta,
+        noise_level=noise,
+        deterministic=noise == 0,
+    )
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,6 +109,9 @@ def _sample(args: argparse.Namespace) -> int:
             "prompts": json.dumps(prompts),
             "guidance_scale": str(args.guidance_scale),
             "eta": str(args.eta),
+            "noise_level": str(args.noise_level),
+            "sampler": sampler_name,
+            "family": family,
             "num_steps": str(args.num_steps),
             "prediction_type": sampler.prediction_type,
             "logprob_reduction": sampler.logprob_reduction,
@@ -95,6 +129,17 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart(args: argparse.Namespace) -> int:
+    from flowrl.quickstart import run
+
+    try:
+        run(args.epochs, args.out, args.seed)
+    except FileExistsError as e:
+        print(f"flowrl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowrl", description="RL fine-tuning of denoising generative models."
@@ -107,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", help="checkpoint folder, or 'auto' for the run's latest complete checkpoint")
     tr.set_defaults(func=_train)
 
+    pt = sub.add_parser("pretrain", help="behavior-clone a robot policy on demonstrations (kind: robot tasks)")
+    pt.add_argument("task", help="robot task file (tasks/robot_*.yaml) or its name")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.steps=1000")
+    pt.set_defaults(func=_pretrain)
+
     sa = sub.add_parser("sample", help="generate images from a base model plus an optional trained LoRA")
     sa.add_argument("--model", default="tiny", help="diffusers pipeline: hub id, local folder, or 'tiny'")
     sa.add_argument("--lora", help="a flowrl checkpoint folder or a pytorch_lora_weights.safetensors file")
@@ -114,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--prompts-file", help="a file with one prompt per line")
     sa.add_argument("-n", "--num-per-prompt", type=int, default=1)
     sa.add_argument("--num-steps", type=int, default=20)
-    sa.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM (evaluation)")
+    sa.add_argument("--family", default="auto", help="model family: auto | sd | sdxl | sd3 | lcm")
+    sa.add_argument("--sampler", help="ddim | flow_sde | flow_cps | lcm (default: the family's)")
+    sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 = deterministic DDIM (evaluation)")
+    sa.add_argument("--noise-level", type=float, default=0.0, help="flow samplers' noise level; 0 = the ODE")
     sa.add_argument("--guidance-scale", type=float, default=1.0)
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--tiny-image-size", type=int, default=32)
@@ -126,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also save latents per step, timesteps and log-probs (safetensors)",
     )
     sa.set_defaults(func=_sample)
+
+    from flowrl.quickstart import add_arguments
+
+    qs = sub.add_parser(
+        "quickstart",
+        help="pre-train a tiny text-to-image model of digits, fine-tune it with DDPO and report (CPU, minutes)",
+    )
+    add_arguments(qs).set_defaults(func=_quickstart)
     return parser
 
 

@@ -23,8 +23,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # diffusers pipeline: a hub id, a local folder with model_index.json, or "tiny" (random, from config)
+    # diffusers pipeline: a hub id, a local folder with model_index.json, "tiny" (random, from config) or "digits"
     pretrained: str = "tiny"
+    # auto (read model_index.json) | sd | sdxl | sd3 | lcm; with pretrained=tiny it picks the tiny family
+    family: str = "auto"
     # hub revision (branch, tag or commit) when `pretrained` is a hub id
     revision: str | None = None
     # override the scheduler's prediction type: epsilon | v_prediction | sample (null: as the pipeline says)
@@ -43,12 +45,20 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    # ddim (DDIM with eta > 0, DDPO)
+    # ddim (SD/SDXL, DDPO) | flow_sde (SD3, Flow-GRPO) | flow_cps (SD3, coefficient-preserving) | lcm (RLCM)
     name: str = "ddim"
-    # K, denoising steps per sample
+    # K, denoising steps per training sample
     num_steps: int = 20
+    # denoising steps for evaluation images (null: num_steps); Flow-GRPO trains on fewer steps than it evaluates
+    eval_num_steps: int | None = None
     # DDIM eta during training samples (0 would be deterministic and have no log-prob)
     eta: float = 1.0
+    # flow samplers' noise level a (null: Flow-GRPO's 0.7 for flow_sde, 0.8 for flow_cps)
+    noise_level: float | None = None
+    # flow samplers: 0 = every step stochastic; w > 0 = a window of w SDE steps per batch (Flow-GRPO-Fast), only those trained
+    sde_window: int = 0
+    # flow samplers: latest start of the SDE window (null: num_steps // 2)
+    window_max_start: int | None = None
     # classifier-free guidance scale, used for sampling and for re-evaluating log-probs (1 = off)
     guidance_scale: float = 5.0
 
@@ -178,12 +188,12 @@ class TaskConfig:
             f"model.lora_rank must be >= 1, got {m.lora_rank} (use model.finetune=full to train all weights)",
         )
         need(
-            s.name == "ddim",
-            f"sampler.name: unknown sampler {s.name!r}{_suggest(s.name, ['ddim'])}; Stable Diffusion trains with 'ddim'",
+            s.name in SAMPLER_NAMES,
+            f"sampler.name: unknown sampler {s.name!r}{_suggest(s.name, SAMPLER_NAMES)}; choose one of {SAMPLER_NAMES}",
         )
         need(s.num_steps >= 1, f"sampler.num_steps must be >= 1, got {s.num_steps}")
         need(
-            s.eta > 0,
+            s.name != "ddim" or s.eta > 0,
             f"sampler.eta must be > 0 for training (eta=0 is deterministic and has no log-prob), got {s.eta}",
         )
         need(
@@ -240,6 +250,7 @@ class TaskConfig:
 
 
 ALGORITHMS = ["ddpo", "grpo", "loop", "reinforce"]
+SAMPLER_NAMES = ["ddim", "flow_sde", "flow_cps", "lcm"]
 
 
 def _suggest(key: str, options) -> str:

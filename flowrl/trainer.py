@@ -25,11 +25,11 @@ from flowrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from flowrl.config import ConfigError, TaskConfig, config_to_dict
 from flowrl.core.advantages import PerPromptStatTracker, group_advantages, leave_one_out_advantages
 from flowrl.core.losses import gaussian_kl, policy_loss
-from flowrl.models.sd import StableDiffusionAdapter, load_sd_pipeline
+from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
 from flowrl.prompts import load_prompts
 from flowrl.report import MetricsWriter, plot_reward_curve, save_image_grid
 from flowrl.rewards import Reward, resolve_reward
-from flowrl.samplers.ddim import DDIMSampler
+from flowrl.samplers import build_sampler
 
 
 class NonFiniteError(FloatingPointError):
@@ -105,23 +105,32 @@ class Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
 
-        pipe = load_sd_pipeline(
+        self.family = detect_family(m.pretrained, m.family)
+        fitting = FAMILIES[self.family][1]
+        if cfg.sampler.name not in fitting:
+            raise ConfigError(
+                f"sampler.name {cfg.sampler.name!r} does not fit model family {self.family!r}; "
+                f"use sampler.name={fitting[0]}"
+                + (f" (or one of {list(fitting)})" if len(fitting) > 1 else "")
+            )
+        pipe = load_pipeline(
             m.pretrained,
+            self.family,
             revision=m.revision,
             prediction_type=m.prediction_type,
-            **({"image_size": m.tiny_image_size, "seed": m.tiny_seed} if m.pretrained == "tiny" else {}),
+            image_size=m.tiny_image_size,
+            seed=m.tiny_seed,
         )
-        self.adapter = StableDiffusionAdapter(
+        self.adapter = build_adapter(
             pipe,
+            self.family,
             m.finetune,
             m.lora_rank,
             m.lora_alpha,
             weight_dtype,
             keep_reference=a.kl_coef > 0 and m.finetune == "full",
         ).to(self.device)
-        self.sampler = DDIMSampler(
-            pipe.scheduler.config, cfg.sampler.num_steps, cfg.sampler.eta, a.logprob_reduction
-        )
+        self.sampler = self._sampler(deterministic=False)
         self.reward = Reward(
             [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in cfg.rewards],
             device=self.device,
@@ -132,7 +141,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             params, lr=o.learning_rate, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps
         )
-        self.net, self.optimizer = acc.prepare(self.adapter.unet, optimizer)
+        self.net, self.optimizer = acc.prepare(self.adapter.denoiser, optimizer)
         self.stat_tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
         self.ema = EMA(self.adapter.trainable_state_dict(), t.ema_decay) if t.ema else None
         self.start_epoch, self.global_step = 0, 0
@@ -149,6 +158,21 @@ class Trainer:
         )
         if t.log_with:
             acc.init_trackers(self.run_dir.name, config=_flat(config_to_dict(cfg)))
+
+    def _sampler(self, deterministic: bool):
+        sc = self.cfg.sampler
+        steps = (sc.eval_num_steps or sc.num_steps) if deterministic else sc.num_steps
+        return build_sampler(
+            sc.name,
+            self.adapter.scheduler_config,
+            steps,
+            eta=sc.eta,
+            noise_level=sc.noise_level,
+            sde_window=sc.sde_window,
+            window_max_start=sc.window_max_start,
+            logprob_reduction=self.cfg.algorithm.logprob_reduction,
+            deterministic=deterministic,
+        )
 
     # ------------------------------------------------------------------ resume
     def _resume_folder(self) -> Path | None:
@@ -300,7 +324,13 @@ class Trainer:
         t, a, o = self.cfg.train, self.cfg.algorithm, self.cfg.optim
         acc = self.accelerator
         B, K = len(chain), chain.num_steps
-        Kt = math.ceil(a.timestep_fraction * K)
+        stochastic = torch.isfinite(chain.log_probs).cpu()  # (B, K)
+        n_stochastic = int(stochastic.sum(1).min())
+        if n_stochastic == 0:
+            raise ConfigError(
+                "the sampler produced no stochastic step to train on (check sampler.eta / noise_level / sde_window)"
+            )
+        Kt = math.ceil(a.timestep_fraction * n_stochastic)
         n_mb = B // t.train_batch_size
         self.net.train()
         sums: dict[str, float] = {}
@@ -310,8 +340,10 @@ class Trainer:
             g = torch.Generator().manual_seed(_seed_for(t.seed, epoch, self.rank, 2, inner))
             perm = torch.randperm(B, generator=g)
             shuffled = chain.select(perm)
-            # each trajectory trains on its own random subset of Kt denoising steps: (B, Kt)
-            steps = torch.argsort(torch.rand(B, K, generator=g), dim=1)[:, :Kt]
+            # each trajectory trains on its own random subset of Kt of its stochastic steps (those
+            # with a log-prob; all K for DDIM, the SDE window for Flow-GRPO-Fast): (B, Kt)
+            scores = torch.rand(B, K, generator=g).masked_fill(~stochastic, 2.0)
+            steps = torch.argsort(scores, dim=1)[:, :Kt]
             for mb in range(n_mb):
                 sl = slice(mb * t.train_batch_size, (mb + 1) * t.train_batch_size)
                 sub, sub_steps = shuffled.select(sl), steps[sl]
@@ -362,8 +394,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, epoch: int) -> torch.Tensor:
-        """Deterministic DDIM (eta 0) images of the evaluation prompts from a fixed seed."""
-        sampler = DDIMSampler(self.sampler.config, self.cfg.sampler.num_steps, eta=0.0)
+        """Images of the evaluation prompts from a fixed seed with the deterministic sampler
+        (DDIM eta 0, flow ODE; LCM stays seeded-stochastic)."""
+        sampler = self._sampler(deterministic=True)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 12345)
         with self.ema_weights():
             chain = sampler.sample(

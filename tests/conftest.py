@@ -28,6 +28,6 @@ def perturb_lora(adapter, scale: float = 0.05, seed: int = 0) -> None:
     """Give the LoRA B matrices (zero at init) random values so the adapter changes the output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in adapter.unet.named_parameters():
+        for n, p in adapter.denoiser.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)

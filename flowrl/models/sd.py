@@ -14,16 +14,13 @@ full fine-tuning).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+from flowrl.models.base import DenoiserAdapter, vae_decode
 
 
 def build_tiny_sd_pipeline(
@@ -117,6 +114,10 @@ def load_sd_pipeline(
     """
     if pretrained == "tiny":
         return build_tiny_sd_pipeline(prediction_type=prediction_type or "epsilon", **tiny_kwargs)
+    if pretrained == "digits":
+        from flowrl.models.digits import load_digits_pipeline
+
+        return load_digits_pipeline()
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     looks_local = pretrained.startswith((".", "/", "~")) or os.sep in pretrained.strip("/").split("/", 1)[-1]
@@ -144,20 +145,15 @@ def load_sd_pipeline(
     return pipe
 
 
-class StableDiffusionAdapter(nn.Module):
-    """The UNet of a Stable Diffusion pipeline, as a policy network for the samplers.
+class StableDiffusionAdapter(DenoiserAdapter):
+    """The UNet of a Stable Diffusion 1.x/2.x pipeline, as a policy network for the samplers.
 
     Args:
         pipeline: a ``StableDiffusionPipeline`` (see :func:`load_sd_pipeline`), or any object with
             its ``unet``, ``text_encoder``, ``tokenizer``, ``scheduler`` and ``vae`` attributes;
             ``vae=None`` makes a pixel-space model (the UNet denoises images in [-1, 1]).
-        finetune: ``"lora"`` (peft adapter on the attention projections), ``"full"``, or ``"frozen"``
-            (nothing trains: sampling and evaluation, e.g. after ``pipeline.load_lora_weights``).
-        lora_rank, lora_alpha: the LoRA rank r and scale numerator (scale = alpha / r).
-        weight_dtype: dtype of the frozen networks (VAE, text encoder, and the UNet base weights
-            under LoRA). Trainable parameters stay float32.
-        keep_reference: for full fine-tuning, keep a frozen copy of the initial UNet as the KL
-            reference (LoRA needs no copy: the reference is the UNet with the adapter disabled).
+        finetune, lora_rank, lora_alpha, weight_dtype, keep_reference: see
+            :class:`~flowrl.models.base.DenoiserAdapter`.
     """
 
     family = "stable-diffusion"
@@ -171,84 +167,22 @@ class StableDiffusionAdapter(nn.Module):
         weight_dtype: torch.dtype = torch.float32,
         keep_reference: bool = False,
     ):
-        super().__init__()
-        if finetune not in ("lora", "full", "frozen"):
-            raise ValueError(f"model.finetune must be 'lora', 'full' or 'frozen', got {finetune!r}")
+        super().__init__(
+            pipeline.unet,
+            [pipeline.text_encoder, pipeline.vae],
+            pipeline.scheduler.config,
+            finetune,
+            lora_rank,
+            lora_alpha,
+            weight_dtype,
+            keep_reference,
+        )
         self.pipeline = pipeline
         self.unet = pipeline.unet
         self.vae = pipeline.vae
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
-        self.scheduler_config = dict(pipeline.scheduler.config)
-        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        self.finetune = finetune
-        self.weight_dtype = weight_dtype
-        self._reference: nn.Module | None = None
         self._negative_embeds: Tensor | None = None
-
-        self.text_encoder.requires_grad_(False)
-        if self.vae is not None:
-            self.vae.requires_grad_(False)
-        if weight_dtype != torch.float32:
-            self.text_encoder.to(dtype=weight_dtype)
-            if self.vae is not None:
-                self.vae.to(dtype=weight_dtype)
-        if finetune == "lora":
-            from peft import LoraConfig
-
-            if lora_rank < 1:
-                raise ValueError(
-                    f"model.lora_rank must be >= 1 for LoRA, got {lora_rank}; use finetune: full instead"
-                )
-            self.unet.requires_grad_(False)
-            if weight_dtype != torch.float32:
-                self.unet.to(dtype=weight_dtype)
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=lora_rank,
-                    lora_alpha=lora_alpha if lora_alpha is not None else lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=LORA_TARGET_MODULES,
-                )
-            )
-            for p in self.unet.parameters():  # LoRA weights train in float32 whatever the base dtype
-                if p.requires_grad:
-                    p.data = p.data.float()
-        elif finetune == "frozen":
-            self.unet.requires_grad_(False)
-            if weight_dtype != torch.float32:
-                self.unet.to(dtype=weight_dtype)
-        else:
-            self.unet.requires_grad_(True)
-            if keep_reference:
-                self._reference = copy.deepcopy(self.unet).requires_grad_(False)
-                if weight_dtype != torch.float32:
-                    self._reference.to(weight_dtype)
-
-    # ------------------------------------------------------------------ parameters
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in self.unet.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        params = dict(self.unet.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-        unexpected = [n for n in state if n not in params]
-        if missing or unexpected:
-            raise KeyError(
-                f"checkpoint does not match the model: {len(missing)} missing (e.g. {missing[:2]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}) parameters. Was it written with the "
-                "same model.finetune / model.lora_rank?"
-            )
-        with torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -269,7 +203,6 @@ class StableDiffusionAdapter(nn.Module):
         return self.text_encoder(ids)[0].float()
 
     def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:
-        """The condition tensors a :class:`~flowrl.chain.Chain` stores for these prompts."""
         cond = {"prompt_embeds": self.encode_prompts(prompts)}
         if guidance_scale > 1.0:
             if self._negative_embeds is None or self._negative_embeds.device != cond["prompt_embeds"].device:
@@ -277,90 +210,22 @@ class StableDiffusionAdapter(nn.Module):
             cond["negative_prompt_embeds"] = self._negative_embeds.expand(len(prompts), -1, -1)
         return cond
 
-    # ------------------------------------------------------------------ prediction
-    def forward(
-        self,
-        latents: Tensor,
-        timesteps: Tensor,
-        cond: dict[str, Tensor],
-        guidance_scale: float = 1.0,
-        net: nn.Module | None = None,
-    ) -> Tensor:
-        """Raw UNet output (B, C, H, W) in float32, with classifier-free guidance when scale > 1.
+    def _call(self, net: nn.Module, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        dtype = self.compute_dtype
+        return net(latents.to(dtype), timesteps, encoder_hidden_states=cond["prompt_embeds"].to(dtype)).sample
 
-        ``net`` is the module to call: the UNet itself by default, or its DDP wrapper in training."""
-        return self._predict(self.unet if net is None else net, latents, timesteps, cond, guidance_scale)
-
-    @torch.no_grad()
-    def reference_forward(
-        self, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0
-    ) -> Tensor:
-        """The reference policy's output: the UNet with its LoRA adapter disabled (or the frozen copy)."""
-        with self.reference_mode() as net:
-            return self._predict(net, latents, timesteps, cond, guidance_scale)
-
-    @contextlib.contextmanager
-    def reference_mode(self) -> Iterator[nn.Module]:
-        if self.finetune == "lora":
-            self.unet.disable_adapters()
-            try:
-                yield self.unet
-            finally:
-                self.unet.enable_adapters()
-        elif self._reference is not None:
-            yield self._reference
-        else:
-            raise RuntimeError(
-                "full fine-tuning has no reference policy: set keep_reference=True (the trainer does when algorithm.kl_coef > 0)"
-            )
-
-    def _predict(
-        self,
-        net: nn.Module,
-        latents: Tensor,
-        timesteps: Tensor,
-        cond: dict[str, Tensor],
-        guidance_scale: float,
-    ) -> Tensor:
-        dtype = torch.float32 if self.finetune == "full" else self.weight_dtype
-        embeds = cond["prompt_embeds"]
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(latents.shape[0])
-        if guidance_scale > 1.0:
-            latents = torch.cat([latents, latents])
-            timesteps = torch.cat([timesteps, timesteps])
-            embeds = torch.cat([cond["negative_prompt_embeds"], embeds])
-        out = net(latents.to(dtype), timesteps, encoder_hidden_states=embeds.to(dtype)).sample.float()
-        if guidance_scale > 1.0:
-            uncond, text = out.chunk(2)
-            out = uncond + guidance_scale * (text - uncond)
-        return out
-
-    # ------------------------------------------------------------------ decoding
+    # ------------------------------------------------------------------ decoding and saving
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """(B, C, H, W) images in [0, 1], float32 (C = 3, or the UNet's channels for a pixel-space
         model without a VAE, whose samples live in [-1, 1])."""
         if self.vae is None:
             return (latents.float() / 2 + 0.5).clamp(0, 1)
-        vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return vae_decode(self.vae, latents)
 
-    # ------------------------------------------------------------------ saving
-    def save_pretrained_weights(self, folder: str | os.PathLike) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` loadable by ``pipeline.load_lora_weights``.
-        Full: a diffusers ``unet/`` folder loadable by ``UNet2DConditionModel.from_pretrained``."""
-        folder = Path(folder)
-        if self.finetune == "lora":
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
+    def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
+        from diffusers import StableDiffusionPipeline
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-            metadata = self.unet.peft_config["default"].to_dict()
-            StableDiffusionPipeline.save_lora_weights(
-                folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
-            )
-        else:
-            self.unet.save_pretrained(folder / "unet")
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+        )

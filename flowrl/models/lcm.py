@@ -1,0 +1,98 @@
+"""Latent consistency models through diffusers (``LatentConsistencyModelPipeline``).
+
+An LCM-distilled Stable Diffusion UNet takes the guidance scale as a condition (``timestep_cond``,
+a sinusoidal embedding of w - 1, as the pipeline computes it) instead of classifier-free
+guidance, so one forward per step. The chain is :class:`~flowrl.samplers.lcm.LCMSampler`'s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flowrl.models.sd import StableDiffusionAdapter
+
+
+def build_tiny_lcm_pipeline(image_size: int = 32, seed: int = 0):
+    """A LatentConsistencyModelPipeline of real diffusers classes with tiny random weights."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    from flowrl.models.tiny import tiny_clip_text_encoder, tiny_tokenizer, tiny_vae
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        time_cond_proj_dim=32,
+    )
+    scheduler = LCMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+    return LatentConsistencyModelPipeline(
+        vae=tiny_vae(image_size, 4, seed + 1),
+        text_encoder=tiny_clip_text_encoder(32, seed + 2),
+        tokenizer=tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+class LCMAdapter(StableDiffusionAdapter):
+    """The UNet of an LCM pipeline; guidance enters as ``timestep_cond``."""
+
+    family = "lcm"
+
+    def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:
+        embeds = self.encode_prompts(prompts)
+        dim = self.unet.config.time_cond_proj_dim
+        w = torch.full((len(prompts),), guidance_scale - 1.0, device=embeds.device)
+        cond = {"prompt_embeds": embeds}
+        if dim is not None:
+            cond["timestep_cond"] = self.pipeline.get_guidance_scale_embedding(w, embedding_dim=dim).float()
+        return cond
+
+    def _predict(
+        self,
+        net: nn.Module,
+        latents: Tensor,
+        timesteps: Tensor,
+        cond: dict[str, Tensor],
+        guidance_scale: float,
+    ) -> Tensor:
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(latents.shape[0])
+        return self._call(net, latents, timesteps, cond).float()  # no CFG: w is in the condition
+
+    def _call(self, net: nn.Module, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        dtype = self.compute_dtype
+        tc = cond.get("timestep_cond")
+        return net(
+            latents.to(dtype),
+            timesteps,
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            timestep_cond=tc.to(dtype) if tc is not None else None,
+        ).sample
+
+    def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
+        from diffusers import LatentConsistencyModelPipeline
+
+        LatentConsistencyModelPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+        )

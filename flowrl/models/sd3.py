@@ -1,0 +1,125 @@
+"""SD3-family flow-matching transformers through diffusers (``StableDiffusion3Pipeline``).
+
+The transformer predicts the velocity v = eps - x_0 at (x_s, s * 1000); conditions are the
+pipeline's own ``encode_prompt`` outputs: ``prompt_embeds`` (B, L, D) (CLIP-L and CLIP-G hidden
+states, and T5's when the pipeline has it) and ``pooled_prompt_embeds`` (B, P). T5 is optional,
+as in diffusers (``text_encoder_3=None``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flowrl.models.base import DenoiserAdapter, vae_decode
+
+
+def build_tiny_sd3_pipeline(image_size: int = 32, seed: int = 0, shift: float = 3.0):
+    """A StableDiffusion3Pipeline of real diffusers classes with tiny random weights, no T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from flowrl.models.tiny import tiny_clip_text_encoder, tiny_tokenizer, tiny_vae
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 2,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=64,  # = CLIP-L (32) + CLIP-G (32) hidden sizes, as T5's width would be
+        pooled_projection_dim=64,  # = the two CLIP projections concatenated
+        out_channels=4,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=tiny_vae(image_size, 4, seed + 1, shift_factor=0.0609),
+        text_encoder=tiny_clip_text_encoder(32, seed + 2, with_projection=True),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(32, seed + 3, with_projection=True),
+        tokenizer_2=tiny_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+class SD3Adapter(DenoiserAdapter):
+    """The transformer of a StableDiffusion3Pipeline as a velocity-predicting policy network."""
+
+    family = "sd3"
+    denoiser_subfolder = "transformer"
+    compatible_samplers = ("flow_sde", "flow_cps")
+
+    def __init__(
+        self,
+        pipeline,
+        finetune: str = "lora",
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        weight_dtype: torch.dtype = torch.float32,
+        keep_reference: bool = False,
+        max_sequence_length: int = 128,
+    ):
+        frozen = [pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
+        super().__init__(
+            pipeline.transformer,
+            frozen,
+            pipeline.scheduler.config,
+            finetune,
+            lora_rank,
+            lora_alpha,
+            weight_dtype,
+            keep_reference,
+        )
+        self.prediction_type = "flow"
+        self.pipeline = pipeline
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.transformer.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @torch.no_grad()
+    def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:
+        cfg = guidance_scale > 1.0
+        embeds, neg, pooled, neg_pooled = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=[""] * len(prompts) if cfg else None,
+            max_sequence_length=self.max_sequence_length,
+        )
+        cond = {"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}
+        if cfg:
+            cond.update(negative_prompt_embeds=neg.float(), negative_pooled_prompt_embeds=neg_pooled.float())
+        return cond
+
+    def _call(self, net: nn.Module, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        dtype = self.compute_dtype
+        return net(
+            hidden_states=latents.to(dtype),
+            timestep=timesteps,
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+        ).sample
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        return vae_decode(self.vae, latents)
+
+    def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+        )

@@ -1,0 +1,119 @@
+"""SDXL through diffusers (``StableDiffusionXLPipeline``): the UNet with two text encoders.
+
+Conditions are the pipeline's own ``encode_prompt`` outputs: ``prompt_embeds`` (B, L, D1 + D2)
+(both encoders' penultimate hidden states) and the micro-conditioning that SDXL's UNet adds to
+its time embedding: ``text_embeds`` (B, P), the second encoder's pooled projection, and
+``time_ids`` (B, 6) = (original size, crop top-left, target size). The step math is the same
+DDIM(eta) as Stable Diffusion 1.x/2.x.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flowrl.models.sd import StableDiffusionAdapter
+
+
+def build_tiny_sdxl_pipeline(image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon"):
+    """A StableDiffusionXLPipeline of real diffusers classes with tiny random weights."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from flowrl.models.tiny import tiny_clip_text_encoder, tiny_tokenizer, tiny_vae
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled projection
+        cross_attention_dim=64,  # = 32 (CLIP-L) + 32 (CLIP-G) hidden sizes
+        norm_num_groups=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(image_size, 4, seed + 1),
+        text_encoder=tiny_clip_text_encoder(32, seed + 2),
+        text_encoder_2=tiny_clip_text_encoder(32, seed + 3, with_projection=True),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+
+
+class SDXLAdapter(StableDiffusionAdapter):
+    """The UNet of an SDXL pipeline; DDIM(eta) chain like Stable Diffusion."""
+
+    family = "sdxl"
+
+    def __init__(self, pipeline, *args, **kwargs):
+        super().__init__(pipeline, *args, **kwargs)
+        pipeline.text_encoder_2.requires_grad_(False)
+        if self.weight_dtype != torch.float32:
+            pipeline.text_encoder_2.to(dtype=self.weight_dtype)
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.config.sample_size * self.pipeline.vae_scale_factor
+
+    @torch.no_grad()
+    def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:
+        cfg = guidance_scale > 1.0
+        embeds, neg, pooled, neg_pooled = self.pipeline.encode_prompt(
+            prompt=prompts,
+            device=self.device,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=[""] * len(prompts) if cfg else None,
+        )
+        size = (self.image_size, self.image_size)
+        proj_dim = self.pipeline.text_encoder_2.config.projection_dim
+        time_ids = self.pipeline._get_add_time_ids(
+            size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=proj_dim
+        )
+        time_ids = time_ids.to(self.device).expand(len(prompts), -1)
+        cond = {"prompt_embeds": embeds.float(), "text_embeds": pooled.float(), "time_ids": time_ids.clone()}
+        if cfg:
+            cond.update(
+                negative_prompt_embeds=neg.float(),
+                negative_text_embeds=neg_pooled.float(),
+                negative_time_ids=time_ids.clone(),
+            )
+        return cond
+
+    def _call(self, net: nn.Module, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        dtype = self.compute_dtype
+        added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
+        return net(
+            latents.to(dtype),
+            timesteps,
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            added_cond_kwargs=added,
+        ).sample
+
+    def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
+        from diffusers import StableDiffusionXLPipeline
+
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata
+        )

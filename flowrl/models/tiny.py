@@ -1,0 +1,54 @@
+"""Tiny random components from configs, shared by the families' tiny pipelines (for tests and
+offline demos). Sizes follow diffusers' own tests; the tokenizer is the real CLIP BPE."""
+
+from __future__ import annotations
+
+import torch
+
+from flowrl.models.tokenizer import CLIP_VOCAB_SIZE, offline_clip_tokenizer
+
+
+def tiny_clip_text_encoder(
+    hidden_size: int = 32, seed: int = 0, with_projection: bool = False, projection_dim: int = 32
+):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=projection_dim,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def tiny_vae(
+    image_size: int = 32, latent_channels: int = 4, seed: int = 1, shift_factor: float | None = None
+):
+    """A 2-block AutoencoderKL: latents are half the image size."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    kwargs = {"shift_factor": shift_factor} if shift_factor is not None else {}
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        sample_size=image_size,
+        norm_num_groups=32,
+        **kwargs,
+    )
+
+
+def tiny_tokenizer():
+    return offline_clip_tokenizer()

@@ -1,0 +1,225 @@
+"""Flow-matching SDE samplers as Gaussian policies (Flow-GRPO, Liu et al. 2025,
+https://arxiv.org/abs/2505.05470; coefficient-preserving sampling (CPS), Wang et al. 2025,
+https://arxiv.org/abs/2509.05952).
+
+Rectified flow: x_s = (1 - s) x_0 + s eps, the network predicts the velocity v = eps - x_0, and
+sampling integrates s from 1 (noise) to 0 (data) over the scheduler's sigmas.
+
+Notation:
+    sigma       -> s        current noise level (the flow time), in (0, 1]
+    sigma_next  -> s'       the level the step lands on, s' < s
+    dt          -> s' - s   (negative)
+    noise_level -> a        the SDE's noise scale
+
+SDE step (Flow-GRPO, eq. 8, Euler-Maruyama of the marginal-preserving reverse SDE):
+
+    sigma_s = a * sqrt(s / (1 - s))
+    mean    = x + [v + sigma_s^2 / (2 s) * (x + (1 - s) v)] dt
+    std     = sigma_s * sqrt(-dt)
+
+CPS step (keeps the coefficients of x_0 and eps those of the marginal at s'):
+
+    x0_hat  = x - s v,   eps_hat = x + (1 - s) v
+    std     = s' * sin(a * pi / 2)
+    mean    = (1 - s') x0_hat + sqrt(s'^2 - std^2) eps_hat
+
+With a = 0 both reduce to the Euler ODE step x' = x + dt * v (diffusers'
+FlowMatchEulerDiscreteScheduler.step). Steps outside the SDE window (Flow-GRPO-Fast) are ODE
+steps: deterministic, log-prob NaN, not trained.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from flowrl.chain import Chain
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob
+
+FLOW_SAMPLERS = ("flow_sde", "flow_cps")
+
+
+class FlowSampler:
+    """Flow-GRPO SDE (``kind="sde"``) or CPS (``kind="cps"``) over a FlowMatchEulerDiscrete schedule.
+
+    Args:
+        scheduler_config: the pipeline's ``FlowMatchEulerDiscreteScheduler`` config (shift and
+            dynamic shifting honoured as the scheduler computes its sigmas).
+        num_steps: K denoising steps.
+        noise_level: a (Flow-GRPO: 0.7 for the SDE; CPS: 0.8). 0 gives the deterministic ODE.
+        kind: ``"sde"`` or ``"cps"``.
+        sde_window: 0 = every step is stochastic; w > 0 = only a window of w consecutive steps
+            (Flow-GRPO-Fast), whose start is drawn per batch from [0, window_max_start].
+        window_max_start: last allowed window start (default K // 2).
+        logprob_reduction: ``"mean"`` (as Flow-GRPO) or ``"sum"``.
+        image_seq_len: for schedulers with dynamic shifting, the token count that sets mu.
+    """
+
+    def __init__(
+        self,
+        scheduler_config: dict,
+        num_steps: int = 10,
+        noise_level: float = 0.7,
+        kind: str = "sde",
+        sde_window: int = 0,
+        window_max_start: int | None = None,
+        logprob_reduction: str = "mean",
+        image_seq_len: int | None = None,
+    ):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if kind not in ("sde", "cps"):
+            raise ValueError(f"flow sampler kind must be 'sde' or 'cps', got {kind!r}")
+        if num_steps < 2:
+            raise ValueError(f"sampler.num_steps must be >= 2 for a flow sampler, got {num_steps}")
+        if noise_level < 0 or (kind == "cps" and noise_level > 1):
+            raise ValueError(f"sampler.noise_level must be >= 0 (and <= 1 for CPS), got {noise_level}")
+        if not 0 <= sde_window <= num_steps:
+            raise ValueError(f"sampler.sde_window must be in [0, num_steps={num_steps}], got {sde_window}")
+        if logprob_reduction not in LOGPROB_REDUCTIONS:
+            raise ValueError(
+                f"logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}"
+            )
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            cfg = scheduler.config
+            kwargs["mu"] = calculate_shift(
+                image_seq_len or cfg.get("base_image_seq_len", 256),
+                cfg.get("base_image_seq_len", 256),
+                cfg.get("max_image_seq_len", 4096),
+                cfg.get("base_shift", 0.5),
+                cfg.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(num_steps, **kwargs)
+        self.config = scheduler.config
+        self.num_steps = num_steps
+        self.noise_level = noise_level
+        self.kind = kind
+        self.sde_window = sde_window
+        self.window_max_start = num_steps // 2 if window_max_start is None else window_max_start
+        self.logprob_reduction = logprob_reduction
+        self.prediction_type = "flow"
+        self.sigmas = scheduler.sigmas.float().cpu()  # (K+1,) from ~1 down to 0
+        self.timesteps = scheduler.timesteps.float().cpu()  # (K,) = sigmas[:-1] * num_train_timesteps
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+
+    # ------------------------------------------------------------------ one step
+    def step(
+        self,
+        model_output: Tensor,
+        sigma: Tensor,
+        sigma_next: Tensor,
+        sample: Tensor,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        noise_level: float | None = None,
+    ) -> StepOutput:
+        """One SDE/CPS transition in float32. ``sigma``, ``sigma_next``: (B,) noise levels s, s'."""
+        a = self.noise_level if noise_level is None else noise_level
+        v, x = model_output.float(), sample.float()
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        s, s_next = sigma.float().to(x.device).view(shape), sigma_next.float().to(x.device).view(shape)
+        dt = s_next - s
+        pred_original = x - s * v  # x0_hat
+        if self.kind == "sde":
+            # 1. sigma_s = a sqrt(s / (1 - s)); at s = 1 use the first sub-unit sigma (as Flow-GRPO)
+            s_safe = torch.where(s >= 1, torch.full_like(s, float(self.sigmas[1])), s)
+            sigma_s = a * (s_safe / (1 - s_safe)).sqrt()
+            # 2. drift of the marginal-preserving SDE, Euler-Maruyama step of size dt < 0
+            mean = x + (v + sigma_s**2 / (2 * s) * (x + (1 - s) * v)) * dt
+            std = sigma_s * (-dt).sqrt()
+        else:
+            # 1. CPS std and the noise estimate
+            std = s_next * math.sin(a * math.pi / 2) * torch.ones_like(s)
+            pred_noise = x + (1 - s) * v
+            # 2. mean with the marginal's coefficients at s'
+            mean = (1 - s_next) * pred_original + (s_next**2 - std**2).clamp(min=0).sqrt() * pred_noise
+        if prev_sample is None:
+            if noise is None:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            prev_sample = mean + std * noise
+        prev_sample = prev_sample.float()
+        if (std > 0).all():
+            log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
+        else:
+            log_prob = torch.full((x.shape[0],), float("nan"), device=x.device)
+        return StepOutput(prev_sample, mean, std, log_prob, pred_original)
+
+    def window(self, generator: torch.Generator | None = None) -> range:
+        """The stochastic steps of one batch: all K, or a window of ``sde_window`` steps."""
+        if self.sde_window == 0:
+            return range(self.num_steps)
+        hi = min(self.window_max_start, self.num_steps - self.sde_window)
+        if hi <= 0:
+            return range(0, self.sde_window)
+        device = generator.device if generator is not None else "cpu"
+        start = int(torch.randint(0, hi + 1, (1,), generator=generator, device=device).item())
+        return range(start, start + self.sde_window)
+
+    # ------------------------------------------------------------------ whole chain
+    @torch.no_grad()
+    def sample(
+        self,
+        adapter,
+        prompts: list[str],
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        cond: dict[str, Tensor] | None = None,
+        progress: bool = False,
+    ) -> Chain:
+        """Run the chain from x_1 ~ N(0, I); record every transition. Timesteps stored in the
+        Chain are the model's (s * num_train_timesteps); ``next_timesteps`` the landing ones."""
+        device = adapter.device
+        cond = adapter.condition(prompts, guidance_scale) if cond is None else cond
+        B = len(prompts)
+        if latents is None:
+            latents = torch.randn((B, *adapter.latent_shape), generator=generator, device=device)
+        stochastic = set(self.window(generator))
+        states, log_probs = [latents.float()], []
+        steps = range(self.num_steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="sampling", leave=False)
+        for k in steps:
+            s = self.sigmas[k].expand(B).to(device)
+            s_next = self.sigmas[k + 1].expand(B).to(device)
+            out = adapter(states[-1], s * self.num_train_timesteps, cond, guidance_scale)
+            a = self.noise_level if k in stochastic else 0.0
+            step = self.step(out, s, s_next, states[-1], generator=generator, noise_level=a)
+            states.append(step.prev_sample)
+            log_probs.append(step.log_prob)
+        T = self.num_train_timesteps
+        return Chain(
+            latents=torch.stack(states, dim=1),  # (B, K+1, C, H, W)
+            timesteps=(self.sigmas[:-1] * T).to(device).expand(B, -1).clone(),  # (B, K)
+            next_timesteps=(self.sigmas[1:] * T).to(device).expand(B, -1).clone(),  # (B, K)
+            log_probs=torch.stack(log_probs, dim=1),  # (B, K), NaN on ODE steps
+            cond=cond,
+            prompts=list(prompts),
+            guidance_scale=guidance_scale,
+        )
+
+    def log_prob(
+        self, adapter, chain: Chain, step_index: Tensor, net=None, reference: bool = False
+    ) -> StepOutput:
+        """Re-evaluate transition ``step_index[b]`` of each trajectory under the current (or the
+        reference) parameters. Only stochastic steps have a log-prob."""
+        b = torch.arange(len(chain), device=chain.latents.device)
+        step_index = step_index.to(chain.latents.device)
+        x = chain.latents[b, step_index]
+        x_next = chain.latents[b, step_index + 1]
+        t = chain.timesteps[b, step_index]
+        T = self.num_train_timesteps
+        if reference:
+            out = adapter.reference_forward(x, t, chain.cond, chain.guidance_scale)
+        else:
+            out = adapter(x, t, chain.cond, chain.guidance_scale, net=net)
+        return self.step(out, t / T, chain.next_timesteps[b, step_index] / T, x, prev_sample=x_next)
