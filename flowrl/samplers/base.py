@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
+
+from flowrl.chain import Chain
 
 LOGPROB_REDUCTIONS = ("mean", "sum")
 
@@ -48,3 +51,94 @@ class StepOutput:
     std: Tensor
     log_prob: Tensor
     pred_original_sample: Tensor
+
+
+class ChainSampler:
+    """The loop every sampler shares. A subclass defines its schedule and one transition:
+
+    - ``model_timesteps``: (K,) the timestep fed to the network at step k;
+    - ``next_timesteps``: (K,) where step k lands (stored in the Chain for inspection);
+    - ``transition(k, out, x, ...)``: the Gaussian step k (per-sample k, (B,) long), returning a
+      :class:`StepOutput`; with ``stochastic=False`` it returns the step's mean (no noise, NaN
+      log-prob);
+    - optionally ``stochastic_steps(generator)``: which steps of one batch inject noise.
+    """
+
+    num_steps: int
+    model_timesteps: Tensor
+    next_timesteps: Tensor
+
+    def transition(
+        self,
+        k: Tensor,
+        model_output: Tensor,
+        sample: Tensor,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        stochastic: bool = True,
+    ) -> StepOutput:
+        raise NotImplementedError
+
+    def stochastic_steps(self, generator: torch.Generator | None = None) -> set[int]:
+        return set(range(self.num_steps))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        adapter,
+        prompts: list[str],
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        cond: dict[str, Tensor] | None = None,
+        progress: bool = False,
+    ) -> Chain:
+        """Run the chain from x_T ~ N(0, I) and record every transition with its log-prob
+        (NaN on deterministic steps, which are not part of the MDP)."""
+        device = adapter.device
+        cond = adapter.condition(prompts, guidance_scale) if cond is None else cond
+        B = len(prompts)
+        if latents is None:
+            latents = torch.randn((B, *adapter.latent_shape), generator=generator, device=device)
+        stochastic = self.stochastic_steps(generator)
+        states, log_probs = [latents.float()], []
+        steps = range(self.num_steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="sampling", leave=False)
+        for k in steps:
+            kb = torch.full((B,), k, dtype=torch.long)
+            out = adapter(states[-1], self.model_timesteps[kb].to(device), cond, guidance_scale)
+            step = self.transition(kb, out, states[-1], generator=generator, stochastic=k in stochastic)
+            states.append(step.prev_sample)
+            log_probs.append(step.log_prob)
+        return Chain(
+            latents=torch.stack(states, dim=1),  # (B, K+1, C, H, W)
+            timesteps=self.model_timesteps.to(device).expand(B, -1).clone(),  # (B, K)
+            next_timesteps=self.next_timesteps.to(device).expand(B, -1).clone(),  # (B, K)
+            log_probs=torch.stack(log_probs, dim=1),  # (B, K)
+            cond=cond,
+            prompts=list(prompts),
+            guidance_scale=guidance_scale,
+        )
+
+    def log_prob(
+        self, adapter, chain: Chain, step_index: Tensor, net=None, reference: bool = False
+    ) -> StepOutput:
+        """Re-evaluate transition ``step_index[b]`` of each trajectory b under the adapter's current
+        parameters (differentiably), or the reference policy's with ``reference=True``.
+        ``step_index`` is (B,) long, so each trajectory may train on a different denoising step
+        (timestep subsampling) in one batched forward. ``net`` overrides the module called (the
+        DDP wrapper in training)."""
+        device = chain.latents.device
+        b = torch.arange(len(chain), device=device)
+        k = step_index.to(device)
+        x, x_next = chain.latents[b, k], chain.latents[b, k + 1]  # (B, C, H, W) each
+        t = self.model_timesteps[k.cpu()].to(device)  # (B,)
+        if reference:
+            out = adapter.reference_forward(x, t, chain.cond, chain.guidance_scale)
+        else:
+            out = adapter(x, t, chain.cond, chain.guidance_scale, net=net)
+        return self.transition(k.cpu(), out, x, prev_sample=x_next)

@@ -22,11 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowrl.chain import Chain
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob
 
 
-class DDIMSampler:
+class DDIMSampler(ChainSampler):
     """DDIM(eta) over the timestep schedule of a diffusers ``DDIMScheduler`` config.
 
     Args:
@@ -68,6 +67,7 @@ class DDIMSampler:
         self.timesteps = scheduler.timesteps.clone()  # (K,) descending
         step_ratio = scheduler.config.num_train_timesteps // num_steps
         self.prev_timesteps = self.timesteps - step_ratio  # (K,), as DDIMScheduler.step computes it
+        self.model_timesteps, self.next_timesteps = self.timesteps, self.prev_timesteps
         if eta > 0:
             std = self.std(self.timesteps, self.prev_timesteps)
             if (std == 0).any():
@@ -150,67 +150,18 @@ class DDIMSampler:
         log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
-    # ------------------------------------------------------------------ whole chain
-    @torch.no_grad()
-    def sample(
-        self,
-        adapter,
-        prompts: list[str],
-        guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-        cond: dict[str, Tensor] | None = None,
-        progress: bool = False,
-    ) -> Chain:
-        """Run the chain from x_T ~ N(0, I) and record every transition with its log-prob."""
-        device = adapter.device
-        cond = adapter.condition(prompts, guidance_scale) if cond is None else cond
-        B = len(prompts)
-        if latents is None:
-            latents = torch.randn((B, *adapter.latent_shape), generator=generator, device=device)
-        states = [latents.float()]
-        log_probs = []
-        iterator = self.timesteps
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc="sampling", leave=False)
-        for k, t in enumerate(iterator):
-            t_b = t.expand(B).to(device)
-            prev_b = self.prev_timesteps[k].expand(B).to(device)
-            out = adapter(states[-1], t_b, cond, guidance_scale)
-            if self.eta > 0:
-                step = self.step(out, t_b, prev_b, states[-1], generator=generator)
-                log_probs.append(step.log_prob)
-            else:
-                step = self.step(out, t_b, prev_b, states[-1], noise=torch.zeros_like(states[-1]))
-                log_probs.append(torch.full((B,), float("nan"), device=device))
-            states.append(step.prev_sample)
-        return Chain(
-            latents=torch.stack(states, dim=1),  # (B, K+1, C, H, W)
-            timesteps=self.timesteps.to(device).expand(B, -1).clone(),  # (B, K)
-            next_timesteps=self.prev_timesteps.to(device).expand(B, -1).clone(),  # (B, K)
-            log_probs=torch.stack(log_probs, dim=1),  # (B, K)
-            cond=cond,
-            prompts=list(prompts),
-            guidance_scale=guidance_scale,
-        )
-
-    def log_prob(
-        self, adapter, chain: Chain, step_index: Tensor, net=None, reference: bool = False
+    # ------------------------------------------------------------------ the chain
+    def transition(
+        self, k, model_output, sample, prev_sample=None, generator=None, noise=None, stochastic=True
     ) -> StepOutput:
-        """Re-evaluate transition ``step_index[b]`` of each trajectory b under the adapter's current
-        parameters (differentiably). ``step_index`` is (B,) long, so each trajectory may train on
-        a different denoising step (timestep subsampling). ``net`` overrides the module called
-        (the DDP wrapper in training); ``reference=True`` evaluates the reference policy instead."""
-        b = torch.arange(len(chain), device=chain.latents.device)
-        step_index = step_index.to(chain.latents.device)
-        x_t = chain.latents[b, step_index]  # (B, C, H, W)
-        x_prev = chain.latents[b, step_index + 1]  # (B, C, H, W)
-        t = chain.timesteps[b, step_index]  # (B,)
-        prev_t = chain.next_timesteps[b, step_index]  # (B,)
-        if reference:
-            out = adapter.reference_forward(x_t, t, chain.cond, chain.guidance_scale)
-        else:
-            out = adapter(x_t, t, chain.cond, chain.guidance_scale, net=net)
-        return self.step(out, t, prev_t, x_t, prev_sample=x_prev)
+        """Step k (B,) of the schedule; with eta = 0 or ``stochastic=False``, the deterministic mean."""
+        t, prev_t = self.timesteps[k].to(sample.device), self.prev_timesteps[k].to(sample.device)
+        if prev_sample is None and (not stochastic or self.eta == 0):
+            step = self.step(
+                model_output, t, prev_t, sample, noise=torch.zeros_like(sample, dtype=torch.float32)
+            )
+            step.log_prob = torch.full_like(step.log_prob, float("nan"))
+            return step
+        return self.step(
+            model_output, t, prev_t, sample, prev_sample=prev_sample, generator=generator, noise=noise
+        )

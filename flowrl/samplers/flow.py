@@ -35,13 +35,12 @@ import math
 import torch
 from torch import Tensor
 
-from flowrl.chain import Chain
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob
 
 FLOW_SAMPLERS = ("flow_sde", "flow_cps")
 
 
-class FlowSampler:
+class FlowSampler(ChainSampler):
     """Flow-GRPO SDE (``kind="sde"``) or CPS (``kind="cps"``) over a FlowMatchEulerDiscrete schedule.
 
     Args:
@@ -107,6 +106,9 @@ class FlowSampler:
         self.sigmas = scheduler.sigmas.float().cpu()  # (K+1,) from ~1 down to 0
         self.timesteps = scheduler.timesteps.float().cpu()  # (K,) = sigmas[:-1] * num_train_timesteps
         self.num_train_timesteps = scheduler.config.num_train_timesteps
+        # the network's time input is s * 1000, as the SD3 pipeline feeds it
+        self.model_timesteps = self.sigmas[:-1] * self.num_train_timesteps
+        self.next_timesteps = self.sigmas[1:] * self.num_train_timesteps
 
     # ------------------------------------------------------------------ one step
     def step(
@@ -151,75 +153,32 @@ class FlowSampler:
             log_prob = torch.full((x.shape[0],), float("nan"), device=x.device)
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
-    def window(self, generator: torch.Generator | None = None) -> range:
-        """The stochastic steps of one batch: all K, or a window of ``sde_window`` steps."""
+    def stochastic_steps(self, generator: torch.Generator | None = None) -> set[int]:
+        """The stochastic steps of one batch: all K, or a window of ``sde_window`` steps whose
+        start is drawn from [0, window_max_start] (Flow-GRPO-Fast)."""
+        if self.noise_level == 0:
+            return set()
         if self.sde_window == 0:
-            return range(self.num_steps)
+            return set(range(self.num_steps))
         hi = min(self.window_max_start, self.num_steps - self.sde_window)
-        if hi <= 0:
-            return range(0, self.sde_window)
-        device = generator.device if generator is not None else "cpu"
-        start = int(torch.randint(0, hi + 1, (1,), generator=generator, device=device).item())
-        return range(start, start + self.sde_window)
+        start = 0
+        if hi > 0:
+            device = generator.device if generator is not None else "cpu"
+            start = int(torch.randint(0, hi + 1, (1,), generator=generator, device=device).item())
+        return set(range(start, start + self.sde_window))
 
-    # ------------------------------------------------------------------ whole chain
-    @torch.no_grad()
-    def sample(
-        self,
-        adapter,
-        prompts: list[str],
-        guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-        cond: dict[str, Tensor] | None = None,
-        progress: bool = False,
-    ) -> Chain:
-        """Run the chain from x_1 ~ N(0, I); record every transition. Timesteps stored in the
-        Chain are the model's (s * num_train_timesteps); ``next_timesteps`` the landing ones."""
-        device = adapter.device
-        cond = adapter.condition(prompts, guidance_scale) if cond is None else cond
-        B = len(prompts)
-        if latents is None:
-            latents = torch.randn((B, *adapter.latent_shape), generator=generator, device=device)
-        stochastic = set(self.window(generator))
-        states, log_probs = [latents.float()], []
-        steps = range(self.num_steps)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="sampling", leave=False)
-        for k in steps:
-            s = self.sigmas[k].expand(B).to(device)
-            s_next = self.sigmas[k + 1].expand(B).to(device)
-            out = adapter(states[-1], s * self.num_train_timesteps, cond, guidance_scale)
-            a = self.noise_level if k in stochastic else 0.0
-            step = self.step(out, s, s_next, states[-1], generator=generator, noise_level=a)
-            states.append(step.prev_sample)
-            log_probs.append(step.log_prob)
-        T = self.num_train_timesteps
-        return Chain(
-            latents=torch.stack(states, dim=1),  # (B, K+1, C, H, W)
-            timesteps=(self.sigmas[:-1] * T).to(device).expand(B, -1).clone(),  # (B, K)
-            next_timesteps=(self.sigmas[1:] * T).to(device).expand(B, -1).clone(),  # (B, K)
-            log_probs=torch.stack(log_probs, dim=1),  # (B, K), NaN on ODE steps
-            cond=cond,
-            prompts=list(prompts),
-            guidance_scale=guidance_scale,
-        )
-
-    def log_prob(
-        self, adapter, chain: Chain, step_index: Tensor, net=None, reference: bool = False
+    def transition(
+        self, k, model_output, sample, prev_sample=None, generator=None, noise=None, stochastic=True
     ) -> StepOutput:
-        """Re-evaluate transition ``step_index[b]`` of each trajectory under the current (or the
-        reference) parameters. Only stochastic steps have a log-prob."""
-        b = torch.arange(len(chain), device=chain.latents.device)
-        step_index = step_index.to(chain.latents.device)
-        x = chain.latents[b, step_index]
-        x_next = chain.latents[b, step_index + 1]
-        t = chain.timesteps[b, step_index]
-        T = self.num_train_timesteps
-        if reference:
-            out = adapter.reference_forward(x, t, chain.cond, chain.guidance_scale)
-        else:
-            out = adapter(x, t, chain.cond, chain.guidance_scale, net=net)
-        return self.step(out, t / T, chain.next_timesteps[b, step_index] / T, x, prev_sample=x_next)
+        """Step k (B,): SDE/CPS with the sampler's noise level, or the ODE step when not stochastic."""
+        s, s_next = self.sigmas[k], self.sigmas[k + 1]
+        return self.step(
+            model_output,
+            s,
+            s_next,
+            sample,
+            prev_sample,
+            generator,
+            noise,
+            noise_level=None if stochastic else 0.0,
+        )

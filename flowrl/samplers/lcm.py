@@ -17,11 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowrl.chain import Chain
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob
 
 
-class LCMSampler:
+class LCMSampler(ChainSampler):
     """LCM multistep sampling over an ``LCMScheduler`` config's timesteps.
 
     Args:
@@ -55,6 +54,7 @@ class LCMSampler:
         self.timesteps = scheduler.timesteps.clone().long()  # (K,)
         # the step after the last is marked -1: deterministic output f(x_t)
         self.next_timesteps = torch.cat([self.timesteps[1:], torch.tensor([-1])])
+        self.model_timesteps = self.timesteps
 
     def _alpha(self, t: Tensor) -> Tensor:
         t = t.long().cpu()
@@ -107,51 +107,10 @@ class LCMSampler:
         log_prob = torch.where(final.flatten(), torch.full_like(log_prob, float("nan")), log_prob)
         return StepOutput(prev_sample, mean, std, log_prob, denoised)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        adapter,
-        prompts: list[str],
-        guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-        cond: dict[str, Tensor] | None = None,
-        progress: bool = False,
-    ) -> Chain:
-        """Run the K consistency steps from x_T ~ N(0, I); the guidance scale is embedded in the
-        condition (LCM's w-conditioning), not applied as classifier-free guidance."""
-        device = adapter.device
-        cond = adapter.condition(prompts, guidance_scale) if cond is None else cond
-        B = len(prompts)
-        if latents is None:
-            latents = torch.randn((B, *adapter.latent_shape), generator=generator, device=device)
-        states, log_probs = [latents.float()], []
-        for k in range(self.num_steps):
-            t = self.timesteps[k].expand(B).to(device)
-            nt = self.next_timesteps[k].expand(B).to(device)
-            out = adapter(states[-1], t, cond, guidance_scale)
-            step = self.step(out, t, nt, states[-1], generator=generator)
-            states.append(step.prev_sample)
-            log_probs.append(step.log_prob)
-        return Chain(
-            latents=torch.stack(states, dim=1),
-            timesteps=self.timesteps.to(device).expand(B, -1).clone(),
-            next_timesteps=self.next_timesteps.to(device).expand(B, -1).clone(),
-            log_probs=torch.stack(log_probs, dim=1),
-            cond=cond,
-            prompts=list(prompts),
-            guidance_scale=guidance_scale,
-        )
-
-    def log_prob(
-        self, adapter, chain: Chain, step_index: Tensor, net=None, reference: bool = False
+    def transition(
+        self, k, model_output, sample, prev_sample=None, generator=None, noise=None, stochastic=True
     ) -> StepOutput:
-        b = torch.arange(len(chain), device=chain.latents.device)
-        step_index = step_index.to(chain.latents.device)
-        x, x_next = chain.latents[b, step_index], chain.latents[b, step_index + 1]
-        t, nt = chain.timesteps[b, step_index], chain.next_timesteps[b, step_index]
-        if reference:
-            out = adapter.reference_forward(x, t, chain.cond, chain.guidance_scale)
-        else:
-            out = adapter(x, t, chain.cond, chain.guidance_scale, net=net)
-        return self.step(out, t, nt, x, prev_sample=x_next)
+        """Step k (B,) of the consistency chain (re-noising always; the last step is deterministic)."""
+        return self.step(
+            model_output, self.timesteps[k], self.next_timesteps[k], sample, prev_sample, generator, noise
+        )

@@ -1,0 +1,189 @@
+"""DDPM with a minimum std as a Gaussian policy over action chunks (DPPO, Ren et al. 2024,
+https://arxiv.org/abs/2409.00588).
+
+Shapes:  B  environments (one action chunk each)   Ta  action horizon   Da  action dim
+         To  observation history                   Do  observation dim  K   fine-tuned steps
+
+Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", https://arxiv.org/abs/2006.11239):
+
+    betas[t]             -> beta_t
+    alphas_cumprod[t]    -> a_t = prod_{s <= t} (1 - beta_s)      (a_{-1} = 1)
+    pred_original        -> x0_hat, clipped to [-clip_x0, clip_x0] (actions are normalized to [-1, 1])
+    posterior_variance   -> beta_tilde_t = (1 - a_{t-1}) / (1 - a_t) * beta_t          eq. (7)
+    min_std              -> sigma_min, DPPO's floor on the step std ("min_sampling_denoising_std")
+
+One step from x_t to x_{t-1}, eq. (7) and (15), with DPPO's std floor:
+
+    x0_hat  = (x_t - sqrt(1 - a_t) * eps_hat) / sqrt(a_t)
+    mu      = sqrt(a_{t-1}) beta_t / (1 - a_t) * x0_hat + sqrt(1 - beta_t) (1 - a_{t-1}) / (1 - a_t) * x_t
+    sigma_t = max(sqrt(beta_tilde_t), sigma_min)
+    x_{t-1} ~ N(mu, sigma_t^2 I)
+
+The floor makes every step, the last one included (beta_tilde_0 = 0), a Gaussian with a usable
+log-density and keeps exploring. Only the last K steps (t = K-1, ..., 0) are fine-tuned: they run
+the trained network and are recorded in the Chain; the first T - K steps run the frozen
+pre-trained network (``policy.reference_forward``) and are part of the environment.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from flowrl.chain import Chain
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob
+
+
+def cosine_beta_schedule(num_steps: int, s: float = 0.008) -> Tensor:
+    """Betas (T,) of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), clipped to 0.999; DPPO's default."""
+    x = torch.linspace(0, num_steps, num_steps + 1, dtype=torch.float64)
+    f = torch.cos((x / num_steps + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
+
+
+class DDPMPolicySampler:
+    """DDPM over T denoising steps with a std floor, the last ``ft_steps`` of them an MDP.
+
+    Args:
+        num_train_steps: T, the diffusion steps the policy was pre-trained with (DPPO: 20).
+        ft_steps: K, the last steps that are fine-tuned and recorded (DPPO: 10).
+        min_std: sigma_min, the floor on every step's std while sampling (DPPO: 0.1).
+        clip_x0: clip x0_hat to [-clip_x0, clip_x0] (DPPO: 1.0, the normalized action range); null: no clip.
+        logprob_reduction: ``"mean"`` or ``"sum"`` over the (Ta, Da) chunk (see ``reduce_event``).
+    """
+
+    def __init__(
+        self,
+        num_train_steps: int = 20,
+        ft_steps: int = 10,
+        min_std: float = 0.1,
+        clip_x0: float | None = 1.0,
+        logprob_reduction: str = "mean",
+    ):
+        if num_train_steps < 1:
+            raise ValueError(f"sampler.num_train_steps must be >= 1, got {num_train_steps}")
+        if not 1 <= ft_steps <= num_train_steps:
+            raise ValueError(f"sampler.ft_steps must be in [1, {num_train_steps}], got {ft_steps}")
+        if min_std <= 0:
+            raise ValueError(f"sampler.min_std must be > 0 (it is the std of the last step), got {min_std}")
+        if logprob_reduction not in LOGPROB_REDUCTIONS:
+            raise ValueError(
+                f"logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}"
+            )
+        self.num_train_steps = num_train_steps
+        self.ft_steps = ft_steps
+        self.min_std = min_std
+        self.clip_x0 = clip_x0
+        self.logprob_reduction = logprob_reduction
+        self.betas = cosine_beta_schedule(num_train_steps)  # (T,) float64
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # (T,)
+        self.timesteps = torch.arange(num_train_steps - 1, -1, -1)  # (T,) sampling order
+
+    def _gather(self, values: Tensor, t: Tensor, like: Tensor) -> Tensor:
+        """values[t] as float32 on ``like``'s device, shaped (B, 1, ..., 1) to broadcast over the event."""
+        out = values[t.long().cpu()].float().to(like.device)
+        return out.view((-1,) + (1,) * (like.ndim - 1))
+
+    # ------------------------------------------------------------------ one step
+    def step(
+        self,
+        model_output: Tensor,
+        t: Tensor,
+        sample: Tensor,
+        prev_sample: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        deterministic: bool = False,
+    ) -> StepOutput:
+        """One transition x_t -> x_{t-1}, float32.
+
+        Args:
+            model_output: (B, Ta, Da) eps_hat, the network's noise prediction.
+            t: (B,) integer timesteps in [0, T).
+            sample: (B, Ta, Da) x_t.
+            prev_sample: (B, Ta, Da) x_{t-1} to evaluate; drawn if None.
+            generator / noise: randomness for drawing x_{t-1} (noise ~ N(0, I) given directly).
+            deterministic: std 0 (the mean path, for evaluation); the log-prob is then NaN.
+        """
+        eps, sample = model_output.float(), sample.float()
+        # 1. beta_t, a_t and a_{t-1} (a_{-1} = 1), per sample
+        beta_t = self._gather(self.betas, t, sample)
+        a_t = self._gather(self.alphas_cumprod, t, sample)
+        a_prev = self._gather(torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]), t, sample)
+        # 2. x0_hat from eps_hat, eq. (15), clipped to the normalized action range
+        pred_original = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if self.clip_x0 is not None:
+            pred_original = pred_original.clamp(-self.clip_x0, self.clip_x0)
+        # 3. the posterior mean mu_tilde(x_t, x0_hat), eq. (7)
+        mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * pred_original + (
+            (1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)
+        ) * sample
+        # 4. sigma_t = max(sqrt(beta_tilde_t), sigma_min), beta_tilde from eq. (7)
+        posterior_var = (1 - a_prev) / (1 - a_t) * beta_t
+        std = posterior_var.sqrt().clamp(min=self.min_std)
+        if deterministic:
+            std = torch.zeros_like(std)
+        # 5. draw x_{t-1} ~ N(mu, sigma_t^2 I) unless given
+        if prev_sample is None:
+            if noise is None:
+                noise = torch.randn(sample.shape, generator=generator, device=sample.device)
+            prev_sample = mean + std * noise
+        prev_sample = prev_sample.float()
+        # 6. log N(x_{t-1}; mu, sigma_t^2 I), reduced over the chunk
+        if deterministic:
+            log_prob = torch.full(sample.shape[:1], float("nan"), device=sample.device)
+        else:
+            log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
+        return StepOutput(prev_sample, mean, std, log_prob, pred_original)
+
+    # ------------------------------------------------------------------ whole chain
+    @torch.no_grad()
+    def sample(
+        self,
+        policy,
+        obs: Tensor,
+        generator: torch.Generator | None = None,
+        deterministic: bool = False,
+    ) -> Chain:
+        """Denoise one action chunk per observation history ``obs`` (B, To, Do) from x_T ~ N(0, I).
+
+        Records the last K transitions: ``latents`` (B, K+1, Ta, Da) with ``latents[:, -1]`` the
+        chunk (normalized; clip it to [-1, 1] before executing), ``timesteps`` (B, K) = K-1..0,
+        ``log_probs`` (B, K) (NaN when ``deterministic``), ``cond = {"obs": obs}``.
+        """
+        B = obs.shape[0]
+        x = torch.randn((B, *policy.action_shape), generator=generator, device=obs.device)
+        states, log_probs = [], []
+        for t in self.timesteps.tolist():
+            t_b = torch.full((B,), t, device=obs.device, dtype=torch.long)
+            finetuned = t < self.ft_steps
+            if t == self.ft_steps - 1:
+                states.append(x)
+            eps = policy(x, t_b, obs) if finetuned else policy.reference_forward(x, t_b, obs)
+            step = self.step(eps, t_b, x, generator=generator, deterministic=deterministic)
+            x = step.prev_sample
+            if finetuned:
+                states.append(x)
+                log_probs.append(step.log_prob)
+        timesteps = torch.arange(self.ft_steps - 1, -1, -1, device=obs.device)
+        return Chain(
+            latents=torch.stack(states, dim=1),  # (B, K+1, Ta, Da)
+            timesteps=timesteps.expand(B, -1).clone(),  # (B, K)
+            next_timesteps=(timesteps - 1).expand(B, -1).clone(),  # (B, K)
+            log_probs=torch.stack(log_probs, dim=1),  # (B, K)
+            cond={"obs": obs},
+            prompts=[""] * B,
+        )
+
+    def log_prob(self, policy, chain: Chain, step_index: Tensor) -> StepOutput:
+        """Re-evaluate transition ``step_index[b]`` (B,) of each trajectory under the policy's
+        current parameters, differentiably."""
+        b = torch.arange(len(chain), device=chain.latents.device)
+        step_index = step_index.to(chain.latents.device)
+        x_t = chain.latents[b, step_index]  # (B, Ta, Da)
+        x_prev = chain.latents[b, step_index + 1]  # (B, Ta, Da)
+        t = chain.timesteps[b, step_index]  # (B,)
+        return self.step(policy(x_t, t, chain.cond["obs"]), t, x_t, prev_sample=x_prev)
