@@ -41,6 +41,7 @@ class DenoiserAdapter(nn.Module):
     """
 
     family = "base"
+    uses_cfg = True  # classifier-free guidance is a batched forward (LCM embeds the scale instead)
     lora_target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
 
     def __init__(
@@ -142,6 +143,15 @@ class DenoiserAdapter(nn.Module):
 
     def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
         raise NotImplementedError
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """(B, C, H, W) images in [0, 1] from final samples, differentiably (reward guidance)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, C, H, W) images in [0, 1] from final samples, float32."""
+        return self.decode_latents(latents)
 
     # ------------------------------------------------------------------ prediction
     def forward(

@@ -58,6 +58,7 @@ class LCMAdapter(StableDiffusionAdapter):
     """The UNet of an LCM pipeline; guidance enters as ``timestep_cond``."""
 
     family = "lcm"
+    uses_cfg = False
 
     def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:
         embeds = self.encode_prompts(prompts)

@@ -215,10 +215,9 @@ class StableDiffusionAdapter(DenoiserAdapter):
         return net(latents.to(dtype), timesteps, encoder_hidden_states=cond["prompt_embeds"].to(dtype)).sample
 
     # ------------------------------------------------------------------ decoding and saving
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode_latents(self, latents: Tensor) -> Tensor:
         """(B, C, H, W) images in [0, 1], float32 (C = 3, or the UNet's channels for a pixel-space
-        model without a VAE, whose samples live in [-1, 1])."""
+        model without a VAE, whose samples live in [-1, 1]). Differentiable."""
         if self.vae is None:
             return (latents.float() / 2 + 0.5).clamp(0, 1)
         return vae_decode(self.vae, latents)

@@ -113,8 +113,7 @@ class SD3Adapter(DenoiserAdapter):
             pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
         ).sample
 
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode_latents(self, latents: Tensor) -> Tensor:
         return vae_decode(self.vae, latents)
 
     def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:

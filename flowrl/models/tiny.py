@@ -52,3 +52,45 @@ def tiny_vae(
 
 def tiny_tokenizer():
     return offline_clip_tokenizer()
+
+
+class PixelPipeline:
+    """The components of a pixel-space text-to-image model (no VAE): what the SD adapter needs."""
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae = (
+            unet,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            None,
+        )
+
+
+def build_tiny_pixel_pipeline(image_size: int = 16, channels: int = 3, seed: int = 0) -> PixelPipeline:
+    """A random text-conditional UNet that denoises images directly (samples in [-1, 1]), with SD's
+    DDIM schedule: every pixel is controllable, which makes cheap rewards (brightness) responsive."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return PixelPipeline(unet, tiny_clip_text_encoder(32, seed + 2), tiny_tokenizer(), scheduler)
