@@ -79,10 +79,10 @@ def _sample(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"flowrl sample: --lora {lora} does not exist (give a checkpoint folder or a .safetensors file)"
             )
-        if lora.is_dir():
-            pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors")
-        else:
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        folder, weight = (
+            (lora, "pytorch_lora_weights.safetensors") if lora.is_dir() else (lora.parent, lora.name)
+        )
+        pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name="default")
     adapter = build_adapter(pipe, family, finetune="frozen").to(device)
     noise = args.eta if sampler_name == "ddim" else args.noise_level
     sampler = build_sampler(
@@ -96,14 +96,30 @@ def _sample(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    chain = sampler.sample(adapter, prompts, args.guidance_scale, generator=gen, progress=True)
-    images = adapter.decode(chain.latents[:, -1])
+    chain = None
+    if args.guide in ("none", "rlg"):
+        if args.guide == "rlg":
+            from flowrl.guidance import RLGuidedAdapter
+
+            if not args.lora:
+                raise SystemExit(
+                    "flowrl sample: --guide rlg mixes the base model and a fine-tune: give --lora"
+                )
+            adapter = RLGuidedAdapter(adapter, args.rlg_weight)
+        chain = sampler.sample(adapter, prompts, args.guidance_scale, generator=gen, progress=True)
+        images = adapter.decode(chain.latents[:, -1])
+    else:
+        images = _guided(args, sampler, adapter, prompts, gen)
     from PIL import Image
 
     for i, img in enumerate(images):
         arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(out / f"{i:04d}.png")
     save_image_grid(images, out / "grid.png", labels=prompts)
+    if args.save_trajectory and chain is None:
+        raise SystemExit(
+            "flowrl sample: --save-trajectory records plain or RL-guided chains, not --guide " + args.guide
+        )
     if args.save_trajectory:
         meta = {
             "prompts": json.dumps(prompts),
@@ -129,6 +145,42 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen):
+    """Images from reward-gradient guidance, best-of-N or SMC, with the reward --reward names."""
+    from flowrl.guidance import best_of_n, reward_gradient_guidance, smc_guidance
+    from flowrl.rewards import Reward
+
+    if not args.reward:
+        raise SystemExit(
+            f"flowrl sample: --guide {args.guide} needs --reward (a reward name or a script path)"
+        )
+    reward = Reward([{"name": args.reward, "kwargs": json.loads(args.reward_kwargs)}], device=adapter.device)
+    g = args.guidance_scale
+    if args.guide == "reward-grad":
+        result = reward_gradient_guidance(
+            sampler, adapter, reward, prompts, scale=args.guide_scale, guidance_scale=g, generator=gen
+        )
+    elif args.guide == "best-of-n":
+        result = best_of_n(
+            sampler, adapter, reward, prompts, n=args.particles, guidance_scale=g, generator=gen
+        )
+    else:
+        result = smc_guidance(
+            sampler,
+            adapter,
+            reward,
+            prompts,
+            num_particles=args.particles,
+            lam=args.smc_lambda,
+            guidance_scale=g,
+            generator=gen,
+        )
+    print(
+        f"{args.guide}: mean reward {result.rewards.mean().item():.4f} at {result.nfe:.0f} network evaluations per image"
+    )
+    return result.images
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from flowrl.quickstart import run
 
@@ -152,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", help="checkpoint folder, or 'auto' for the run's latest complete checkpoint")
     tr.set_defaults(func=_train)
 
-    pt = sub.add_parser("pretrain", help="behavior-clone a robot policy on demonstrations (kind: robot tasks)")
+    pt = sub.add_parser(
+        "pretrain", help="behavior-clone a robot policy on demonstrations (kind: robot tasks)"
+    )
     pt.add_argument("task", help="robot task file (tasks/robot_*.yaml) or its name")
     pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.steps=1000")
     pt.set_defaults(func=_pretrain)
@@ -173,6 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--tiny-image-size", type=int, default=32)
     sa.add_argument("--device")
     sa.add_argument("--out", default="samples")
+    sa.add_argument(
+        "--guide",
+        choices=["none", "rlg", "reward-grad", "best-of-n", "smc"],
+        default="none",
+        help="inference-time guidance: RL guidance (needs --lora), reward gradient, best-of-N, SMC",
+    )
+    sa.add_argument(
+        "--rlg-weight", type=float, default=1.0, help="RL guidance w: 0 base, 1 fine-tuned, >1 stronger"
+    )
+    sa.add_argument("--reward", help="reward for reward-grad / best-of-n / smc: a name or a script path")
+    sa.add_argument("--reward-kwargs", default="{}", help="the reward's options as JSON")
+    sa.add_argument(
+        "--guide-scale", type=float, default=0.1, help="reward-gradient step (units of the sample's RMS)"
+    )
+    sa.add_argument("--particles", type=int, default=4, help="N for best-of-n, particles for smc")
+    sa.add_argument("--smc-lambda", type=float, default=10.0, help="SMC potential sharpness lambda")
     sa.add_argument(
         "--save-trajectory",
         action="store_true",

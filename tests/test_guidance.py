@@ -192,3 +192,37 @@ def test_systematic_resampling_follows_the_weights():
     w = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
     idx = systematic_resample(w, torch.Generator().manual_seed(0))
     assert idx[0].tolist() == [1, 1, 1, 1] and sorted(idx[1].tolist()) == [0, 1, 2, 3]
+
+
+def test_cli_guided_sampling(tmp_path):
+    from flowrl.cli import main as cli_main
+    from flowrl.config import load_config
+    from flowrl.trainer import Trainer
+
+    Trainer(
+        load_config(
+            "tasks/jpeg_tiny.yaml",
+            [
+                "model.finetune=lora",
+                "sampler.num_steps=3",
+                "train.sample_batch_size=4",
+                "train.num_batches_per_epoch=1",
+                "train.train_batch_size=4",
+                "train.num_epochs=1",
+                "train.eval_every=0",
+                f"train.output_dir={tmp_path}",
+            ],
+        )
+    ).train()
+    ckpt = tmp_path / "task" / "checkpoints" / "epoch_000001"
+    for extra in (
+        ["--guide", "rlg", "--rlg-weight", "1.5", "--lora", str(ckpt)],
+        ["--guide", "best-of-n", "--reward", "jpeg_compressibility", "--particles", "2"],
+        ["--guide", "smc", "--reward", "jpeg_compressibility", "--particles", "2"],
+        ["--guide", "reward-grad", "--reward", "rewards/brightness.py", "--eta", "1.0"],
+    ):
+        out = tmp_path / extra[1]
+        assert (
+            cli_main(["sample", "--prompt", "a cat", "--num-steps", "3", "--out", str(out), *extra]) == 0
+        ), extra
+        assert (out / "grid.png").is_file()

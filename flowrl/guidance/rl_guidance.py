@@ -59,6 +59,14 @@ class RLGuidedAdapter(nn.Module):
         super().__init__()
         self.inner = adapter
         self.weight = weight
+        # the LoRA adapter's name: "default" when flowrl added it, whatever name diffusers'
+        # load_lora_weights gave it otherwise; None for a full fine-tune (reference copy)
+        self.lora_name = next(iter(getattr(adapter.denoiser, "peft_config", None) or {}), None)
+        if self.lora_name is None and getattr(adapter, "_reference", None) is None:
+            raise ValueError(
+                "RL guidance needs a base and a fine-tuned model: a LoRA on the denoiser, or a full "
+                "fine-tune built with keep_reference=True"
+            )
 
     def __getattr__(self, name: str):
         try:
@@ -93,7 +101,7 @@ class RLGuidedAdapter(nn.Module):
         net=None,
     ) -> Tensor:
         inner, w = self.inner, self.weight
-        if inner.finetune != "lora":
+        if self.lora_name is None:
             base = inner.reference_forward(latents, timesteps, cond, guidance_scale)
             tuned = inner(latents, timesteps, cond, guidance_scale, net=net)
             return base + w * (tuned - base)
@@ -101,7 +109,7 @@ class RLGuidedAdapter(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(B)
         doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
-        names = ["__base__"] * B + ["default"] * B
+        names = ["__base__"] * B + [self.lora_name] * B
         if guidance_scale > 1.0 and inner.uses_cfg:  # the adapter's CFG doubles the batch again
             names = names * 2
         with mixed_adapter_batch(inner.denoiser, names):
