@@ -11,9 +11,13 @@ denoising step k, with advantage A_b shared by all its steps:
     REINFORCE : loss_pg = mean_b -A_b * ratio     (gradient -A grad log pi at ratio = 1)
     KL        : loss_kl = beta * mean_b KL(pi_theta || pi_ref), closed form for two Gaussians
                 with the same std sigma:  ||mu_theta - mu_ref||^2 / (2 sigma^2)
+    entropy   : loss_entropy = -c_ent * mean_b H(pi_theta), for a learned std (ReinFlow's bonus);
+                a Gaussian's entropy is log sigma + 1/2 log(2 pi e) per dimension
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -27,6 +31,13 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, reduction: str = "m
     return reduce_event((mean - ref_mean) ** 2 / (2 * std**2), reduction)
 
 
+def gaussian_entropy(std: Tensor, event_shape: torch.Size, reduction: str = "mean") -> Tensor:
+    """Entropy of N(mu, std^2 I) per trajectory, (B,): log std + 1/2 log(2 pi e) per dimension,
+    reduced over the event dims like the log-probs. ``std`` broadcasts to (B, *event_shape)."""
+    per_dim = std.log() + 0.5 * math.log(2 * math.pi * math.e)
+    return reduce_event(per_dim.expand(std.shape[0], *event_shape), reduction)
+
+
 def policy_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
@@ -34,12 +45,15 @@ def policy_loss(
     clip_range: float | None,
     kl: Tensor | None = None,
     kl_coef: float = 0.0,
+    entropy: Tensor | None = None,
+    ent_coef: float = 0.0,
 ) -> dict[str, Tensor]:
     """PPO-clip (``clip_range`` > 0) or REINFORCE (``clip_range`` None) on (B,) per-step log-probs.
 
     Returns the named terms: ``loss`` (what to backpropagate), ``loss_pg``, ``loss_kl`` and the
     diagnostics ``approx_kl`` (the low-variance estimator 1/2 E[(log ratio)^2]), ``clipfrac``,
-    ``ratio_mean``, ``ratio_max``, ``ratio_min`` (detached).
+    ``ratio_mean``, ``ratio_max``, ``ratio_min`` (detached). With an ``entropy`` (B,) it also
+    returns ``loss_entropy`` = -ent_coef * mean entropy (included in ``loss``) and ``entropy``.
     """
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
@@ -61,4 +75,9 @@ def policy_loss(
             "ratio_min": ratio.min(),
             "kl_ref": kl.mean() if kl is not None else torch.zeros((), device=ratio.device),
         }
-    return {"loss": loss_pg + loss_kl, "loss_pg": loss_pg, "loss_kl": loss_kl, **info}
+    terms = {"loss": loss_pg + loss_kl, "loss_pg": loss_pg, "loss_kl": loss_kl, **info}
+    if entropy is not None:
+        terms["loss_entropy"] = -ent_coef * entropy.mean()
+        terms["loss"] = terms["loss"] + terms["loss_entropy"]
+        terms["entropy"] = entropy.mean().detach()
+    return terms

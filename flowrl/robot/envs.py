@@ -1,0 +1,114 @@
+"""Environments for chunked policies: an action-chunk wrapper and vectorized gymnasium envs.
+
+    N  environments   To  observation history   Do  observation dim   Te  actions executed per chunk
+
+One step of a wrapped env executes a chunk of Te actions open-loop and returns the last To
+observations, so one "environment step" of the RL problem (what GAE discounts over) is one chunk,
+as in DPPO and ReinFlow. Its reward is the sum of the executed steps' rewards.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import gymnasium as gym
+import numpy as np
+
+
+class ActionChunkWrapper(gym.Wrapper):
+    """Execute a (Te, Da) action chunk; observe the (To, Do) history of the last To observations.
+
+    The chunk stops early at a termination or truncation. ``info`` carries ``chunk_steps`` (env
+    steps executed) and, at the end of an episode, ``episode_return`` and ``episode_length``
+    (in env steps, rewards as the inner env gives them). At reset the history holds the first
+    observation To times.
+    """
+
+    def __init__(self, env: gym.Env, obs_horizon: int, action_steps: int):
+        super().__init__(env)
+        if obs_horizon < 1 or action_steps < 1:
+            raise ValueError(f"obs_horizon and action_steps must be >= 1, got {obs_horizon}, {action_steps}")
+        self.obs_horizon, self.action_steps = obs_horizon, action_steps
+        obs_space, act_space = env.observation_space, env.action_space
+        self.observation_space = gym.spaces.Box(
+            np.repeat(obs_space.low[None], obs_horizon, 0).astype(np.float32),
+            np.repeat(obs_space.high[None], obs_horizon, 0).astype(np.float32),
+        )
+        self.action_space = gym.spaces.Box(
+            np.repeat(act_space.low[None], action_steps, 0).astype(np.float32),
+            np.repeat(act_space.high[None], action_steps, 0).astype(np.float32),
+        )
+        self._history: deque = deque(maxlen=obs_horizon)
+        self._return, self._length = 0.0, 0
+
+    def _observation(self) -> np.ndarray:
+        return np.stack(self._history).astype(np.float32)  # (To, Do)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._history.extend([obs] * self.obs_horizon)
+        self._return, self._length = 0.0, 0
+        return self._observation(), info
+
+    def step(self, chunk: np.ndarray):
+        chunk = np.asarray(chunk)
+        if chunk.shape != self.action_space.shape:
+            raise ValueError(f"action chunk must have shape {self.action_space.shape}, got {chunk.shape}")
+        total, terminated, truncated, info = 0.0, False, False, {}
+        executed = 0
+        for action in chunk:
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            self._history.append(obs)
+            total += float(reward)
+            executed += 1
+            if terminated or truncated:
+                break
+        self._return += total
+        self._length += executed
+        info = dict(info, chunk_steps=executed)
+        if terminated or truncated:
+            info.update(episode_return=self._return, episode_length=self._length)
+        return self._observation(), total, terminated, truncated, info
+
+
+def make_env(
+    env_id: str,
+    obs_horizon: int,
+    action_steps: int,
+    env_kwargs: dict | None = None,
+    max_episode_steps: int | None = None,
+    render_mode: str | None = None,
+    inner_wrappers: tuple = (),
+) -> gym.Env:
+    """``gym.make(env_id)`` wrapped for action chunks; each of ``inner_wrappers`` (``env -> env``,
+    e.g. a CLIP reward or a frame recorder) wraps the inner env first, acting per simulator step."""
+    kwargs = dict(env_kwargs or {})
+    if max_episode_steps is not None:
+        kwargs["max_episode_steps"] = max_episode_steps
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    env = gym.make(env_id, **kwargs)
+    for wrap in inner_wrappers:
+        env = wrap(env)
+    return ActionChunkWrapper(env, obs_horizon, action_steps)
+
+
+def make_vector_env(num_envs: int, **make_kwargs) -> gym.vector.SyncVectorEnv:
+    """N chunked envs stepping in one process. Autoreset is "same step": when an episode ends,
+    the returned observation is already the next episode's first, and the last one of the
+    ended episode is in ``info["final_obs"]`` (for bootstrapping truncated episodes)."""
+    return gym.vector.SyncVectorEnv(
+        [lambda: make_env(**make_kwargs) for _ in range(num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+
+
+def executed_steps(info: dict, ended: np.ndarray) -> np.ndarray:
+    """(N,) env steps executed by the last step of a vector env made by :func:`make_vector_env`.
+    With same-step autoreset an ended episode's step info sits in ``info["final_info"]``."""
+    steps = np.zeros(len(ended), dtype=np.int64)
+    if "chunk_steps" in info:
+        steps[info["_chunk_steps"]] = info["chunk_steps"][info["_chunk_steps"]]
+    if ended.any():
+        steps[ended] = info["final_info"]["chunk_steps"][ended]
+    return steps
