@@ -23,7 +23,9 @@ def jpeg_compressibility(images, prompts, metadata):
     import torch
     from PIL import Image
 
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
     sizes = []
     for a in arr:
         buf = io.BytesIO()
@@ -47,6 +49,36 @@ def load_text_encoder_weights(pipe, folder: str) -> None:
         raise RuntimeError(f"text encoder weights do not match: missing {missing}, unexpected {unexpected}")
 
 
+def install_cfg1_shim() -> None:
+    """Let trl 0.11.4 sample at guidance_scale <= 1.
+
+    trl's pipeline_step calls ``pipe._encode_prompt(..., do_classifier_free_guidance,
+    prompt_embeds=..., negative_prompt_embeds=...)`` and DDPOTrainer always passes negative
+    embeddings. Since diffusers 0.22 (needed for ``unet.add_adapter``, trl's LoRA path) that
+    deprecated method concatenates [negative, positive] unconditionally, so without CFG the UNet
+    gets 2B text embeddings for B latents and fails. This restores the older behaviour trl was
+    written against (concatenate only under CFG); it changes no computation otherwise.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    def _encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        **kwargs,
+    ):
+        pos, neg = self.encode_prompt(
+            prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt, **kwargs
+        )
+        return torch.cat([neg, pos]) if do_classifier_free_guidance else pos
+
+    StableDiffusionPipeline._encode_prompt = _encode_prompt
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     import torch
@@ -56,6 +88,9 @@ def main() -> None:
     import random
 
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+
+    if args.get("cfg1_shim"):
+        install_cfg1_shim()
 
     pipe = DefaultDDPOStableDiffusionPipeline(args["pretrained"], use_lora=True)  # LoRA r=4 on to_q/k/v/out.0
     load_text_encoder_weights(pipe.sd_pipeline, args["pretrained"])
@@ -95,20 +130,48 @@ def main() -> None:
         save_freq=10**9,  # no checkpoints inside the timed steps
         seed=args["seed"],
         log_with=None,
-        project_kwargs={"project_dir": args["output_dir"], "logging_dir": os.path.join(args["output_dir"], "logs")},
+        project_kwargs={
+            "project_dir": args["output_dir"],
+            "logging_dir": os.path.join(args["output_dir"], "logs"),
+        },
     )
     trainer = DDPOTrainer(config, jpeg_compressibility, prompt_fn, pipe)
     pipe.sd_pipeline.set_progress_bar_config(disable=True)
     n_trainable = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
 
+    # time the update part of each step (wrapping the bound method adds nothing measurable);
+    # the rest of the step is sampling + reward + advantages
+    train_time = [0.0]
+    inner_train = trainer._train_batched_samples
+
+    def timed_train(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return inner_train(*a, **kw)
+        finally:
+            train_time[0] += time.perf_counter() - t
+
+    trainer._train_batched_samples = timed_train
+
     rows = []
     global_step = 0
     for epoch in range(config.num_epochs):
+        train_time[0] = 0.0
         t0 = time.perf_counter()
         global_step = trainer.step(epoch, global_step)
         dt = time.perf_counter() - t0
         n = config.sample_batch_size * config.sample_num_batches_per_epoch
-        rows.append({"epoch": epoch, "samples": n, "time": dt, "samples_per_s": n / dt, "global_step": global_step})
+        rows.append(
+            {
+                "epoch": epoch,
+                "samples": n,
+                "time": dt,
+                "time_sample": dt - train_time[0],
+                "time_train": train_time[0],
+                "samples_per_s": n / dt,
+                "global_step": global_step,
+            }
+        )
 
     import diffusers
     import transformers

@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from _cpu_load import ForeignCPU, wait_for_quiet  # bench/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15, help="timed repetitions per side and setting")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per side first")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quiet-timeout", type=float, default=60.0, help="seconds to wait for a quiet machine")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -73,14 +75,20 @@ def main() -> None:
         return dt
 
     rows = []
+    foreign = 0.0
     for g in args.cfg:
         for _ in range(args.warmup):
             run_flowrl(g)
             run_diffusers(g)
         times = {"flowrl": [], "diffusers": []}
-        for _ in range(args.reps):  # interleaved: A B A B ...
-            times["flowrl"].append(timed(run_flowrl, g))
-            times["diffusers"].append(timed(run_diffusers, g))
+        wait_for_quiet(
+            timeout_s=args.quiet_timeout
+        )  # other work on the machine skews timings: wait for it, and measure it
+        with ForeignCPU() as busy:
+            for _ in range(args.reps):  # interleaved: A B A B ...
+                times["flowrl"].append(timed(run_flowrl, g))
+                times["diffusers"].append(timed(run_diffusers, g))
+        foreign = max(foreign, busy.cores)
         f, d = statistics.median(times["flowrl"]), statistics.median(times["diffusers"])
         rows.append((g, f, d, f / d, min(times["flowrl"]), min(times["diffusers"])))
 
@@ -93,6 +101,8 @@ def main() -> None:
     print("|----:|-----------:|--------------:|------------------:|---------------:|------------------:|")
     for g, f, d, r, fmin, dmin in rows:
         print(f"| {g:3.1f} | {f:10.4f} | {d:13.4f} | {r:17.3f} | {fmin:14.4f} | {dmin:17.4f} |")
+    note = "  WARNING: timings disturbed, rerun on a quiet machine" if foreign > 0.3 else ""
+    print(f"\nmost CPU used by other processes while timing: {foreign:.2f} cores{note}")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 
-# The set that works with trl 0.11.4 (released Oct 2024): trl's core.py imports
-# transformers.TopKLogitsWarper (gone in transformers 5), trl.trainer.utils imports rich (not in
-# trl's declared requirements), its DDPO pipeline uses
-# diffusers' StableDiffusionPipeline/DDIMScheduler and peft's LoraConfig via unet.add_adapter.
+# A set that works with trl 0.11.4 (released Oct 2024), found by trying: trl's core.py imports
+# transformers.TopKLogitsWarper (gone in transformers 5, so 4.x); trl.trainer.utils imports rich,
+# which trl does not declare; its DDPO LoRA path calls unet.add_adapter (peft integration, diffusers
+# >= 0.22). No diffusers with add_adapter lets trl 0.11.4 sample at guidance_scale <= 1 (see
+# bench/_trl_ddpo_worker.py, install_cfg1_shim).
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
 cat >"$CONSTRAINTS" <<'EOF'
