@@ -6,6 +6,7 @@ Families (``model.family``; ``auto`` reads a pipeline folder's ``model_index.jso
     sdxl  SDXL                       UNet + micro-conditioning      SDXLAdapter
     sd3   SD3-style flow transformer velocity, flow SDE/CPS chain   SD3Adapter
     lcm   latent consistency model   UNet + w-conditioning, LCM     LCMAdapter
+    flux  Flux (dev / schnell)       packed-latent velocity, flow   FluxAdapter
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "sdxl": ("StableDiffusionXLPipeline", ("ddim",)),
     "sd3": ("StableDiffusion3Pipeline", ("flow_sde", "flow_cps")),
     "lcm": ("LatentConsistencyModelPipeline", ("lcm",)),
+    "flux": ("FluxPipeline", ("flow_sde", "flow_cps")),
 }
 BUILTIN_MODELS = ("tiny", "digits")
 
@@ -63,7 +65,14 @@ def detect_family(pretrained: str, family: str = "auto") -> str:
     else:
         from diffusers import DiffusionPipeline
 
-        class_name = DiffusionPipeline.load_config(pretrained).get("_class_name", "")
+        try:
+            class_name = DiffusionPipeline.load_config(pretrained).get("_class_name", "")
+        except OSError as e:  # not on the hub, no network, HF_HUB_OFFLINE=1, gated repo
+            raise FileNotFoundError(
+                f"model.pretrained: {pretrained!r} is neither a local folder nor a reachable hub pipeline "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give a local diffusers "
+                "pipeline folder (one with model_index.json), check the hub id, or 'tiny'"
+            ) from e
     for name, (cls, _) in FAMILIES.items():
         if class_name == cls:
             return name
@@ -95,6 +104,10 @@ def load_pipeline(
             from flowrl.models.sd3 import build_tiny_sd3_pipeline
 
             return build_tiny_sd3_pipeline(image_size, seed)
+        if family == "flux":
+            from flowrl.models.flux import build_tiny_flux_pipeline
+
+            return build_tiny_flux_pipeline(image_size, seed)
         from flowrl.models.lcm import build_tiny_lcm_pipeline
 
         return build_tiny_lcm_pipeline(image_size, seed)
@@ -123,8 +136,10 @@ def build_adapter(
     lora_alpha: float | None = None,
     weight_dtype: torch.dtype = torch.float32,
     keep_reference: bool = False,
+    **family_kwargs,
 ) -> DenoiserAdapter:
-    """The family's adapter around a loaded pipeline."""
+    """The family's adapter around a loaded pipeline; ``family_kwargs`` go to its constructor
+    (e.g. Flux's ``image_size``, ``max_sequence_length``)."""
     if family == "sd":
         cls = StableDiffusionAdapter
     elif family == "sdxl":
@@ -133,9 +148,11 @@ def build_adapter(
         from flowrl.models.sd3 import SD3Adapter as cls
     elif family == "lcm":
         from flowrl.models.lcm import LCMAdapter as cls
+    elif family == "flux":
+        from flowrl.models.flux import FluxAdapter as cls
     else:
         raise ValueError(f"unknown model family {family!r}")
-    return cls(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference)
+    return cls(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference, **family_kwargs)
 
 
 __all__ = [

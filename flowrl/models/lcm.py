@@ -42,8 +42,10 @@ def build_tiny_lcm_pipeline(image_size: int = 32, seed: int = 0):
         clip_sample=False,
         set_alpha_to_one=True,
     )
+    # decoder_offset: about 10x the untrained model's final latents as the VAE sees them (std 17 / 0.18215
+    # scaling factor), so the JPEG size of its images follows their scale (see tiny_vae)
     return LatentConsistencyModelPipeline(
-        vae=tiny_vae(image_size, 4, seed + 1),
+        vae=tiny_vae(image_size, 4, seed + 1, decoder_offset=950.0),
         text_encoder=tiny_clip_text_encoder(32, seed + 2),
         tokenizer=tiny_tokenizer(),
         unet=unet,

@@ -35,10 +35,12 @@ def build_tiny_sd3_pipeline(image_size: int = 32, seed: int = 0, shift: float = 
         pooled_projection_dim=64,  # = the two CLIP projections concatenated
         out_channels=4,
     )
+    # decoder_offset: about 10x the untrained model's final latents as the VAE sees them (std 1.0 / 0.18215
+    # scaling factor), so the JPEG size of its images follows their scale (see tiny_vae)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
-        vae=tiny_vae(image_size, 4, seed + 1, shift_factor=0.0609),
+        vae=tiny_vae(image_size, 4, seed + 1, shift_factor=0.0609, decoder_offset=55.0),
         text_encoder=tiny_clip_text_encoder(32, seed + 2, with_projection=True),
         tokenizer=tiny_tokenizer(),
         text_encoder_2=tiny_clip_text_encoder(32, seed + 3, with_projection=True),

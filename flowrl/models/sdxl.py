@@ -50,8 +50,10 @@ def build_tiny_sdxl_pipeline(image_size: int = 32, seed: int = 0, prediction_typ
         steps_offset=1,
         prediction_type=prediction_type,
     )
+    # decoder_offset: about 10x the untrained model's final latents as the VAE sees them (std 4.9 / 0.18215
+    # scaling factor), so the JPEG size of its images follows their scale (see tiny_vae)
     return StableDiffusionXLPipeline(
-        vae=tiny_vae(image_size, 4, seed + 1),
+        vae=tiny_vae(image_size, 4, seed + 1, decoder_offset=275.0),
         text_encoder=tiny_clip_text_encoder(32, seed + 2),
         text_encoder_2=tiny_clip_text_encoder(32, seed + 3, with_projection=True),
         tokenizer=tiny_tokenizer(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -74,3 +75,19 @@ def offline_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(
         vocab_file, merges_file, model_max_length=model_max_length, pad_token="<|endoftext|>"
     )
+
+
+def offline_t5_tokenizer(words: Sequence[str] = (), model_max_length: int = 512):
+    """A T5 tokenizer (``T5TokenizerFast``: a SentencePiece-style Unigram model) built in code, for
+    tiny test pipelines: T5's special ids (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), every printable
+    ASCII character with and without the word-start mark ``▁``, and ``words`` as whole pieces (more
+    likely than spelling them out). No sentinel ``<extra_id_*>`` tokens."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(p + c, -8.0) for c in chars for p in ("▁", "")]
+    vocab += [("▁" + w, -3.0) for w in dict.fromkeys(words) if len(w) > 1]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)

@@ -1,8 +1,8 @@
 """Samplers: turn a denoising chain into an MDP with exact per-step Gaussian log-probs.
 
 ddim      DDIM(eta > 0), eps / v / x0 prediction   (SD 1.x/2.x, SDXL; DDPO)
-flow_sde  Flow-GRPO's SDE over a flow-matching schedule (SD3 family)
-flow_cps  coefficient-preserving flow sampling (SD3 family)
+flow_sde  Flow-GRPO's SDE over a flow-matching schedule (SD3, Flux)
+flow_cps  coefficient-preserving flow sampling (SD3, Flux)
 lcm       multistep consistency sampling with re-noising (LCM; RLCM)
 """
 

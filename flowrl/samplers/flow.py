@@ -53,7 +53,12 @@ class FlowSampler(ChainSampler):
             (Flow-GRPO-Fast), whose start is drawn per batch from [0, window_max_start].
         window_max_start: last allowed window start (default K // 2).
         logprob_reduction: ``"mean"`` (as Flow-GRPO) or ``"sum"``.
-        image_seq_len: for schedulers with dynamic shifting, the token count that sets mu.
+        image_seq_len: for schedulers with dynamic shifting, the token count that sets mu (null:
+            the config's ``_image_seq_len``, which the Flux adapter records, else base_image_seq_len).
+        sigma_schedule: the base sigmas before shifting, as the family's pipeline chooses them:
+            ``"timesteps"`` (the scheduler's own linspace over its shifted range; SD3) or ``"flux"``
+            (linspace(1, 1/K, K); FluxPipeline). Null: the config's ``_sigma_schedule``, else
+            ``"timesteps"``. (Private ``_`` keys are ignored by diffusers' ``from_config``.)
     """
 
     def __init__(
@@ -66,7 +71,9 @@ class FlowSampler(ChainSampler):
         window_max_start: int | None = None,
         logprob_reduction: str = "mean",
         image_seq_len: int | None = None,
+        sigma_schedule: str | None = None,
     ):
+        import numpy as np
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if kind not in ("sde", "cps"):
@@ -81,8 +88,16 @@ class FlowSampler(ChainSampler):
             raise ValueError(
                 f"logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}"
             )
+        sigma_schedule = sigma_schedule or scheduler_config.get("_sigma_schedule") or "timesteps"
+        if sigma_schedule not in ("timesteps", "flux"):
+            raise ValueError(
+                f"flow sampler sigma_schedule must be 'timesteps' or 'flux', got {sigma_schedule!r}"
+            )
+        image_seq_len = image_seq_len or scheduler_config.get("_image_seq_len")
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
         kwargs = {}
+        if sigma_schedule == "flux":
+            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
         if scheduler.config.get("use_dynamic_shifting", False):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
@@ -96,6 +111,7 @@ class FlowSampler(ChainSampler):
             )
         scheduler.set_timesteps(num_steps, **kwargs)
         self.config = scheduler.config
+        self.sigma_schedule = sigma_schedule
         self.num_steps = num_steps
         self.noise_level = noise_level
         self.kind = kind
