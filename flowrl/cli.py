@@ -1,4 +1,4 @@
-"""``flowrl train`` and ``flowrl sample``.
+"""``flowrl train``, ``flowrl sample`` and, for robot tasks, ``flowrl pretrain`` / ``flowrl evaluate``.
 
 flowrl train tasks/jpeg_tiny.yaml train.num_epochs=40 model.pretrained=./my-sd15
 flowrl sample --model tiny --lora runs/jpeg_tiny/checkpoints/epoch_000020 --prompt "a cat" -n 4
@@ -51,6 +51,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     from flowrl.robot.cli import pretrain_robot
 
     return pretrain_robot(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from flowrl.robot.cli import evaluate_robot
+
+    return evaluate_robot(args)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -211,6 +217,43 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.steps=1000")
     pt.set_defaults(func=_pretrain)
 
+    ev = sub.add_parser(
+        "evaluate", help="evaluation rollouts of a robot policy, optionally reward-guided (kind: robot tasks)"
+    )
+    ev.add_argument("task", help="robot task file (tasks/robot_*.yaml) or its name")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. env.max_episode_steps=200")
+    ev.add_argument("--policy", help="policy folder (policy.json): a checkpoint; default: the BC policy")
+    ev.add_argument("--episodes", type=int, help="evaluation episodes (default: train.eval_episodes)")
+    ev.add_argument("--seed", type=int, default=0, help="reset seeds seed, seed+1, ...")
+    ev.add_argument(
+        "--guide",
+        choices=["none", "rlg", "reward-grad", "best-of-n", "smc"],
+        default="none",
+        help="inference-time guidance: RL guidance, reward gradient, best-of-N, SMC over action chunks",
+    )
+    ev.add_argument(
+        "--base",
+        help="rlg: the base policy folder (default: a DPPO fine-tune's frozen copy, else the BC policy)",
+    )
+    ev.add_argument(
+        "--rlg-weight", type=float, default=1.0, help="RL guidance w: 0 base, 1 fine-tuned, >1 stronger"
+    )
+    ev.add_argument("--reward", help="action reward: target | smoothness | simulated_return")
+    ev.add_argument("--reward-kwargs", default="{}", help="the reward's options as JSON")
+    ev.add_argument(
+        "--guide-scale", type=float, default=0.1, help="reward-gradient step (units of the chunk's RMS)"
+    )
+    ev.add_argument("--particles", type=int, default=4, help="N for best-of-n, particles for smc")
+    ev.add_argument("--smc-lambda", type=float, default=10.0, help="SMC potential sharpness lambda")
+    ev.add_argument(
+        "--stochastic",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample every denoising step (default: for smc, and best-of-n on a DDPM policy; else the mean path)",
+    )
+    ev.add_argument("--out", help="also write the result as JSON to this file")
+    ev.set_defaults(func=_evaluate)
+
     sa = sub.add_parser("sample", help="generate images from a base model plus an optional trained LoRA")
     sa.add_argument("--model", default="tiny", help="diffusers pipeline: hub id, local folder, or 'tiny'")
     sa.add_argument("--lora", help="a flowrl checkpoint folder or a pytorch_lora_weights.safetensors file")
@@ -218,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--prompts-file", help="a file with one prompt per line")
     sa.add_argument("-n", "--num-per-prompt", type=int, default=1)
     sa.add_argument("--num-steps", type=int, default=20)
-    sa.add_argument("--family", default="auto", help="model family: auto | sd | sdxl | sd3 | lcm")
+    sa.add_argument("--family", default="auto", help="model family: auto | sd | sdxl | sd3 | lcm | flux")
     sa.add_argument("--sampler", help="ddim | flow_sde | flow_cps | lcm (default: the family's)")
     sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 = deterministic DDIM (evaluation)")
     sa.add_argument("--noise-level", type=float, default=0.0, help="flow samplers' noise level; 0 = the ODE")

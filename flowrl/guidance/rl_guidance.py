@@ -25,6 +25,11 @@ import torch
 from torch import Tensor, nn
 
 
+def rl_guidance_mix(base: Tensor, tuned: Tensor, weight: float) -> Tensor:
+    """f_w = f_0 + w * (f_1 - f_0), as ``torch.lerp``: exactly f_0 at w = 0 and f_1 at w = 1."""
+    return torch.lerp(base, tuned, weight)
+
+
 @contextlib.contextmanager
 def mixed_adapter_batch(denoiser: nn.Module, adapter_names: list[str]) -> Iterator[None]:
     """Route sample i of the next forwards through LoRA adapter ``adapter_names[i]``
@@ -104,7 +109,7 @@ class RLGuidedAdapter(nn.Module):
         if self.lora_name is None:
             base = inner.reference_forward(latents, timesteps, cond, guidance_scale)
             tuned = inner(latents, timesteps, cond, guidance_scale, net=net)
-            return base + w * (tuned - base)
+            return rl_guidance_mix(base, tuned, w)
         B = latents.shape[0]
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(B)
@@ -121,4 +126,4 @@ class RLGuidedAdapter(nn.Module):
                 net=net,
             )
         base, tuned = out.chunk(2)
-        return base + w * (tuned - base)
+        return rl_guidance_mix(base, tuned, w)

@@ -5,6 +5,9 @@ in flowrl.core.losses, the Chain crossing between them).
 
     flowrl pretrain tasks/robot_inverted_pendulum_reinflow.yaml    # demonstrations + behavior cloning
     flowrl train tasks/robot_inverted_pendulum_reinflow.yaml       # PPO fine-tuning, evaluation, plots
+    flowrl evaluate tasks/robot_inverted_pendulum_reinflow.yaml --policy <checkpoint> --guide rlg --rlg-weight 2
+                                                                   # evaluation, optionally reward-guided
+                                                                   # (flowrl.guidance.robot)
 
     config.py       the task file's dataclasses (``kind: robot``)
     demos.py        the npz demonstration format; D4RL / robomimic / Minari HDF5 readers
