@@ -9,6 +9,14 @@ renamed when complete, so a crash never leaves a folder that looks complete:
     optimizer.pt                     the optimizer state dict (tensors and numbers only)
     state.json                       next epoch, global step, reward-statistic buffers
     pytorch_lora_weights.safetensors LoRA in diffusers format (pipeline.load_lora_weights)
+
+Only folders named ``epoch_<n>`` that hold ``state.json`` (written last) count as checkpoints;
+temporary folders (``.tmp-*``) left by a crashed writer are ignored and removed by the next save.
+
+Test hook: ``FLOWRL_TEST_CRASH_AT=save:<n>`` makes the process SIGKILL itself in the middle of
+writing checkpoint ``n`` (after its weights file, before the rest), ``saved:<n>`` right after
+checkpoint ``n`` is renamed into place (before old checkpoints are pruned). tests/test_crash_resume.py
+uses it to crash at exact points; never set it otherwise.
 """
 
 from __future__ import annotations
@@ -17,12 +25,61 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_RE = re.compile(r"^epoch_(\d+)$")
+TMP_PREFIX = ".tmp-"
+TMP_RE = re.compile(r"^\.tmp-.*-(\d+)$")  # .tmp-<what>-<pid of the writer>
+
+
+def _crash_point(where: str, epoch: int) -> None:
+    """The FLOWRL_TEST_CRASH_AT test hook (see the module docstring): SIGKILL this process."""
+    if os.environ.get("FLOWRL_TEST_CRASH_AT") == f"{where}:{epoch}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_temp(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary checkpoint folders whose writer is no longer running; return them."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    stale = []
+    for p in root.iterdir():
+        m = TMP_RE.match(p.name)
+        if p.is_dir() and p.name.startswith(TMP_PREFIX) and (m is None or not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+            stale.append(p)
+    return stale
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -57,8 +114,9 @@ def save_checkpoint(
     (e.g. the diffusers-format LoRA) before the rename."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(run_dir)  # left by a writer that crashed
     final = root / f"epoch_{epoch:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -66,6 +124,7 @@ def save_checkpoint(
         {k: v.detach().float().contiguous().cpu() for k, v in trainable.items()},
         str(tmp / "trainable.safetensors"),
     )
+    _crash_point("save", epoch)
     if ema is not None:
         save_file(
             {k: v.detach().float().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors")
@@ -78,12 +137,23 @@ def save_checkpoint(
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    # an existing folder of that name is moved aside (to a temporary name, ignored by resume) and
+    # deleted only once the new one is in place, so some complete checkpoint exists at every instant
+    old = None
     if final.exists():
-        shutil.rmtree(final)
+        old = root / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
     os.rename(tmp, final)
+    _fsync_dir(root)
+    _crash_point("saved", epoch)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     if keep is not None and keep > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for stale in checkpoint_dirs(run_dir)[:-keep]:
+            # renamed first, so a crash halfway through the deletion leaves no partial epoch_* folder
+            doomed = root / f"{TMP_PREFIX}del-{stale.name}-{os.getpid()}"
+            os.rename(stale, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

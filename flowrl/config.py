@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     # diffusers pipeline: a hub id, a local folder with model_index.json, "tiny" (random, from config) or "digits"
     pretrained: str = "tiny"
-    # auto (read model_index.json) | sd | sdxl | sd3 | lcm; with pretrained=tiny it picks the tiny family
+    # auto (read model_index.json) | sd | sdxl | sd3 | lcm | flux; with pretrained=tiny it picks the tiny family
     family: str = "auto"
     # hub revision (branch, tag or commit) when `pretrained` is a hub id
     revision: str | None = None
@@ -45,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    # ddim (SD/SDXL, DDPO) | flow_sde (SD3, Flow-GRPO) | flow_cps (SD3, coefficient-preserving) | lcm (RLCM)
+    # ddim (SD/SDXL, DDPO) | flow_sde (SD3/Flux, Flow-GRPO) | flow_cps (SD3/Flux, coefficient-preserving) | lcm (RLCM)
     name: str = "ddim"
     # K, denoising steps per training sample
     num_steps: int = 20
@@ -135,6 +136,15 @@ class TrainConfig:
     num_batches_per_epoch: int = 2
     # trajectories per training minibatch, per process
     train_batch_size: int = 8
+    # denoising steps per training forward: each forward carries train_batch_size x this many
+    # (trajectory, step) pairs. 0 = all trained steps of a minibatch in one forward (fastest);
+    # 1 = one step per forward as DDPO / trl do (least activation memory, for large models)
+    timestep_batch: int = 0
+    # recompute activations in the backward pass (less memory, more time)
+    gradient_checkpointing: bool = False
+    # a non-finite reward, advantage, log-prob, loss or gradient: stop (raise, naming the epoch,
+    # step and prompts) or skip (no update from that batch or epoch; counted as skipped_updates)
+    on_nonfinite: str = "stop"
     # prompts: a list, a named set (see flowrl.prompts), or a text file with one prompt per line
     prompts: typing.Any = "simple_animals"
     # prompts rendered into the evaluation image grid (deterministic DDIM, fixed seed)
@@ -146,7 +156,7 @@ class TrainConfig:
     # keep at most this many checkpoints (oldest deleted)
     keep_checkpoints: int = 3
     # no | fp16 | bf16 (through accelerate)
-    mixed_precision: str = "no"
+    mixed_precision: str = field(default="no", metadata={"choices": ("no", "fp16", "bf16")})
     # null | tensorboard | wandb (through accelerate), besides the JSONL metrics always written
     log_with: str | None = None
     # keep an exponential moving average of the trained weights (used for evaluation and saving)
@@ -182,75 +192,187 @@ class TaskConfig:
             a.name in ALGORITHMS,
             f"algorithm.name: unknown algorithm {a.name!r}{_suggest(a.name, ALGORITHMS)}; choose one of {ALGORITHMS}",
         )
-        need(m.finetune in ("lora", "full"), f"model.finetune must be 'lora' or 'full', got {m.finetune!r}")
+        need(
+            m.finetune in ("lora", "full"),
+            f"model.finetune: unknown mode {m.finetune!r}{_suggest(m.finetune, ('lora', 'full'))}; "
+            "set model.finetune=lora (an adapter) or model.finetune=full (all weights)",
+        )
+        need(
+            m.family in FAMILY_NAMES,
+            f"model.family: unknown family {m.family!r}{_suggest(m.family, FAMILY_NAMES)}; choose one of {FAMILY_NAMES}",
+        )
         need(
             m.finetune != "lora" or m.lora_rank >= 1,
-            f"model.lora_rank must be >= 1, got {m.lora_rank} (use model.finetune=full to train all weights)",
+            f"model.lora_rank must be >= 1, got {m.lora_rank}: a rank-0 adapter has no weights to train; "
+            "set model.lora_rank=4 (or more), or model.finetune=full to train all weights",
+        )
+        need(
+            m.lora_alpha is None or m.lora_alpha > 0,
+            f"model.lora_alpha must be > 0 or null, got {m.lora_alpha}; set model.lora_alpha=null for alpha = rank",
         )
         need(
             s.name in SAMPLER_NAMES,
             f"sampler.name: unknown sampler {s.name!r}{_suggest(s.name, SAMPLER_NAMES)}; choose one of {SAMPLER_NAMES}",
         )
-        need(s.num_steps >= 1, f"sampler.num_steps must be >= 1, got {s.num_steps}")
+        need(
+            s.num_steps >= 1,
+            f"sampler.num_steps must be >= 1, got {s.num_steps}: a chain needs at least one denoising step; "
+            "set e.g. sampler.num_steps=20",
+        )
+        need(
+            s.eval_num_steps is None or s.eval_num_steps >= 1,
+            f"sampler.eval_num_steps must be >= 1 or null, got {s.eval_num_steps}; "
+            "set sampler.eval_num_steps=null to evaluate with sampler.num_steps",
+        )
+        need(
+            s.noise_level is None or s.noise_level > 0,
+            f"sampler.noise_level must be > 0 or null, got {s.noise_level}: noise level 0 is the ODE and has no "
+            "log-prob; set sampler.noise_level=null for Flow-GRPO's default",
+        )
+        need(
+            0 <= s.sde_window <= s.num_steps,
+            f"sampler.sde_window must be in [0, sampler.num_steps={s.num_steps}], got {s.sde_window}; "
+            "set 0 for every step stochastic, or a window of a few steps",
+        )
         need(
             s.name != "ddim" or s.eta > 0,
-            f"sampler.eta must be > 0 for training (eta=0 is deterministic and has no log-prob), got {s.eta}",
+            f"sampler.eta must be > 0 for training, got {s.eta}: eta=0 is deterministic DDIM and has no "
+            "log-prob; set sampler.eta=1.0 (DDPO)",
         )
         need(
             s.guidance_scale >= 1.0,
-            f"sampler.guidance_scale must be >= 1 (1 = no guidance), got {s.guidance_scale}",
+            f"sampler.guidance_scale must be >= 1, got {s.guidance_scale}; set sampler.guidance_scale=1 "
+            "for no classifier-free guidance",
         )
-        need(o.learning_rate > 0, f"optim.learning_rate must be > 0, got {o.learning_rate}")
+        need(
+            o.learning_rate > 0,
+            f"optim.learning_rate must be > 0, got {o.learning_rate}: the optimizer would not descend; "
+            "set e.g. optim.learning_rate=3e-4",
+        )
+        need(
+            o.max_grad_norm > 0,
+            f"optim.max_grad_norm must be > 0, got {o.max_grad_norm}; set e.g. optim.max_grad_norm=1.0",
+        )
+        need(
+            0 <= o.beta1 < 1 and 0 <= o.beta2 < 1,
+            f"optim.beta1 and optim.beta2 must be in [0, 1), got {o.beta1}, {o.beta2}; "
+            "AdamW's defaults are optim.beta1=0.9 and optim.beta2=0.999",
+        )
         need(
             o.gradient_accumulation_steps >= 1,
-            f"optim.gradient_accumulation_steps must be >= 1, got {o.gradient_accumulation_steps}",
+            f"optim.gradient_accumulation_steps must be >= 1, got {o.gradient_accumulation_steps}; "
+            "set 1 for one optimizer step per minibatch",
         )
         need(
             a.clip_range is None or a.clip_range > 0,
-            f"algorithm.clip_range must be > 0 or null, got {a.clip_range}",
+            f"algorithm.clip_range must be > 0 or null, got {a.clip_range}: a clip range <= 0 leaves no "
+            "trust region; set e.g. algorithm.clip_range=1e-4, or null for no clipping",
+        )
+        need(
+            a.adv_clip_max > 0,
+            f"algorithm.adv_clip_max must be > 0, got {a.adv_clip_max}: it would zero every advantage; "
+            "set e.g. algorithm.adv_clip_max=5",
         )
         need(
             0 < a.timestep_fraction <= 1,
-            f"algorithm.timestep_fraction must be in (0, 1], got {a.timestep_fraction}",
+            f"algorithm.timestep_fraction must be in (0, 1], got {a.timestep_fraction}; "
+            "set 1.0 to train every denoising step",
         )
         need(
             a.logprob_reduction in ("mean", "sum"),
-            f"algorithm.logprob_reduction must be 'mean' or 'sum', got {a.logprob_reduction!r}",
+            f"algorithm.logprob_reduction: unknown reduction {a.logprob_reduction!r}; "
+            "set algorithm.logprob_reduction=mean (DDPO, Flow-GRPO) or sum",
         )
-        need(a.group_size >= 1, f"algorithm.group_size must be >= 1, got {a.group_size}")
-        need(a.kl_coef >= 0, f"algorithm.kl_coef must be >= 0, got {a.kl_coef}")
-        need(a.inner_epochs >= 1, f"algorithm.inner_epochs must be >= 1, got {a.inner_epochs}")
+        need(
+            a.std_scope in ("group", "batch", "none"),
+            f"algorithm.std_scope: unknown scope {a.std_scope!r}; set algorithm.std_scope=group, batch or none",
+        )
+        need(
+            a.group_size >= 1,
+            f"algorithm.group_size must be >= 1, got {a.group_size}; set 1 for one sample per prompt",
+        )
+        need(
+            a.kl_coef >= 0,
+            f"algorithm.kl_coef must be >= 0, got {a.kl_coef}: a negative KL weight pushes away from the "
+            "reference; set 0 (off) or a small positive value such as 0.04",
+        )
+        need(
+            a.inner_epochs >= 1,
+            f"algorithm.inner_epochs must be >= 1, got {a.inner_epochs}; set 1 for one pass over each epoch's samples",
+        )
+        need(
+            a.stat_buffer_size >= 1 and a.stat_min_count >= 1,
+            f"algorithm.stat_buffer_size and stat_min_count must be >= 1, got {a.stat_buffer_size}, "
+            f"{a.stat_min_count}; DDPO uses 16 and 16",
+        )
         if a.name in ("grpo", "loop"):
             need(
                 a.group_size >= 2,
-                f"algorithm.group_size must be >= 2 for {a.name} (advantages are relative within a group), got {a.group_size}",
+                f"algorithm.group_size must be >= 2 for {a.name}, got {a.group_size}: its advantages are "
+                "relative within a group of samples of one prompt; set e.g. algorithm.group_size=4",
             )
         for key in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "num_epochs"):
-            need(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+            need(
+                getattr(t, key) >= 1,
+                f"train.{key} must be >= 1, got {getattr(t, key)}; set a positive count, e.g. train.{key}=4",
+            )
         need(
             t.sample_batch_size % a.group_size == 0,
-            f"train.sample_batch_size ({t.sample_batch_size}) must be divisible by algorithm.group_size ({a.group_size}) so each batch holds whole groups",
+            f"train.sample_batch_size ({t.sample_batch_size}) must be divisible by algorithm.group_size "
+            f"({a.group_size}): each batch holds whole groups; set train.sample_batch_size to a "
+            f"multiple of {a.group_size}",
         )
         total = t.sample_batch_size * t.num_batches_per_epoch
         need(
             total % t.train_batch_size == 0,
-            f"train.train_batch_size ({t.train_batch_size}) must divide the samples per epoch (sample_batch_size x num_batches_per_epoch = {total})",
+            f"train.train_batch_size ({t.train_batch_size}) must divide the samples per epoch "
+            f"(sample_batch_size x num_batches_per_epoch = {total}); set train.train_batch_size to a divisor of {total}",
         )
+        for key in ("eval_every", "save_every", "keep_checkpoints"):
+            need(
+                getattr(t, key) >= 0,
+                f"train.{key} must be >= 0, got {getattr(t, key)}; set 0 to turn it off",
+            )
         need(
             t.mixed_precision in ("no", "fp16", "bf16"),
-            f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}",
+            f"train.mixed_precision: unknown precision {t.mixed_precision!r}; set no, fp16 or bf16",
         )
         need(
             t.log_with in (None, "tensorboard", "wandb"),
-            f"train.log_with must be null, tensorboard or wandb, got {t.log_with!r}",
+            f"train.log_with: unknown tracker {t.log_with!r}; set null, tensorboard or wandb",
         )
-        need(0 < t.ema_decay < 1, f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
-        need(len(self.rewards) >= 1, "rewards: give at least one reward, e.g. [{name: jpeg_compressibility}]")
+        need(
+            t.timestep_batch >= 0,
+            f"train.timestep_batch must be >= 0 (0 = all steps at once), got {t.timestep_batch}",
+        )
+        need(
+            t.on_nonfinite in ("stop", "skip"),
+            f"train.on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}",
+        )
+        need(
+            0 < t.ema_decay < 1,
+            f"train.ema_decay must be in (0, 1), got {t.ema_decay}; set e.g. train.ema_decay=0.99",
+        )
+        need(
+            len(self.rewards) >= 1,
+            "rewards: the list is empty, so there is nothing to optimize; give at least one, "
+            "e.g. rewards=[{name: jpeg_compressibility}]",
+        )
+        for i, r in enumerate(self.rewards):
+            need(
+                r.name.strip() != "",
+                f"rewards[{i}].name is empty; give a registered reward name or a path to a reward script",
+            )
+            need(
+                math.isfinite(r.weight),
+                f"rewards[{i}].weight must be a finite number, got {r.weight}; set e.g. rewards.{i}.weight=1.0",
+            )
         return self
 
 
 ALGORITHMS = ["ddpo", "grpo", "loop", "reinforce"]
 SAMPLER_NAMES = ["ddim", "flow_sde", "flow_cps", "lcm"]
+FAMILY_NAMES = ["auto", "sd", "sdxl", "sd3", "lcm", "flux"]
 
 
 def _suggest(key: str, options) -> str:
@@ -262,8 +384,30 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _coerce(value, tp, where: str):
-    """Check ``value`` against the annotation ``tp`` (ints pass as floats); raise ConfigError."""
+_EXAMPLES = {int: "4", float: "0.001", bool: "true", str: "some-text", list: "[a, b]", dict: "{key: value}"}
+
+
+def _type_error(where: str, expected: str, value, example: str | None) -> ConfigError:
+    fix = f"set it like {where}={example}" if example else f"give a {expected}"
+    if isinstance(value, (int, float, bool)) and expected.startswith("str"):
+        fix += f" (YAML reads {value!r} as {type(value).__name__}: quote it, \"{where}='{value}'\")"
+    return ConfigError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__}); {fix}")
+
+
+def _coerce(value, tp, where: str, choices: tuple | None = None):
+    """Check ``value`` against the annotation ``tp`` (ints pass as floats); raise ConfigError.
+
+    ``choices``: the fixed values of a string field. YAML 1.1 reads ``no`` / ``yes`` / ``off`` /
+    ``on`` as booleans, so for such a field False and True map back to the choice among ``no`` /
+    ``off`` / ``false`` or ``yes`` / ``on`` / ``true`` (``train.mixed_precision=no``)."""
+    if choices and isinstance(value, bool):
+        for word in ("yes", "on", "true") if value else ("no", "off", "false"):
+            if word in choices:
+                return word
+        raise ConfigError(
+            f"{where}: got the boolean {value} (YAML reads yes/no/on/off as booleans); "
+            f"set one of {', '.join(choices)}"
+        )
     origin = typing.get_origin(tp)
     if tp is typing.Any:
         return value
@@ -279,21 +423,31 @@ def _coerce(value, tp, where: str):
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(
-            f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r} ({type(value).__name__})"
-        )
+        real = [a for a in args if a is not type(None)]
+        names = " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+        example = _EXAMPLES.get(typing.get_origin(real[0]) or real[0]) if real else None
+        raise _type_error(where, names, value, example)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            first = dataclasses.fields(tp)[0].name
+            raise ConfigError(
+                f"{where}: expected a section (a mapping of {tp.__name__} fields), got {value!r}; "
+                f"set its keys one by one, e.g. {where}.{first}=..."
+            )
         return _from_dict(tp, value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+            if where == "rewards":
+                raise ConfigError(
+                    f"rewards: expected a list of rewards, got {value!r} ({type(value).__name__}); "
+                    f"write rewards=[{{name: {value}}}]"
+                )
+            raise _type_error(where, "list", value, _EXAMPLES[list])
         (item,) = typing.get_args(tp) or (typing.Any,)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise _type_error(where, "mapping", value, _EXAMPLES[dict])
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -306,20 +460,21 @@ def _coerce(value, tp, where: str):
         return value
     if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise _type_error(where, _type_name(tp), value, _EXAMPLES.get(tp))
 
 
 def _from_dict(cls, data: dict, where: str = ""):
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
-        path = f"{where}.{key}" if where else key
-        if key not in names:
+        path = f"{where}.{key}" if where else str(key)
+        if not isinstance(key, str) or key not in names:
             raise ConfigError(
-                f"unknown config key {path!r}{_suggest(key, names)}; valid keys here: {', '.join(names)}"
+                f"unknown config key {path!r}{_suggest(str(key), names)}; valid keys here: {', '.join(names)}"
             )
-        kwargs[key] = _coerce(value, hints[key], path)
+        kwargs[key] = _coerce(value, hints[key], path, fields[key].metadata.get("choices"))
     return cls(**kwargs)
 
 
@@ -330,7 +485,13 @@ def _set_path(data: dict, dotted: str, value) -> None:
         last = i == len(keys) - 1
         if isinstance(node, list):  # rewards.0.weight=2
             if not k.isdigit() or int(k) >= len(node):
-                raise ConfigError(f"override {dotted!r}: {k!r} is not an index of a {len(node)}-item list")
+                example = ".".join([*keys[:i], "0", *keys[i + 1 :]])
+                raise ConfigError(
+                    f"override {dotted!r}: {k!r} is not an index of a {len(node)}-item list; "
+                    f"use an index from 0 to {len(node) - 1}, e.g. {example}=..."
+                    if node
+                    else f"override {dotted!r}: the list is empty; set the whole list instead"
+                )
             if last:
                 node[int(k)] = value
             else:
@@ -341,7 +502,9 @@ def _set_path(data: dict, dotted: str, value) -> None:
             else:
                 node = node.setdefault(k, {})
         else:
-            raise ConfigError(f"override {dotted!r}: {keys[i - 1]!r} is not a section")
+            raise ConfigError(
+                f"override {dotted!r}: {keys[i - 1]!r} is not a section; set {'.'.join(keys[:i])} itself"
+            )
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:

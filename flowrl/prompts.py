@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flowrl.config import ConfigError
+
 PROMPT_SETS: dict[str, list[str]] = {
     # DDPO's "simple_animals" style set, shortened
     "simple_animals": [
@@ -47,7 +49,8 @@ def load_prompts(spec) -> list[str]:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"train.prompts: {spec!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor an existing file"
+                f"train.prompts: {spec!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor an existing file; "
+                "give one of those names, a list, or the path of a text file with one prompt per line"
             )
         prompts = [
             ln.strip()
@@ -56,7 +59,10 @@ def load_prompts(spec) -> list[str]:
         ]
         source = f"prompt file {path}"
     else:
-        raise TypeError(f"train.prompts must be a list, a prompt-set name or a file path, got {spec!r}")
+        raise ConfigError(
+            f"train.prompts: expected a list, a prompt-set name or a file path, got {spec!r}; "
+            "e.g. train.prompts=simple_animals or train.prompts='[a cat, a dog]'"
+        )
     if not prompts:
-        raise ValueError(f"{source} has no prompts: add at least one (one per line in a file)")
+        raise ConfigError(f"{source} has no prompts: add at least one (one per line in a file)")
     return prompts

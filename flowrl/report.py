@@ -18,13 +18,12 @@ class MetricsWriter:
     def __init__(self, path: str | os.PathLike, truncate_from_epoch: int | None = None):
         self.path = Path(path)
         if truncate_from_epoch is not None and self.path.exists():
-            # on resume, drop rows of epochs that will be re-run
-            keep = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("epoch", -1) < truncate_from_epoch
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            # on resume, drop rows of epochs that will be re-run (and a line torn by a crash), then
+            # swap the file in atomically so a second crash cannot lose the rows kept
+            keep = [json.dumps(r) for r in self.rows() if r.get("epoch", -1) < truncate_from_epoch]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -33,7 +32,13 @@ class MetricsWriter:
     def rows(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        rows = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(ln))
+            except json.JSONDecodeError:  # blank, or the last line of a process killed while writing it
+                continue
+        return rows
 
 
 def plot_reward_curve(

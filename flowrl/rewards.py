@@ -89,7 +89,10 @@ def _import_file(path: Path):
         spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[module_name]
-        raise RewardError(f"reward script {path} failed to import: {type(e).__name__}: {e}") from e
+        raise RewardError(
+            f"reward script {path} failed to import: {type(e).__name__}: {e}; fix the script "
+            f"(python {path} shows the full error)"
+        ) from e
     return module
 
 
@@ -125,7 +128,10 @@ def resolve_reward(spec: str) -> tuple[Callable[..., RewardFn], bool]:
     if not path.is_file() and path.parent.name == "rewards" and (builtin_rewards_dir() / path.name).is_file():
         path = builtin_rewards_dir() / path.name  # rewards/<file>.py from an installed package
     if not path.is_file():
-        raise FileNotFoundError(f"reward script {spec!r} not found (looked for {path.resolve()})")
+        raise FileNotFoundError(
+            f"reward script {spec!r} not found (looked for {path.resolve()}); give the path of a .py file "
+            "defining reward_fn(images, prompts, metadata), or a built-in reward name"
+        )
     module = _import_file(path)
     registered = [n for n, e in _REGISTRY.items() if e.source == module.__name__]
     differentiable = bool(getattr(module, "DIFFERENTIABLE", False))
@@ -157,13 +163,25 @@ def resolve_reward(spec: str) -> tuple[Callable[..., RewardFn], bool]:
 
 
 def validate_rewards(
-    name: str, out, batch_size: int, device: torch.device | str = "cpu"
+    name: str, out, batch_size: int, device: torch.device | str = "cpu", allow_nonfinite: bool = False
 ) -> tuple[Tensor, dict]:
-    """Check a reward's output: B finite floats (and an optional info dict)."""
+    """Check a reward's output: B finite floats (and an optional info dict). With
+    ``allow_nonfinite`` NaN / inf pass through, for a caller that reports them in context."""
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
         values, info = out
     else:
         values, info = out, {}
+    kind = values.dtype.is_complex if isinstance(values, Tensor) else None
+    if isinstance(values, Tensor) and values.device.type == "meta":
+        raise RewardError(
+            f"reward {name!r} returned a tensor on the meta device, which holds no values: "
+            "compute the rewards on the images' device (or the CPU) and return them from there"
+        )
+    if kind or (not isinstance(values, Tensor) and np.asarray(values).dtype.kind == "c"):
+        raise RewardError(
+            f"reward {name!r} returned complex numbers: rewards must be real; return a (B,) float tensor "
+            "(e.g. the magnitude, values.abs())"
+        )
     try:
         if isinstance(values, Tensor):
             values = values.detach() if not values.requires_grad else values
@@ -180,7 +198,7 @@ def validate_rewards(
             f"it must return one float per image, shape ({batch_size},)"
         )
     bad = ~torch.isfinite(tensor)
-    if bad.any():
+    if not allow_nonfinite and bad.any():
         idx = bad.nonzero().flatten().tolist()
         raise RewardError(
             f"reward {name!r} returned non-finite values (NaN or inf) at batch positions {idx}: fix the reward or clamp its output"
@@ -195,9 +213,12 @@ class Reward:
         specs: list of ``{"name": str, "weight": float, "kwargs": dict}``; ``name`` is a registered
             reward or a path ``file.py[:function]``.
         device: where images are scored.
+        allow_nonfinite: let NaN / inf values through instead of raising (the trainer does, to
+            report them with the epoch and prompts and to honour ``train.on_nonfinite``).
     """
 
-    def __init__(self, specs: list[dict], device: torch.device | str = "cpu"):
+    def __init__(self, specs: list[dict], device: torch.device | str = "cpu", allow_nonfinite: bool = False):
+        self.allow_nonfinite = allow_nonfinite
         if not specs:
             raise ValueError("no reward given: set rewards: [{name: jpeg_compressibility}] in the task file")
         self.device = device
@@ -225,8 +246,11 @@ class Reward:
             except RewardError:
                 raise
             except Exception as e:
-                raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
-            values, extra = validate_rewards(name, out, len(prompts), self.device)
+                raise RewardError(
+                    f"reward {name!r} raised {type(e).__name__}: {e}; fix the reward function (the traceback "
+                    "above shows where), or call flowrl.rewards.Reward on a small batch to debug it alone"
+                ) from e
+            values, extra = validate_rewards(name, out, len(prompts), self.device, self.allow_nonfinite)
             total = total + weight * values
             info[f"reward/{Path(name).stem if name.endswith('.py') else name}"] = values.detach()
             info.update({f"{name}/{k}": v for k, v in extra.items()})

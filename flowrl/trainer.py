@@ -80,8 +80,20 @@ class Trainer:
         self.run_dir = Path(t.output_dir) / (t.run_name or task_name)
         # before anything heavy: bad prompts or reward names fail fast
         self.prompts = load_prompts(t.prompts)
-        for r in cfg.rewards:
-            resolve_reward(r.name)
+        for i, r in enumerate(cfg.rewards):
+            try:
+                resolve_reward(r.name)
+            except (KeyError, AttributeError) as e:  # unknown name; a script without a reward function
+                raise ConfigError(f"rewards[{i}].name: {e.args[0] if e.args else e}") from e
+        # the model family and its samplers, from the name or model_index.json (no weights loaded)
+        self.family = detect_family(m.pretrained, m.family)
+        fitting = FAMILIES[self.family][1]
+        if cfg.sampler.name not in fitting:
+            raise ConfigError(
+                f"sampler.name {cfg.sampler.name!r} does not fit model family {self.family!r}; "
+                f"use sampler.name={fitting[0]}"
+                + (f" (or one of {list(fitting)})" if len(fitting) > 1 else "")
+            )
         self.eval_prompts = list(t.eval_prompts) if t.eval_prompts else self.prompts[:8]
         resume_from = self._resume_folder()
 
@@ -105,14 +117,6 @@ class Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
 
-        self.family = detect_family(m.pretrained, m.family)
-        fitting = FAMILIES[self.family][1]
-        if cfg.sampler.name not in fitting:
-            raise ConfigError(
-                f"sampler.name {cfg.sampler.name!r} does not fit model family {self.family!r}; "
-                f"use sampler.name={fitting[0]}"
-                + (f" (or one of {list(fitting)})" if len(fitting) > 1 else "")
-            )
         pipe = load_pipeline(
             m.pretrained,
             self.family,
@@ -131,9 +135,17 @@ class Trainer:
             keep_reference=a.kl_coef > 0 and m.finetune == "full",
         ).to(self.device)
         self.sampler = self._sampler(deterministic=False)
+        if t.gradient_checkpointing:
+            if not hasattr(self.adapter.denoiser, "enable_gradient_checkpointing"):
+                raise ConfigError(
+                    f"train.gradient_checkpointing: {type(self.adapter.denoiser).__name__} does not support it; "
+                    "set train.gradient_checkpointing=false"
+                )
+            self.adapter.denoiser.enable_gradient_checkpointing()
         self.reward = Reward(
             [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in cfg.rewards],
             device=self.device,
+            allow_nonfinite=True,  # reported by _find_nonfinite with the epoch and prompts
         )
 
         o = cfg.optim
@@ -188,7 +200,8 @@ class Trainer:
             found = latest_checkpoint(self.run_dir)
             if found is None:
                 raise ConfigError(
-                    f"train.resume=auto: no complete checkpoint under {self.run_dir}/checkpoints to resume from"
+                    f"train.resume=auto: no complete checkpoint under {self.run_dir}/checkpoints to resume from; "
+                    "drop train.resume to start a new run, or check train.output_dir and train.run_name"
                 )
             return found
         folder = Path(t.resume)
@@ -320,7 +333,13 @@ class Trainer:
         return adv.reshape(self.world, -1)[self.rank].to(self.device), info
 
     def train_epoch(self, epoch: int, chain: Chain) -> dict:
-        """PPO/REINFORCE updates over the epoch's trajectories; returns averaged diagnostics."""
+        """PPO/REINFORCE updates over the epoch's trajectories; returns averaged diagnostics.
+
+        Each minibatch of Bm trajectories trains on Kt (trajectory, step) pairs per trajectory;
+        ``train.timestep_batch`` J of a trajectory's steps share one forward (Bm x J pairs), so a
+        minibatch costs ceil(Kt / J) forward+backward passes. The gradient is the same for any J:
+        the mean over all Bm x Kt pairs. Diagnostics stay on the device until the epoch ends (no
+        host sync per step); a non-finite loss or gradient is caught at the optimizer step."""
         t, a, o = self.cfg.train, self.cfg.algorithm, self.cfg.optim
         acc = self.accelerator
         B, K = len(chain), chain.num_steps
@@ -331,64 +350,116 @@ class Trainer:
                 "the sampler produced no stochastic step to train on (check sampler.eta / noise_level / sde_window)"
             )
         Kt = math.ceil(a.timestep_fraction * n_stochastic)
+        J = min(t.timestep_batch or Kt, Kt)
         n_mb = B // t.train_batch_size
         self.net.train()
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}
         count = 0
-        grad_norms = []
+        grad_norms, skipped = [], 0
         for inner in range(a.inner_epochs):
             g = torch.Generator().manual_seed(_seed_for(t.seed, epoch, self.rank, 2, inner))
             perm = torch.randperm(B, generator=g)
-            shuffled = chain.select(perm)
+            shuffled = chain.select(perm.to(chain.latents.device))
             # each trajectory trains on its own random subset of Kt of its stochastic steps (those
-            # with a log-prob; all K for DDIM, the SDE window for Flow-GRPO-Fast): (B, Kt)
-            scores = torch.rand(B, K, generator=g).masked_fill(~stochastic, 2.0)
+            # with a log-prob; all K for DDIM, the SDE window for Flow-GRPO-Fast): (B, Kt), CPU
+            scores = torch.rand(B, K, generator=g).masked_fill(~stochastic[perm], 2.0)
             steps = torch.argsort(scores, dim=1)[:, :Kt]
+            bad = torch.zeros((), dtype=torch.bool, device=self.device)
             for mb in range(n_mb):
                 sl = slice(mb * t.train_batch_size, (mb + 1) * t.train_batch_size)
                 sub, sub_steps = shuffled.select(sl), steps[sl]
                 last_of_cycle = (mb + 1) % o.gradient_accumulation_steps == 0 or mb == n_mb - 1
-                for j in range(Kt):
-                    idx = sub_steps[:, j].to(self.device)
-                    sync = last_of_cycle and j == Kt - 1
+                for j0 in range(0, Kt, J):
+                    cols = sub_steps[:, j0 : j0 + J]  # (Bm, Jc)
+                    traj = torch.arange(len(sub)).repeat_interleave(cols.shape[1])  # (Bm * Jc,)
+                    sync = last_of_cycle and j0 + J >= Kt
                     ctx = acc.no_sync(self.net) if not sync and self.world > 1 else contextlib.nullcontext()
                     with ctx, acc.autocast():
-                        terms = self.step_loss(sub, idx)
-                        if not torch.isfinite(terms["loss"]):
-                            raise NonFiniteError(
-                                f"non-finite loss at epoch {epoch}, minibatch {mb}, denoising steps {idx.tolist()} "
-                                f"(prompts {sub.prompts[:4]}...): update skipped; check the reward and the learning rate"
-                            )
-                        acc.backward(terms["loss"] / (Kt * o.gradient_accumulation_steps))
+                        terms = self.step_loss(sub, cols.reshape(-1), traj)
+                        bad |= ~torch.isfinite(terms["loss"])
+                        # the mean over this forward's pairs, weighted to the mean over all Kt steps
+                        acc.backward(terms["loss"] * (cols.shape[1] / (Kt * o.gradient_accumulation_steps)))
                     for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                        sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
                     count += 1
                 if last_of_cycle:
                     grad_norm = acc.clip_grad_norm_(self.adapter.trainable_parameters(), o.max_grad_norm)
-                    if not torch.isfinite(grad_norm):
+                    if bool(bad) or not torch.isfinite(grad_norm):  # the one host sync per update
                         self.optimizer.zero_grad(set_to_none=True)
-                        raise NonFiniteError(
-                            f"non-finite gradient norm at epoch {epoch}, minibatch {mb}: update skipped"
+                        what = "loss" if bool(bad) else "gradient norm"
+                        self._nonfinite(
+                            f"non-finite {what} at epoch {epoch}, inner epoch {inner}, minibatch {mb} "
+                            f"(prompts {sub.prompts[:4]}{'...' if len(sub) > 4 else ''})",
+                            "check the reward and lower optim.learning_rate",
                         )
+                        skipped += 1
+                        bad.zero_()
+                        continue
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1
-                    grad_norms.append(float(grad_norm))
+                    grad_norms.append(grad_norm.detach())
                     if self.ema is not None:
                         self.ema.update(self.adapter.trainable_state_dict())
-        return {**{k: v / count for k, v in sums.items()}, "grad_norm": sum(grad_norms) / len(grad_norms)}
+        out = {k: (v / count).item() for k, v in sums.items()}
+        out["grad_norm"] = torch.stack(grad_norms).mean().item() if grad_norms else float("nan")
+        if skipped:
+            out["skipped_updates"] = skipped
+        return out
 
-    def step_loss(self, sub: Chain, idx: torch.Tensor) -> dict:
-        """The loss terms for one denoising step per trajectory of a minibatch."""
+    def _find_nonfinite(
+        self, epoch: int, chain: Chain, values: Tensor | None = None, what: str = ""
+    ) -> str | None:
+        """None if the epoch's samples, log-probs and rewards (or the given (B,) ``values``) are
+        finite on every process; else a message naming the epoch, what, and the prompts."""
+        if values is None:
+            B = len(chain)
+            bad_latents = ~torch.isfinite(chain.latents.reshape(B, -1)).all(1)
+            bad_logp = torch.isinf(chain.log_probs).any(1)  # NaN marks a deterministic step
+            bad_reward = ~torch.isfinite(chain.rewards)
+            flags = torch.stack([bad_latents, bad_logp, bad_reward], 1)  # (B, 3)
+        else:
+            flags = (~torch.isfinite(values))[:, None]  # (B, 1)
+        if not bool(self.accelerator.gather(flags.any()[None]).any()):
+            return None
+        if not flags.any():
+            return f"non-finite values on another process at epoch {epoch}"
+        names = ["samples", "log-probs", "rewards"] if values is None else [what]
+        parts = []
+        for j, name in enumerate(names):
+            rows = flags[:, j].nonzero().flatten().tolist()
+            if not rows:
+                continue
+            if name == "rewards":
+                terms = [k for k, v in chain.metadata["reward_terms"].items() if not torch.isfinite(v).all()]
+                name = f"rewards ({', '.join(terms)})" if terms else name
+            prompts = sorted({chain.prompts[i] for i in rows})
+            parts.append(
+                f"{name} of {len(rows)} trajectories (prompts {prompts[:4]}{'...' if len(prompts) > 4 else ''})"
+            )
+        return f"non-finite {'; '.join(parts)} at epoch {epoch}"
+
+    def _nonfinite(self, what: str, fix: str) -> None:
+        """``train.on_nonfinite``: stop with a NonFiniteError, or warn and let the caller skip."""
+        msg = f"{what}: the update was not applied; {fix}"
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(msg + " (or set train.on_nonfinite=skip to drop such updates and go on)")
+        self.accelerator.print(f"flowrl: warning: {msg}; skipped (train.on_nonfinite=skip)")
+
+    def step_loss(self, sub: Chain, idx: torch.Tensor, traj: torch.Tensor | None = None) -> dict:
+        """The loss terms for pairs (trajectory ``traj[p]``, denoising step ``idx[p]``) of a
+        minibatch, in one forward (``traj`` None: one step per trajectory)."""
         a = self.cfg.algorithm
-        out = self.sampler.log_prob(self.adapter, sub, idx, net=self.net)
-        old = sub.log_probs.gather(1, idx[:, None]).squeeze(1)
+        out = self.sampler.log_prob(self.adapter, sub, idx, net=self.net, traj_index=traj)
+        b = torch.arange(len(sub)) if traj is None else traj
+        b, k = b.to(self.device), idx.to(self.device)
+        old, adv = sub.log_probs[b, k], sub.advantages[b]
         kl = None
         if a.kl_coef > 0:
-            ref = self.sampler.log_prob(self.adapter, sub, idx, reference=True)
+            ref = self.sampler.log_prob(self.adapter, sub, idx, reference=True, traj_index=traj)
             kl = gaussian_kl(out.mean, ref.mean.detach(), out.std, a.logprob_reduction)
         return policy_loss(
-            out.log_prob, old, sub.advantages, None if a.name == "reinforce" else a.clip_range, kl, a.kl_coef
+            out.log_prob, old, adv, None if a.name == "reinforce" else a.clip_range, kl, a.kl_coef
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -431,8 +502,19 @@ class Trainer:
                 t0 = time.perf_counter()
                 chain = self.sample_epoch(epoch)
                 t1 = time.perf_counter()
-                chain.advantages, adv_info = self.compute_advantages(chain)
-                train_info = self.train_epoch(epoch, chain)
+                problem = self._find_nonfinite(epoch, chain)
+                if problem is None:
+                    chain.advantages, adv_info = self.compute_advantages(chain)
+                    problem = self._find_nonfinite(epoch, chain, chain.advantages, "advantages")
+                if problem is None:
+                    train_info = self.train_epoch(epoch, chain)
+                else:  # on_nonfinite=skip: no statistics, no update from this epoch
+                    self._nonfinite(
+                        problem, "check the reward, the model's precision and optim.learning_rate"
+                    )
+                    finite = chain.rewards[torch.isfinite(chain.rewards)]
+                    adv_info = {"reward_mean": finite.mean().item() if len(finite) else float("nan")}
+                    train_info = {"skipped_updates": 1, "nonfinite": problem}
                 t2 = time.perf_counter()
                 row = {"epoch": epoch, "global_step": self.global_step, **adv_info, **train_info}
                 for k, v in chain.metadata["reward_terms"].items():

@@ -234,7 +234,18 @@ class RobotTaskConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.kind == "robot", f"kind must be 'robot' for a robot task, got {self.kind!r}")
+        need(
+            self.kind == "robot", f"kind must be 'robot' for a robot task, got {self.kind!r}; set kind: robot"
+        )
+        if ":" not in e.id:  # "module:Env" ids register themselves when gymnasium imports the module
+            import gymnasium
+
+            known = list(gymnasium.envs.registry)
+            need(
+                e.id in known,
+                f"env.id: unknown environment {e.id!r}{_suggest(e.id, known)}; give a registered gymnasium id "
+                "such as InvertedPendulum-v5, Hopper-v5 or Reacher-v5 (or module:EnvId for your own env)",
+            )
         need(
             p.kind in POLICY_KINDS,
             f"policy.kind: unknown policy {p.kind!r}{_suggest(p.kind, POLICY_KINDS)}; choose one of {POLICY_KINDS}",
@@ -268,7 +279,11 @@ class RobotTaskConfig:
                 s.min_std > 0,
                 f"sampler.min_std must be > 0 (the last DDPM step has no other noise), got {s.min_std}",
             )
-        need(s.num_steps >= 1, f"sampler.num_steps must be >= 1, got {s.num_steps}")
+        need(
+            s.num_steps >= 1,
+            f"sampler.num_steps must be >= 1, got {s.num_steps}: a flow chain needs at least one step; "
+            "set e.g. sampler.num_steps=4 (ReinFlow)",
+        )
         need(
             0 < s.noise_min_std <= s.noise_max_std,
             f"sampler.noise_min_std and noise_max_std must satisfy 0 < min <= max, got {s.noise_min_std}, {s.noise_max_std}",
@@ -283,7 +298,11 @@ class RobotTaskConfig:
         )
         need(0 < a.gamma <= 1, f"algorithm.gamma must be in (0, 1], got {a.gamma}")
         need(0 <= a.gae_lambda <= 1, f"algorithm.gae_lambda must be in [0, 1], got {a.gae_lambda}")
-        need(a.clip_range > 0, f"algorithm.clip_range must be > 0, got {a.clip_range}")
+        need(
+            a.clip_range > 0,
+            f"algorithm.clip_range must be > 0, got {a.clip_range}: a clip range <= 0 leaves no trust region; "
+            "set e.g. algorithm.clip_range=0.01 (DPPO / ReinFlow gym)",
+        )
         need(
             0 < a.denoising_discount <= 1,
             f"algorithm.denoising_discount must be in (0, 1], got {a.denoising_discount}",
@@ -299,17 +318,24 @@ class RobotTaskConfig:
         )
         need(
             self.optim.actor_lr > 0 and self.optim.critic_lr > 0,
-            "optim.actor_lr and optim.critic_lr must be > 0",
+            f"optim.actor_lr and optim.critic_lr must be > 0, got {self.optim.actor_lr} and "
+            f"{self.optim.critic_lr}; DPPO uses optim.actor_lr=1e-4 and optim.critic_lr=1e-3",
         )
         for key in ("num_iterations", "num_envs", "n_steps"):
-            need(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+            need(
+                getattr(t, key) >= 1,
+                f"train.{key} must be >= 1, got {getattr(t, key)}; set a positive count, e.g. train.{key}=8",
+            )
         need(
             t.eval_episodes >= 1,
             f"train.eval_episodes must be >= 1 (10 or more for a stated result), got {t.eval_episodes}",
         )
         need(t.device in ("cpu", "cuda", "auto"), f"train.device must be cpu, cuda or auto, got {t.device!r}")
         need(t.torch_threads >= 1, f"train.torch_threads must be >= 1, got {t.torch_threads}")
-        need(d.format in DEMO_FORMATS, f"demos.format must be one of {DEMO_FORMATS}, got {d.format!r}")
+        need(
+            d.format in DEMO_FORMATS,
+            f"demos.format: unknown format {d.format!r}{_suggest(d.format, DEMO_FORMATS)}; choose one of {DEMO_FORMATS}",
+        )
         need(
             d.path is not None or d.expert is not None,
             "demos: give a demonstrations file (demos.path) or a scripted expert (demos.expert)",

@@ -52,17 +52,25 @@ class Demonstrations:
         n = len(self.observations)
         if self.observations.ndim != 2 or self.actions.ndim != 2:
             raise ValueError(
-                f"demonstrations: observations and actions must be (N, D) arrays, got {self.observations.shape} and {self.actions.shape}"
+                f"demonstrations: observations and actions must be (N, D) arrays, got {self.observations.shape} "
+                f"and {self.actions.shape}; store the episodes back to back, one row per step "
+                "(flatten image or dict observations into vectors first)"
             )
         if len(self.actions) != n:
-            raise ValueError(f"demonstrations: {n} observations but {len(self.actions)} actions")
+            raise ValueError(
+                f"demonstrations: {n} observations but {len(self.actions)} actions; store one observation per "
+                "action (drop each episode's final observation)"
+            )
         ends = self.episode_ends
         if len(ends) == 0 or ends[-1] != n or (np.diff(ends) <= 0).any() or ends[0] <= 0:
             raise ValueError(
-                f"demonstrations: episode_ends must increase strictly and end at N={n}, got {ends[:5]}...{ends[-3:]}"
+                f"demonstrations: episode_ends must increase strictly and end at N={n}, got {ends[:5]}...{ends[-3:]}; "
+                "give each episode's end index (exclusive), e.g. np.cumsum(episode_lengths)"
             )
         if not (np.isfinite(self.observations).all() and np.isfinite(self.actions).all()):
-            raise ValueError("demonstrations: observations or actions contain NaN or inf")
+            raise ValueError(
+                "demonstrations: observations or actions contain NaN or inf; drop or repair those episodes"
+            )
 
     @property
     def num_episodes(self) -> int:
@@ -102,13 +110,17 @@ def load_demonstrations(
     """Read demonstrations in one of :data:`FORMATS` (see the module docstring)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"demonstrations file {path} does not exist")
+        raise FileNotFoundError(
+            f"demonstrations file {path} does not exist; fix demos.path, or set demos.path=null and "
+            "demos.expert to generate demonstrations"
+        )
     if format == "npz":
         with np.load(path, allow_pickle=False) as f:
             missing = {"observations", "actions", "episode_ends"} - set(f.files)
             if missing:
                 raise ValueError(
-                    f"{path}: missing arrays {sorted(missing)} (flowrl's npz format, see flowrl.robot.demos)"
+                    f"{path}: missing arrays {sorted(missing)}; save observations (N, Do), actions (N, Da) and "
+                    "episode_ends (E,) with Demonstrations(...).save(path) (flowrl's npz format, see flowrl.robot.demos)"
                 )
             return Demonstrations(
                 f["observations"],

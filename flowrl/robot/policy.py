@@ -169,11 +169,12 @@ class ChunkPolicy(nn.Module):
         """``policy.safetensors`` (all weights and normalizer) and ``policy.json`` (kind and shapes)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-            str(folder / "policy.safetensors"),
-        )
-        (folder / "policy.json").write_text(json.dumps({"kind": self.kind, **self.arch}, indent=2))
+        # each file is written under a temporary name and renamed: a crash leaves the old one whole
+        tmp = folder / f".tmp-policy-{os.getpid()}"
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp))
+        os.replace(tmp, folder / "policy.safetensors")
+        tmp.write_text(json.dumps({"kind": self.kind, **self.arch}, indent=2))
+        os.replace(tmp, folder / "policy.json")
 
 
 POLICIES: dict[str, type[ChunkPolicy]] = {}

@@ -74,7 +74,6 @@ def pretrain(cfg: RobotTaskConfig, task_name: str, progress: bool = True) -> dic
 
     pt = cfg.pretrain
     bc_dir = cfg.bc_dir(task_name)
-    bc_dir.mkdir(parents=True, exist_ok=True)
     demos = resolve_demonstrations(cfg, bc_dir)
 
     env = gym.make(cfg.env.id, **cfg.env.kwargs)
@@ -84,8 +83,10 @@ def pretrain(cfg: RobotTaskConfig, task_name: str, progress: bool = True) -> dic
     if demos.observations.shape[1] != obs_dim or demos.actions.shape[1] != action_dim:
         raise ConfigError(
             f"demonstrations have observations of dim {demos.observations.shape[1]} and actions of dim "
-            f"{demos.actions.shape[1]}, but {cfg.env.id} has {obs_dim} and {action_dim}"
+            f"{demos.actions.shape[1]}, but {cfg.env.id} has {obs_dim} and {action_dim}; give demonstrations "
+            f"recorded in {cfg.env.id}, or set env.id to the environment they come from"
         )
+    bc_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.train.seed)
     policy = build_policy(cfg, obs_dim, action_dim)

@@ -148,7 +148,8 @@ class RobotTrainer:
         found = latest_checkpoint(self.run_dir) if t.resume == "auto" else Path(t.resume)
         if found is None or not (found / "state.json").is_file():
             raise ConfigError(
-                f"train.resume={t.resume}: no complete checkpoint to resume from under {self.run_dir}/checkpoints"
+                f"train.resume={t.resume}: no complete checkpoint to resume from under {self.run_dir}/checkpoints; "
+                "drop train.resume to start a new run, or give a checkpoints/epoch_* folder"
             )
         return found
 

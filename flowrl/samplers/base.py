@@ -125,20 +125,32 @@ class ChainSampler:
         )
 
     def log_prob(
-        self, adapter, chain: Chain, step_index: Tensor, net=None, reference: bool = False
+        self,
+        adapter,
+        chain: Chain,
+        step_index: Tensor,
+        net=None,
+        reference: bool = False,
+        traj_index: Tensor | None = None,
     ) -> StepOutput:
-        """Re-evaluate transition ``step_index[b]`` of each trajectory b under the adapter's current
-        parameters (differentiably), or the reference policy's with ``reference=True``.
-        ``step_index`` is (B,) long, so each trajectory may train on a different denoising step
-        (timestep subsampling) in one batched forward. ``net`` overrides the module called (the
-        DDP wrapper in training)."""
+        """Re-evaluate transitions of a chain under the adapter's current parameters
+        (differentiably), or the reference policy's with ``reference=True``.
+
+        ``step_index`` is (P,) long: pair p is step ``step_index[p]`` of trajectory
+        ``traj_index[p]`` (default: trajectory p, so P = B). Pairs from any trajectories and steps
+        go through one batched forward: each trajectory may train on its own denoising steps
+        (timestep subsampling), and several steps of a trajectory may share a forward (timestep
+        batching). Keep ``step_index`` on the CPU: the schedule is indexed there, and the GPU
+        never waits. ``net`` overrides the module called (the DDP wrapper in training)."""
         device = chain.latents.device
-        b = torch.arange(len(chain), device=device)
-        k = step_index.to(device)
-        x, x_next = chain.latents[b, k], chain.latents[b, k + 1]  # (B, C, H, W) each
-        t = self.model_timesteps[k.cpu()].to(device)  # (B,)
+        k = step_index.cpu()
+        b = torch.arange(len(chain)) if traj_index is None else traj_index.cpu()
+        b_dev, k_dev = b.to(device, non_blocking=True), k.to(device, non_blocking=True)
+        x, x_next = chain.latents[b_dev, k_dev], chain.latents[b_dev, k_dev + 1]  # (P, C, H, W) each
+        cond = chain.cond if traj_index is None else {n: v[b_dev] for n, v in chain.cond.items()}
+        t = self.model_timesteps[k].to(device, non_blocking=True)  # (P,)
         if reference:
-            out = adapter.reference_forward(x, t, chain.cond, chain.guidance_scale)
+            out = adapter.reference_forward(x, t, cond, chain.guidance_scale)
         else:
-            out = adapter(x, t, chain.cond, chain.guidance_scale, net=net)
-        return self.transition(k.cpu(), out, x, prev_sample=x_next)
+            out = adapter(x, t, cond, chain.guidance_scale, net=net)
+        return self.transition(k, out, x, prev_sample=x_next)
