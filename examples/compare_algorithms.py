@@ -53,11 +53,15 @@ if __name__ == "__main__":
         cfg = load_config(str(tasks_dir() / "digits.yaml"), overrides)
         trainer = Trainer(cfg, task_name=name)
         if not rows:  # the shared starting point, measured once
-            before = measure_alignment(trainer.adapter, trainer.adapter.scheduler_config, cfg.sampler.num_steps, 0.0)
+            before = measure_alignment(
+                trainer.adapter, trainer.adapter.scheduler_config, cfg.sampler.num_steps, 0.0
+            )
         start = time.perf_counter()
         history = trainer.train()
         seconds = time.perf_counter() - start
-        after = measure_alignment(trainer.adapter, trainer.adapter.scheduler_config, cfg.sampler.num_steps, 0.0)
+        after = measure_alignment(
+            trainer.adapter, trainer.adapter.scheduler_config, cfg.sampler.num_steps, 0.0
+        )
         queries, total = [], 0
         for r in history:
             total += r["samples"]

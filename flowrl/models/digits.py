@@ -228,7 +228,7 @@ def pretrain_digits_pipeline(
         lambda s: (
             (s + 1) / warmup
             if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
         ),
     )
     g = torch.Generator().manual_seed(seed)
@@ -253,15 +253,85 @@ def pretrain_digits_pipeline(
     return pipe
 
 
-def load_digits_pipeline(cache_dir: str | os.PathLike | None = None, progress: bool = True):
-    """The pre-trained digits pipeline from ``<cache>/digits-v1/``, pre-training it on first use
-    (about 2-3 minutes on 2 CPU cores) and saving it there atomically.
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "digits"  # shipped with the package
 
-    Returns a ``StableDiffusionPipeline`` with ``vae=None``; load it elsewhere with
+
+def _embedding_fingerprint(text_encoder) -> float:
+    """A checksum of the frozen token table, which the shipped weights leave out (it stays at its
+    seeded random init during pre-training; 49,408 x 32 floats that need not be stored)."""
+    table = text_encoder.get_input_embeddings().weight.detach().double()
+    return float((table * torch.arange(1, table.shape[0] + 1, dtype=torch.float64)[:, None]).sum())
+
+
+def export_digits_assets(out: str | os.PathLike = ASSETS, progress: bool = True) -> Path:
+    """Write the shipped files: ``unet.safetensors``, ``text_encoder.safetensors`` (without the
+    token table), ``classifier.safetensors`` and ``info.json``, from the cached pre-trained
+    model (pre-training it first if needed). ``python -m flowrl.models.digits`` runs this."""
+    from safetensors.torch import save_file
+
+    pipe = load_digits_pipeline(cache_dir=cache_root(), progress=progress)
+    classifier = load_digit_classifier(cache_dir=cache_root())
+    info = json.loads((cache_root() / MODEL_NAME / "flowrl_digits.json").read_text())
+    info["embedding_fingerprint"] = _embedding_fingerprint(pipe.text_encoder)
+    emb = "embeddings.token_embedding.weight"  # the key's suffix (its prefix varies by transformers version)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        contiguous = lambda sd: {k: v.contiguous() for k, v in sd.items() if not k.endswith(emb)}  # noqa: E731
+        save_file(contiguous(pipe.unet.state_dict()), str(tmp / "unet.safetensors"))
+        save_file(contiguous(pipe.text_encoder.state_dict()), str(tmp / "text_encoder.safetensors"))
+        save_file(contiguous(classifier.state_dict()), str(tmp / "classifier.safetensors"))
+        (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    _write_atomically(out, write)
+    return out
+
+
+def _load_shipped_pipeline():
+    """The pipeline from the shipped weights, or None if they are absent or do not match this
+    torch / transformers (the token table rebuilt from its seed must have the stored checksum)."""
+    from safetensors.torch import load_file
+
+    if not (ASSETS / "unet.safetensors").is_file():
+        return None
+    info = json.loads((ASSETS / "info.json").read_text())
+    pipe = build_digits_pipeline(info.get("seed", 0))
+    if not math.isclose(
+        _embedding_fingerprint(pipe.text_encoder), info["embedding_fingerprint"], rel_tol=1e-9
+    ):
+        return None
+    pipe.unet.load_state_dict(load_file(str(ASSETS / "unet.safetensors")))
+    missing, unexpected = pipe.text_encoder.load_state_dict(
+        load_file(str(ASSETS / "text_encoder.safetensors")), strict=False
+    )
+    if unexpected or [k for k in missing if not k.endswith("embeddings.token_embedding.weight")]:
+        raise RuntimeError(
+            f"shipped digits text encoder does not fit: missing {missing}, unexpected {unexpected}"
+        )
+    pipe.unet.eval().requires_grad_(False)
+    pipe.text_encoder.eval().requires_grad_(False)
+    return pipe
+
+
+def load_digits_pipeline(cache_dir: str | os.PathLike | None = None, progress: bool = True):
+    """The pre-trained digits pipeline.
+
+    With no ``cache_dir``: the weights shipped in ``flowrl/assets/digits/`` (written by
+    ``python -m flowrl.models.digits``), so every machine starts from the same model. Otherwise
+    (or if those are missing) from ``<cache>/digits-v1/``, pre-training it on first use (about
+    4.5 minutes on 2 idle CPU cores) and saving it there atomically.
+
+    Returns a ``StableDiffusionPipeline`` with ``vae=None``; a cached folder loads elsewhere with
     ``StableDiffusionPipeline.from_pretrained(folder, vae=None, safety_checker=None)``.
     """
     from diffusers import StableDiffusionPipeline
 
+    if cache_dir is None:
+        pipe = _load_shipped_pipeline()
+        if pipe is not None:
+            return pipe
     folder = Path(cache_dir or cache_root()) / MODEL_NAME
     if not (folder / "model_index.json").is_file():
         start = time.perf_counter()
@@ -322,10 +392,14 @@ def train_digit_classifier(seed: int = 0, epochs: int = 60) -> DigitClassifier:
 
 
 def load_digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassifier:
-    """The classifier from ``<cache>/digits-classifier-v1/model.safetensors``, trained and saved
-    atomically on first use."""
+    """The classifier shipped in ``flowrl/assets/digits/`` (with no ``cache_dir``), else from
+    ``<cache>/digits-classifier-v1/model.safetensors``, trained and saved atomically on first use."""
     from safetensors.torch import load_file, save_file
 
+    if cache_dir is None and (ASSETS / "classifier.safetensors").is_file():
+        model = DigitClassifier()
+        model.load_state_dict(load_file(str(ASSETS / "classifier.safetensors")))
+        return model.eval().requires_grad_(False)
     folder = Path(cache_dir or cache_root()) / CLASSIFIER_NAME
     if not (folder / "model.safetensors").is_file():
         model = train_digit_classifier()
@@ -334,3 +408,14 @@ def load_digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitCl
     model = DigitClassifier()
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval().requires_grad_(False)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="pre-train the digits model and classifier (or take them from the cache) and "
+        "write the files flowrl ships in flowrl/assets/digits/"
+    )
+    parser.add_argument("--out", default=str(ASSETS))
+    print(f"wrote {export_digits_assets(parser.parse_args().out)}")
