@@ -137,9 +137,10 @@ class TrainConfig:
     # trajectories per training minibatch, per process
     train_batch_size: int = 8
     # denoising steps per training forward: each forward carries train_batch_size x this many
-    # (trajectory, step) pairs. 0 = all trained steps of a minibatch in one forward (fastest);
-    # 1 = one step per forward as DDPO / trl do (least activation memory, for large models)
-    timestep_batch: int = 0
+    # (trajectory, step) pairs, with the same gradient for any value. 1 = one step per forward as
+    # DDPO / trl do (least activation memory: the default, safe for full-size models);
+    # 0 = all trained steps of a minibatch in one forward (fastest for small models and CPUs)
+    timestep_batch: int = 1
     # recompute activations in the backward pass (less memory, more time)
     gradient_checkpointing: bool = False
     # a non-finite reward, advantage, log-prob, loss or gradient: stop (raise, naming the epoch,

@@ -1,0 +1,159 @@
+"""Scaling: time and peak memory of one epoch as functions of denoising steps, batch size, image
+size and LoRA rank; training memory with and without gradient checkpointing.
+
+Each point runs in its own process (so its peak memory is its own) on the tiny SD of
+tasks/jpeg_tiny.yaml with one change from the base point (K=10 DDIM steps, 16 trajectories,
+minibatch 8, 32x32 images, LoRA rank 4, all steps per forward):
+
+    sample_s   sampling the epoch's trajectories with log-probs (+ decode, reward)
+    train_s    the update phase (the second of two epochs, so warm)
+    train_mb   peak memory of the update phase above what sampling and setup needed: CUDA
+               max_memory_allocated on a GPU; on the CPU the growth of the process's peak
+               resident set (ru_maxrss), a coarse but honest proxy
+
+Writes scaling.md and scaling.png to --out and prints the table.
+
+    python bench/bench_scaling.py [--out bench/out] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASE = {"steps": 10, "batch": 16, "size": 32, "rank": 4, "ckpt": False, "timestep_batch": 0}
+SWEEPS = {
+    "steps": [5, 10, 20, 40],
+    "batch": [8, 16, 32, 64],
+    "size": [32, 64, 128],
+    "rank": [4, 16, 64, 0],  # 0 = full fine-tuning
+    "ckpt": [False, True],
+}
+QUICK = {"steps": [5, 10], "batch": [8, 16], "size": [32, 64], "rank": [4, 0], "ckpt": [False, True]}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def one(point: dict, threads: int) -> dict:
+    """Measure one point in this process."""
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from flowrl.config import load_config, tasks_dir
+    from flowrl.trainer import Trainer
+
+    overrides = [
+        f"model.finetune={'lora' if point['rank'] else 'full'}",
+        f"model.lora_rank={max(point['rank'], 1)}",
+        f"model.tiny_image_size={point['size']}",
+        f"sampler.num_steps={point['steps']}",
+        f"train.sample_batch_size={point['batch']}",
+        "train.num_batches_per_epoch=1",
+        f"train.train_batch_size={min(8, point['batch'])}",
+        f"train.timestep_batch={point['timestep_batch']}",
+        f"train.gradient_checkpointing={str(point['ckpt']).lower()}",
+        f"train.output_dir={tempfile.mkdtemp(prefix='flowrl-scaling-')}",
+        "train.async_reward=false",
+    ]
+    trainer = Trainer(load_config(str(tasks_dir() / "jpeg_tiny.yaml"), overrides), "scaling")
+    cuda = trainer.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def epoch(e: int) -> tuple[float, float]:
+        sync()
+        t0 = time.perf_counter()
+        chain = trainer.sample_epoch(e)
+        chain.advantages, _ = trainer.compute_advantages(chain)
+        sync()
+        t1 = time.perf_counter()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
+        trainer.train_epoch(e, chain)
+        sync()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
+        return t1 - t0, time.perf_counter() - t1, peak - before
+
+    _, _, mem = epoch(0)  # the first epoch sets the peak (CPU ru_maxrss is monotonic)
+    sample_s, train_s, _ = epoch(1)
+    return {**point, "sample_s": sample_s, "train_s": train_s, "train_mb": mem}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--quick", action="store_true", help="two values per axis")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(json.loads(args.one), args.threads)))
+        return
+
+    sweeps = QUICK if args.quick else SWEEPS
+    results: dict[str, list[dict]] = {}
+    for axis, values in sweeps.items():
+        for v in values:
+            point = {**BASE, axis: v}
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", json.dumps(point), "--threads", str(args.threads)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise SystemExit(f"point {point} failed:\n{proc.stderr[-3000:]}")
+            r = json.loads(line[0][7:])
+            results.setdefault(axis, []).append(r)
+            print(
+                f"{axis}={v}: sample {r['sample_s']:.2f} s, train {r['train_s']:.2f} s, +{r['train_mb']:.0f} MB",
+                flush=True,
+            )
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "| axis | value | sample (s) | train (s) | train peak memory (MB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for axis, rows in results.items():
+        for r in rows:
+            v = r[axis] if axis != "rank" or r[axis] else "full"
+            lines.append(f"| {axis} | {v} | {r['sample_s']:.2f} | {r['train_s']:.2f} | {r['train_mb']:.0f} |")
+    table = "\n".join(lines)
+    (out / "scaling.md").write_text(table + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(3.2 * len(results), 5.5), dpi=100)
+    for col, (axis, rows) in enumerate(results.items()):
+        xs = [str(r[axis]) if axis != "rank" or r[axis] else "full" for r in rows]
+        axes[0, col].plot(xs, [r["sample_s"] for r in rows], "o-", label="sample")
+        axes[0, col].plot(xs, [r["train_s"] for r in rows], "s-", label="train")
+        axes[1, col].plot(xs, [r["train_mb"] for r in rows], "o-", color="C2")
+        axes[0, col].set_title(axis)
+        axes[1, col].set_xlabel(axis)
+    axes[0, 0].set_ylabel("seconds / epoch")
+    axes[1, 0].set_ylabel("train peak memory (MB)")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png")
+    print("\n" + table + f"\n\nwritten: {out / 'scaling.md'}, {out / 'scaling.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The update loop's guarantees: timestep batching changes speed, not the update; non-finite
+values never reach the weights (train.on_nonfinite stop | skip)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowrl.config import load_config
+from flowrl.trainer import NonFiniteError, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = [
+    "model.finetune=full",
+    "sampler.num_steps=4",
+    "train.sample_batch_size=4",
+    "train.num_batches_per_epoch=2",
+    "train.train_batch_size=4",
+    "train.eval_every=0",
+    "train.save_every=0",
+    "train.num_epochs=1",
+    "train.async_reward=false",
+    "optim.learning_rate=1e-3",
+    "algorithm.clip_range=1e-2",
+]
+
+
+def _trainer(tmp_path, *extra, name="run"):
+    cfg = load_config(
+        str(REPO / "tasks/jpeg_tiny.yaml"),
+        SMALL + [f"train.output_dir={tmp_path}", f"train.run_name={name}", *extra],
+    )
+    return Trainer(cfg, name)
+
+
+@pytest.mark.parametrize("extra", [[], ["algorithm.kl_coef=0.1", "algorithm.timestep_fraction=0.75"]])
+def test_timestep_batching_gives_the_same_gradient(tmp_path, extra):
+    """One step per forward (DDPO's loop), two, or all steps per forward: the same gradient at
+    every optimizer step of an epoch on the same chain (up to float summation order). Gradients
+    are compared, not weights after Adam, whose first step is sign-like and would turn rounding
+    in near-zero gradient entries into full-size differences."""
+    grads = {}
+    for j in (1, 2, 0):
+        trainer = _trainer(tmp_path, f"train.timestep_batch={j}", *extra, name=f"j{j}")
+        chain = trainer.sample_epoch(0)
+        chain.advantages, _ = trainer.compute_advantages(chain)
+        params = trainer.adapter.trainable_parameters()
+        seen = []
+        trainer.optimizer.step = lambda *a, seen=seen, params=params, **k: seen.append(
+            torch.cat([p.grad.flatten() for p in params])
+        )
+        trainer.train_epoch(0, chain)
+        grads[j] = torch.stack(seen)  # (optimizer steps, parameters)
+    assert grads[1].shape[0] == 2 and grads[1].norm() > 0
+    for j in (2, 0):
+        torch.testing.assert_close(grads[j], grads[1], rtol=0, atol=1e-5 * grads[1].abs().max().item())
+
+
+def _nan_reward_script(tmp_path) -> Path:
+    script = tmp_path / "nan_on_red.py"
+    script.write_text(
+        "import torch\n"
+        "def reward_fn(images, prompts, metadata):\n"
+        "    r = images.float().mean(dim=(1, 2, 3))\n"
+        "    return torch.where(torch.tensor(['red' in p for p in prompts]), float('nan'), r), {}\n"
+    )
+    return script
+
+
+def test_nonfinite_reward_stops_naming_epoch_term_and_prompt(tmp_path):
+    trainer = _trainer(
+        tmp_path, f"rewards.0.name={_nan_reward_script(tmp_path)}", "train.prompts=[a red square]"
+    )
+    before = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
+    with pytest.raises(
+        NonFiniteError, match=r"rewards \(reward/nan_on_red\).*'a red square'.*epoch 0.*on_nonfinite=skip"
+    ):
+        trainer.train()
+    for a, b in zip(before, trainer.adapter.trainable_parameters()):
+        assert torch.equal(a, b)
+
+
+def test_nonfinite_skip_leaves_weights_alone_and_logs_it(tmp_path):
+    trainer = _trainer(
+        tmp_path,
+        f"rewards.0.name={_nan_reward_script(tmp_path)}",
+        "train.prompts=[a red square]",
+        "train.on_nonfinite=skip",
+        "train.num_epochs=2",
+    )
+    before = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
+    history = trainer.train()
+    assert [r.get("skipped_updates") for r in history] == [1, 1] and trainer.global_step == 0
+    assert "rewards" in history[0]["nonfinite"]
+    for a, b in zip(before, trainer.adapter.trainable_parameters()):
+        assert torch.equal(a, b)
+
+
+def test_nonfinite_gradient_is_never_applied(tmp_path, monkeypatch):
+    """A loss that turns NaN mid-epoch (a broken model, a bad learning rate) is caught at the
+    optimizer step: stop raises, skip drops exactly those updates."""
+    for mode in ("stop", "skip"):
+        trainer = _trainer(tmp_path, f"train.on_nonfinite={mode}", name=mode)
+        chain = trainer.sample_epoch(0)
+        chain.advantages, _ = trainer.compute_advantages(chain)
+        chain.advantages[0] = float("nan")  # poisons the first minibatch's loss only
+        before = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
+        if mode == "stop":
+            with pytest.raises(NonFiniteError, match="non-finite loss at epoch 0"):
+                trainer.train_epoch(0, chain)
+            for a, b in zip(before, trainer.adapter.trainable_parameters()):
+                assert torch.equal(a, b)
+        else:
+            info = trainer.train_epoch(0, chain)
+            assert info["skipped_updates"] == 1 and trainer.global_step == 1  # the other minibatch
+            assert all(torch.isfinite(p).all() for p in trainer.adapter.trainable_parameters())
