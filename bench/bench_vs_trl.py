@@ -126,6 +126,7 @@ def flowrl_worker(args: dict) -> None:
             f"algorithm.stat_min_count={s['stat_min_count']}",
             "algorithm.timestep_fraction=1.0",
             "algorithm.inner_epochs=1",
+            "train.timestep_batch=0",  # all steps of a minibatch per forward (the same gradient as trl's loop)
         ],
     )
     trainer = Trainer(cfg)
