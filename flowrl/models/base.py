@@ -205,7 +205,7 @@ class DenoiserAdapter(nn.Module):
     ) -> Tensor:
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(latents.shape[0])
-        if guidance_scale > 1.0:
+        if guidance_scale > 1.0 and self.uses_cfg:
             both = {k: v for k, v in cond.items() if not k.startswith("negative_")}
             both = {k: torch.cat([cond[f"negative_{k}"], v]) for k, v in both.items()}
             out = self._call(

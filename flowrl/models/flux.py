@@ -170,18 +170,6 @@ class FluxAdapter(DenoiserAdapter):
             cond["guidance"] = torch.full((len(prompts),), float(guidance_scale), device=self.device)
         return cond
 
-    def _predict(
-        self,
-        net: nn.Module,
-        latents: Tensor,
-        timesteps: Tensor,
-        cond: dict[str, Tensor],
-        guidance_scale: float,
-    ) -> Tensor:
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(latents.shape[0])
-        return self._call(net, latents, timesteps, cond).float()  # no CFG: w is in the condition
-
     def _call(self, net: nn.Module, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Pack (B, C, H, W) -> (B, H/2 * W/2, 4C), one forward at time s = t / 1000, unpack."""
         dtype, pipe = self.compute_dtype, self.pipeline

@@ -71,18 +71,6 @@ class LCMAdapter(StableDiffusionAdapter):
             cond["timestep_cond"] = self.pipeline.get_guidance_scale_embedding(w, embedding_dim=dim).float()
         return cond
 
-    def _predict(
-        self,
-        net: nn.Module,
-        latents: Tensor,
-        timesteps: Tensor,
-        cond: dict[str, Tensor],
-        guidance_scale: float,
-    ) -> Tensor:
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(latents.shape[0])
-        return self._call(net, latents, timesteps, cond).float()  # no CFG: w is in the condition
-
     def _call(self, net: nn.Module, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
         dtype = self.compute_dtype
         tc = cond.get("timestep_cond")
