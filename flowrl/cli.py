@@ -198,6 +198,25 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_guidance_arguments(
+    parser: argparse.ArgumentParser, guide_help: str, reward_help: str, what: str
+) -> None:
+    """The inference-time guidance options ``flowrl sample`` and ``flowrl evaluate`` share."""
+    parser.add_argument(
+        "--guide", choices=["none", "rlg", "reward-grad", "best-of-n", "smc"], default="none", help=guide_help
+    )
+    parser.add_argument(
+        "--rlg-weight", type=float, default=1.0, help="RL guidance w: 0 base, 1 fine-tuned, >1 stronger"
+    )
+    parser.add_argument("--reward", help=reward_help)
+    parser.add_argument("--reward-kwargs", default="{}", help="the reward's options as JSON")
+    parser.add_argument(
+        "--guide-scale", type=float, default=0.1, help=f"reward-gradient step (units of the {what}'s RMS)"
+    )
+    parser.add_argument("--particles", type=int, default=4, help="N for best-of-n, particles for smc")
+    parser.add_argument("--smc-lambda", type=float, default=10.0, help="SMC potential sharpness lambda")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowrl", description="RL fine-tuning of denoising generative models."
@@ -225,26 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy", help="policy folder (policy.json): a checkpoint; default: the BC policy")
     ev.add_argument("--episodes", type=int, help="evaluation episodes (default: train.eval_episodes)")
     ev.add_argument("--seed", type=int, default=0, help="reset seeds seed, seed+1, ...")
-    ev.add_argument(
-        "--guide",
-        choices=["none", "rlg", "reward-grad", "best-of-n", "smc"],
-        default="none",
-        help="inference-time guidance: RL guidance, reward gradient, best-of-N, SMC over action chunks",
+    _add_guidance_arguments(
+        ev,
+        guide_help="inference-time guidance: RL guidance, reward gradient, best-of-N, SMC over action chunks",
+        reward_help="action reward: target | smoothness | simulated_return",
+        what="chunk",
     )
     ev.add_argument(
         "--base",
         help="rlg: the base policy folder (default: a DPPO fine-tune's frozen copy, else the BC policy)",
     )
-    ev.add_argument(
-        "--rlg-weight", type=float, default=1.0, help="RL guidance w: 0 base, 1 fine-tuned, >1 stronger"
-    )
-    ev.add_argument("--reward", help="action reward: target | smoothness | simulated_return")
-    ev.add_argument("--reward-kwargs", default="{}", help="the reward's options as JSON")
-    ev.add_argument(
-        "--guide-scale", type=float, default=0.1, help="reward-gradient step (units of the chunk's RMS)"
-    )
-    ev.add_argument("--particles", type=int, default=4, help="N for best-of-n, particles for smc")
-    ev.add_argument("--smc-lambda", type=float, default=10.0, help="SMC potential sharpness lambda")
     ev.add_argument(
         "--stochastic",
         action=argparse.BooleanOptionalAction,
@@ -270,22 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--tiny-image-size", type=int, default=32)
     sa.add_argument("--device")
     sa.add_argument("--out", default="samples")
-    sa.add_argument(
-        "--guide",
-        choices=["none", "rlg", "reward-grad", "best-of-n", "smc"],
-        default="none",
-        help="inference-time guidance: RL guidance (needs --lora), reward gradient, best-of-N, SMC",
+    _add_guidance_arguments(
+        sa,
+        guide_help="inference-time guidance: RL guidance (needs --lora), reward gradient, best-of-N, SMC",
+        reward_help="reward for reward-grad / best-of-n / smc: a name or a script path",
+        what="sample",
     )
-    sa.add_argument(
-        "--rlg-weight", type=float, default=1.0, help="RL guidance w: 0 base, 1 fine-tuned, >1 stronger"
-    )
-    sa.add_argument("--reward", help="reward for reward-grad / best-of-n / smc: a name or a script path")
-    sa.add_argument("--reward-kwargs", default="{}", help="the reward's options as JSON")
-    sa.add_argument(
-        "--guide-scale", type=float, default=0.1, help="reward-gradient step (units of the sample's RMS)"
-    )
-    sa.add_argument("--particles", type=int, default=4, help="N for best-of-n, particles for smc")
-    sa.add_argument("--smc-lambda", type=float, default=10.0, help="SMC potential sharpness lambda")
     sa.add_argument(
         "--save-trajectory",
         action="store_true",
