@@ -384,9 +384,9 @@ class Trainer:
                     count += 1
                 if last_of_cycle:
                     grad_norm = acc.clip_grad_norm_(self.adapter.trainable_parameters(), o.max_grad_norm)
-                    if bool(bad) or not torch.isfinite(grad_norm):  # the one host sync per update
+                    if not bool(torch.isfinite(grad_norm) & ~bad):  # the one host sync per update
                         self.optimizer.zero_grad(set_to_none=True)
-                        what = "loss" if bool(bad) else "gradient norm"
+                        what = "loss" if bad.item() else "gradient norm"
                         self._nonfinite(
                             f"non-finite {what} at epoch {epoch}, inner epoch {inner}, minibatch {mb} "
                             f"(prompts {sub.prompts[:4]}{'...' if len(sub) > 4 else ''})",
