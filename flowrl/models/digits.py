@@ -396,17 +396,17 @@ def load_digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitCl
     ``<cache>/digits-classifier-v1/model.safetensors``, trained and saved atomically on first use."""
     from safetensors.torch import load_file, save_file
 
-    if cache_dir is None and (ASSETS / "classifier.safetensors").is_file():
-        model = DigitClassifier()
-        model.load_state_dict(load_file(str(ASSETS / "classifier.safetensors")))
-        return model.eval().requires_grad_(False)
-    folder = Path(cache_dir or cache_root()) / CLASSIFIER_NAME
-    if not (folder / "model.safetensors").is_file():
-        model = train_digit_classifier()
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        _write_atomically(folder, lambda tmp: (tmp.mkdir(), save_file(state, str(tmp / "model.safetensors"))))
+    weights = ASSETS / "classifier.safetensors"
+    if cache_dir is not None or not weights.is_file():
+        weights = Path(cache_dir or cache_root()) / CLASSIFIER_NAME / "model.safetensors"
+        if not weights.is_file():
+            model = train_digit_classifier()
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            _write_atomically(
+                weights.parent, lambda tmp: (tmp.mkdir(), save_file(state, str(tmp / weights.name)))
+            )
     model = DigitClassifier()
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    model.load_state_dict(load_file(str(weights)))
     return model.eval().requires_grad_(False)
 
 
