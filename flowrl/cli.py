@@ -75,6 +75,11 @@ def _sample(args: argparse.Namespace) -> int:
     if not prompts:
         raise SystemExit("flowrl sample: give at least one --prompt or --prompts-file")
     prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
+    if args.reward:  # a misspelt reward or bad options fail before any weights load
+        from flowrl.rewards import resolve_reward
+
+        resolve_reward(args.reward)
+        reward_kwargs(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     family = detect_family(args.model, args.family)
     sampler_name = args.sampler or FAMILIES[family][1][0]
@@ -160,7 +165,7 @@ def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen)
         raise SystemExit(
             f"flowrl sample: --guide {args.guide} needs --reward (a reward name or a script path)"
         )
-    reward = Reward([{"name": args.reward, "kwargs": json.loads(args.reward_kwargs)}], device=adapter.device)
+    reward = Reward([{"name": args.reward, "kwargs": reward_kwargs(args)}], device=adapter.device)
     g = args.guidance_scale
     if args.guide == "reward-grad":
         result = reward_gradient_guidance(
@@ -196,6 +201,25 @@ def _quickstart(args: argparse.Namespace) -> int:
         print(f"flowrl: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def reward_kwargs(args: argparse.Namespace) -> dict:
+    """--reward-kwargs parsed as a JSON object, or one error naming the option and the fix."""
+    from flowrl.config import ConfigError
+
+    try:
+        kwargs = json.loads(args.reward_kwargs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"--reward-kwargs is not valid JSON ({e.msg} at character {e.pos}): {args.reward_kwargs!r}; "
+            """write a JSON object, e.g. --reward-kwargs '{"quality": 80}'"""
+        ) from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(
+            f"--reward-kwargs must be a JSON object of keyword arguments, got {args.reward_kwargs!r}; "
+            """e.g. --reward-kwargs '{"quality": 80}'"""
+        )
+    return kwargs
 
 
 def _add_guidance_arguments(

@@ -50,6 +50,14 @@ class RewardError(RuntimeError):
     """A reward raised, or returned something that is not B finite floats."""
 
 
+class UnknownRewardError(RewardError, KeyError):
+    """No reward by that name, or a reward script without a reward function. A KeyError too, for
+    callers that catch lookups; printed as its plain message (not KeyError's quoted repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def register_reward(name: str, differentiable: bool = False):
     """Register a reward factory under ``name``: ``@register_reward("aesthetic", differentiable=True)``."""
 
@@ -118,7 +126,7 @@ def resolve_reward(spec: str) -> tuple[Callable[..., RewardFn], bool]:
         if spec not in _REGISTRY:
             close = difflib.get_close_matches(spec, list(_REGISTRY), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise KeyError(
+            raise UnknownRewardError(
                 f"unknown reward {spec!r}.{hint} Built-in rewards: {', '.join(sorted(_REGISTRY))}; "
                 "or give a path to your own script, e.g. rewards/my_reward.py"
             )
@@ -141,7 +149,7 @@ def resolve_reward(spec: str) -> tuple[Callable[..., RewardFn], bool]:
     if name is None and len(registered) == 1:
         return _REGISTRY[registered[0]].factory, _REGISTRY[registered[0]].differentiable
     if name is None or not callable(getattr(module, name, None)):
-        raise AttributeError(
+        raise UnknownRewardError(
             f"reward script {path} defines no {attr!r}"
             if attr
             else f"reward script {path} defines neither reward_fn(images, prompts, metadata) nor make_reward(**kwargs)"

@@ -324,6 +324,20 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert not list(tmp_path.rglob("checkpoints"))
 
 
+def test_sample_cli_bad_reward_is_one_line(tmp_path, capsys):
+    base = ["sample", "--model", "tiny", "--prompt", "a cat", "--out", str(tmp_path / "s"), "--guide", "best-of-n"]
+    for extra, expect in [
+        (["--reward", "jpeg_compresibility"], "unknown reward 'jpeg_compresibility'. Did you mean 'jpeg_compressibility'"),
+        (["--reward", "jpeg_compressibility", "--reward-kwargs", "{quality: 80}"], "--reward-kwargs is not valid JSON"),
+        (["--reward", "jpeg_compressibility", "--reward-kwargs", "[80]"], "must be a JSON object"),
+    ]:
+        rc = cli_main(base + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("flowrl: error: ") and expect in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()
+
+
 # ------------------------------------------------------------------ reward output
 IMAGES = torch.rand(3, 3, 8, 8)
 PROMPTS = ["a cat", "a dog", "a cow"]

@@ -91,7 +91,9 @@ def evaluate_robot(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"flowrl evaluate: --guide {args.guide} needs --reward, one of {sorted(ACTION_REWARDS)}"
             )
-        kwargs = json.loads(args.reward_kwargs)
+        from flowrl.cli import reward_kwargs
+
+        kwargs = reward_kwargs(args)
         if args.reward == "simulated_return":
             kwargs.setdefault("env_id", cfg.env.id)
         reward = ACTION_REWARDS[args.reward](**kwargs)
