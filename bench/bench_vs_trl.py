@@ -152,12 +152,92 @@ def flowrl_worker(args: dict) -> None:
     print("FLOWRL_RESULT " + json.dumps(out), flush=True)
 
 
+# ---------------------------------------------------------------------- the network's own limit
+def limit_worker(args: dict) -> None:
+    """The networks alone doing one epoch's compute, with no trainer around them; prints
+    ``LIMIT_RESULT {...}`` in the same row format as the two trainers.
+
+    Per epoch: for each sampling batch, the text encoder on the (negative +) positive prompts, K
+    UNet forwards of the (CFG-doubled) batch in inference mode, one VAE decode; then for each
+    train minibatch one forward of all its (sample, timestep) pairs (CFG-doubled) with grad, a
+    scalar loss, backward and an AdamW step on the LoRA weights. Scheduler arithmetic, log-probs,
+    the reward and advantages are left out: this is what any trainer of this epoch must at least
+    spend, so trl's time over it bounds the speed-up any implementation can have over trl.
+    """
+    import time
+
+    import torch
+
+    torch.set_num_threads(args["threads"])
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    s = SETTINGS
+    pipe = StableDiffusionPipeline.from_pretrained(args["pretrained"], safety_checker=None)
+    unet, vae, text_encoder, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=s["lora_rank"],
+            lora_alpha=s["lora_rank"],
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s["learning_rate"])
+    cfg = args["guidance_scale"] > 1.0
+    B, K, n_batches = s["sample_batch_size"], s["num_steps"], s["num_batches_per_epoch"]
+    lat = unet.config.sample_size
+    g = torch.Generator().manual_seed(s["seed"])
+    timesteps = torch.linspace(999, 0, K).round().long()
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return text_encoder(ids.input_ids)[0]
+
+    rows = []
+    for epoch in range(args["num_epochs"]):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            embeds = []
+            for _ in range(n_batches):
+                prompts = [args["prompts"][i % len(args["prompts"])] for i in range(B)]
+                e = encode(([""] * B if cfg else []) + prompts)
+                x = torch.randn(B, 4, lat, lat, generator=g)
+                for t in timesteps:
+                    xin = torch.cat([x, x]) if cfg else x
+                    eps = unet(xin, t, encoder_hidden_states=e).sample
+                    x = x - 0.01 * eps[-B:]
+                vae.decode(x / vae.config.scaling_factor)
+                embeds.append(e.clone())
+        t1 = time.perf_counter()
+        n_train = B * n_batches // s["train_batch_size"]
+        for i in range(n_train):
+            e = embeds[i % n_batches]
+            mb = s["train_batch_size"] * (2 if cfg else 1)
+            ctx = e[:mb].repeat(K, 1, 1)
+            xin = torch.randn(K * mb, 4, lat, lat, generator=g)
+            tin = timesteps.repeat_interleave(mb)
+            loss = unet(xin, tin, encoder_hidden_states=ctx).sample.square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        n = B * n_batches
+        rows.append(
+            {"epoch": epoch, "samples": n, "time": t2 - t0, "time_sample": t1 - t0, "time_train": t2 - t1, "samples_per_s": n / (t2 - t0)}
+        )
+    print("LIMIT_RESULT " + json.dumps({"rows": rows}), flush=True)
+
+
 # ---------------------------------------------------------------------- driver
 def run_worker(side: str, payload: dict, log: Path) -> dict:
     """Run one side in a fresh process; return its parsed result (raise with the log tail on failure)."""
-    if side == "flowrl":
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--flowrl-worker", json.dumps(payload)]
-        marker = "FLOWRL_RESULT "
+    if side in ("flowrl", "limit"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), f"--{side}-worker", json.dumps(payload)]
+        marker = f"{side.upper()}_RESULT "
     else:
         cmd = [str(TRL_PYTHON), str(REPO / "bench" / "_trl_ddpo_worker.py"), json.dumps(payload)]
         marker = "TRL_RESULT "
@@ -206,10 +286,14 @@ def main() -> None:
         "--quiet-timeout", type=float, default=60.0, help="seconds to wait for a quiet machine per run"
     )
     ap.add_argument("--flowrl-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--limit-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.flowrl_worker is not None:
         flowrl_worker(json.loads(args.flowrl_worker))
+        return
+    if args.limit_worker is not None:
+        limit_worker(json.loads(args.limit_worker))
         return
     if not TRL_PYTHON.exists():
         sys.exit(f"{TRL_PYTHON} not found: run `bash bench/setup_trl_env.sh` first")
@@ -226,9 +310,9 @@ def main() -> None:
     results = []
     disturbed = 0.0
     for g in args.guidance:
-        runs: dict[str, list[dict]] = {"flowrl": [], "trl": []}
+        runs: dict[str, list[dict]] = {"flowrl": [], "trl": [], "limit": []}
         for r in range(args.rounds):
-            order = ("flowrl", "trl") if r % 2 == 0 else ("trl", "flowrl")
+            order = ("flowrl", "trl", "limit") if r % 2 == 0 else ("limit", "trl", "flowrl")
             for side in order:
                 out_dir = work / f"runs_{side}_g{g}_r{r}"
                 payload = dict(
@@ -267,8 +351,8 @@ def main() -> None:
                     + f" (other processes: {busy.cores:.2f} cores)",
                     flush=True,
                 )
-        f, t = summarize(runs["flowrl"]), summarize(runs["trl"])
-        results.append((g, f, t))
+        f, t, lim = summarize(runs["flowrl"]), summarize(runs["trl"]), summarize(runs["limit"])
+        results.append((g, f, t, lim))
         tp = {runs["flowrl"][0]["trainable_params"], runs["trl"][0]["trainable_params"]}
         if len(tp) != 1:
             print(
@@ -290,7 +374,7 @@ def main() -> None:
         "| flowrl s/epoch (sample + train) | trl s/epoch (sample + train) |"
     )
     print("|----:|---:|---:|---:|---:|---:|---:|")
-    for g, f, t in results:
+    for g, f, t, _ in results:
         mark = " *" if g <= 1.0 else ""
         print(
             f"| {g:.1f}{mark} | {f['pooled']:.2f} | {t['pooled']:.2f} | {f['pooled'] / t['pooled']:.2f} "
@@ -298,7 +382,18 @@ def main() -> None:
             f"| {f['sec_epoch']:.2f} ({f['sec_sample']:.2f} + {f['sec_train']:.2f}) "
             f"| {t['sec_epoch']:.2f} ({t['sec_sample']:.2f} + {t['sec_train']:.2f}) |"
         )
-    if any(g <= 1.0 for g, _, _ in results):
+    print(
+        "\nThe networks alone (limit_worker: the same epoch's forwards, decodes, backward and AdamW "
+        "steps, no trainer):\n"
+    )
+    print("| CFG | limit samples/s | limit s/epoch (sample + train) | flowrl / limit (time) | trl / limit (time) = most any trainer can gain over trl |")
+    print("|----:|---:|---:|---:|---:|")
+    for g, f, t, lim in results:
+        print(
+            f"| {g:.1f} | {lim['pooled']:.2f} | {lim['sec_epoch']:.2f} ({lim['sec_sample']:.2f} + {lim['sec_train']:.2f}) "
+            f"| {lim['pooled'] / f['pooled']:.2f} | {lim['pooled'] / t['pooled']:.2f} |"
+        )
+    if any(g <= 1.0 for g, *_ in results):
         print(
             "\n* trl at CFG <= 1 needs the _encode_prompt shim in bench/_trl_ddpo_worker.py (see the docstring)."
         )
