@@ -16,7 +16,11 @@ The table gives seconds per epoch update (median) and the ratios per-step / limi
 batched / limit (issue 9's target: batched / limit <= 1.15), and per-step / batched, the gain of
 timestep batching itself.
 
-    python bench/bench_train_step.py [--steps 10] [--samples 32] [--train-batch 8] [--lora 4]
+With ``--compile`` a fourth trainer runs with ``train.compile=true`` (the denoiser compiled in
+place by torch.compile; compile time is spent in the warmup and reported) and the sampling phase
+(``Trainer.sample_epoch``) is timed too, eager vs compiled.
+
+    python bench/bench_train_step.py [--steps 10] [--samples 32] [--train-batch 8] [--lora 4] [--compile]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quiet-timeout", type=float, default=60.0)
+    ap.add_argument("--compile", action="store_true", help="also time a trainer with train.compile=true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -67,6 +72,13 @@ def main() -> None:
         )
         for name, j in (("per-step", 1), ("batched", 0))
     }
+    if args.compile:
+        trainers["compiled"] = Trainer(
+            load_config(
+                str(tasks_dir() / "jpeg_tiny.yaml"), common + ["train.timestep_batch=0", "train.compile=true"]
+            ),
+            "compiled",
+        )
     ref = trainers["batched"]
     chain = ref.sample_epoch(0)
     chain.advantages, _ = ref.compute_advantages(chain)
@@ -95,9 +107,16 @@ def main() -> None:
         "batched": lambda: trainers["batched"].train_epoch(0, chain),
         "limit": limit,
     }
+    if args.compile:
+        runs["compiled"] = lambda: trainers["compiled"].train_epoch(0, chain)
+        runs["sample eager"] = lambda: ref.sample_epoch(1)
+        runs["sample compiled"] = lambda: trainers["compiled"].sample_epoch(1)
+    warm: dict[str, float] = {}
     for _ in range(args.warmup):
-        for fn in runs.values():
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
             fn()
+            warm[name] = warm.get(name, 0.0) + time.perf_counter() - t0
     wait_for_quiet(timeout_s=args.quiet_timeout)
     times: dict[str, list[float]] = {k: [] for k in runs}
     with ForeignCPU() as busy:
@@ -116,8 +135,17 @@ def main() -> None:
     print("| run | s / epoch | vs limit | min (s) |")
     print("|---|---:|---:|---:|")
     for name in runs:
-        print(f"| {name} | {med[name]:.3f} | {med[name] / med['limit']:.3f} | {min(times[name]):.3f} |")
+        if not name.startswith("sample"):
+            print(f"| {name} | {med[name]:.3f} | {med[name] / med['limit']:.3f} | {min(times[name]):.3f} |")
     print(f"\ntimestep batching: per-step / batched = {med['per-step'] / med['batched']:.2f}x")
+    if args.compile:
+        print(
+            f"torch.compile: update batched / compiled = {med['batched'] / med['compiled']:.2f}x, "
+            f"sampling eager / compiled = {med['sample eager'] / med['sample compiled']:.2f}x "
+            f"({med['sample eager']:.3f} vs {med['sample compiled']:.3f} s per sampled epoch); "
+            f"warmup (compiling) took {warm['compiled'] + warm['sample compiled']:.0f} s "
+            f"vs {warm['batched'] + warm['sample eager']:.0f} s eager"
+        )
     note = "  WARNING: timings disturbed, rerun on a quiet machine" if busy.cores > 0.3 else ""
     print(f"most CPU used by other processes while timing: {busy.cores:.2f} cores{note}")
 

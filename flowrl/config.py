@@ -143,6 +143,11 @@ class TrainConfig:
     timestep_batch: int = 1
     # recompute activations in the backward pass (less memory, more time)
     gradient_checkpointing: bool = False
+    # torch.compile the denoiser in place, static shapes (sampling, training and the LoRA-disabled
+    # reference each get their graph; names and checkpoints are unchanged). The first epoch pays
+    # the compile: ~110 s for the tiny CPU model, which then samples 1.2x and trains 1.09x faster
+    # (LoRA, CFG; full fine-tuning 1.00x). For long runs; bench/bench_train_step.py --compile
+    compile: bool = False
     # a non-finite reward, advantage, log-prob, loss or gradient: stop (raise, naming the epoch,
     # step and prompts) or skip (no update from that batch or epoch; counted as skipped_updates)
     on_nonfinite: str = "stop"

@@ -142,6 +142,10 @@ class Trainer:
                     "set train.gradient_checkpointing=false"
                 )
             self.adapter.denoiser.enable_gradient_checkpointing()
+        if t.compile:
+            # in place (nn.Module.compile): parameter names, state dicts, LoRA adapter switching
+            # and the DDP wrapper all see the same module; only its forward is compiled
+            self.adapter.denoiser.compile(dynamic=False)  # static shapes: one graph per batch shape
         self.reward = Reward(
             [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in cfg.rewards],
             device=self.device,
