@@ -1,6 +1,6 @@
 """DDPO, GRPO, LOOP and REINFORCE on the digits task, at equal reward queries.
 
-python examples/compare_algorithms.py                  # about N minutes on 2 CPU cores
+python examples/compare_algorithms.py                  # about 2.5 minutes on 2 CPU cores (15 epochs each)
 python examples/compare_algorithms.py --epochs 2 --out /tmp/compare
 
 Every algorithm fine-tunes the same pre-trained digits model (tasks/digits.yaml) with the same
