@@ -60,6 +60,24 @@ def test_flow_ode_matches_diffusers_euler(pipes):
         assert torch.isnan(chain.log_probs).all()
 
 
+def test_flow_schedule_with_dynamic_shifting_matches_the_sd3_pipeline(pipes):
+    """A scheduler with use_dynamic_shifting (shift from the image token count): the sampler's
+    sigmas are those StableDiffusion3Pipeline itself sets for the same number of steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = copy.deepcopy(pipes["sd3"])
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256
+    )
+    adapter = build_adapter(pipe, "sd3", "frozen")
+    with torch.no_grad():
+        pipe(PROMPTS[:1], num_inference_steps=6, guidance_scale=1.0, output_type="latent")
+    sampler = build_sampler("flow_sde", adapter.scheduler_config, 6)
+    torch.testing.assert_close(sampler.sigmas, pipe.scheduler.sigmas.float(), rtol=0, atol=1e-6)
+    base = build_sampler("flow_sde", {**adapter.scheduler_config, "_image_seq_len": 16}, 6)
+    assert not torch.allclose(base.sigmas, sampler.sigmas)  # the token count matters here
+
+
 def test_flow_sde_step_equals_hand_written_gaussian():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -83,6 +83,10 @@ class SD3Adapter(DenoiserAdapter):
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
         self.max_sequence_length = max_sequence_length
+        # a scheduler with dynamic shifting sets its shift from the image token count, as
+        # StableDiffusion3Pipeline does: (latent side / patch size)^2 at the default resolution
+        c = self.transformer.config
+        self.scheduler_config.update(_image_seq_len=(c.sample_size // c.patch_size) ** 2)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -54,7 +54,7 @@ class FlowSampler(ChainSampler):
         window_max_start: last allowed window start (default K // 2).
         logprob_reduction: ``"mean"`` (as Flow-GRPO) or ``"sum"``.
         image_seq_len: for schedulers with dynamic shifting, the token count that sets mu (null:
-            the config's ``_image_seq_len``, which the Flux adapter records, else base_image_seq_len).
+            the config's ``_image_seq_len``, which the SD3 and Flux adapters record, else base_image_seq_len).
         sigma_schedule: the base sigmas before shifting, as the family's pipeline chooses them:
             ``"timesteps"`` (the scheduler's own linspace over its shifted range; SD3) or ``"flux"``
             (linspace(1, 1/K, K); FluxPipeline). Null: the config's ``_sigma_schedule``, else
