@@ -33,6 +33,18 @@ def _trainer(tmp_path, *extra, name="run"):
     return Trainer(cfg, name)
 
 
+def _epoch_gradients(trainer):
+    """Sample epoch 0 and train on it with the optimizer step replaced by a recorder (so every
+    minibatch sees the sampling weights): (chain, (optimizer steps, parameters) gradients, info)."""
+    chain = trainer.sample_epoch(0)
+    chain.advantages, _ = trainer.compute_advantages(chain)
+    params = trainer.adapter.trainable_parameters()
+    seen = []
+    trainer.optimizer.step = lambda *a, **k: seen.append(torch.cat([p.grad.flatten() for p in params]))
+    info = trainer.train_epoch(0, chain)
+    return chain, torch.stack(seen), info
+
+
 @pytest.mark.parametrize("extra", [[], ["algorithm.kl_coef=0.1", "algorithm.timestep_fraction=0.75"]])
 def test_timestep_batching_gives_the_same_gradient(tmp_path, extra):
     """One step per forward (DDPO's loop), two, or all steps per forward: the same gradient at
@@ -41,16 +53,7 @@ def test_timestep_batching_gives_the_same_gradient(tmp_path, extra):
     in near-zero gradient entries into full-size differences."""
     grads = {}
     for j in (1, 2, 0):
-        trainer = _trainer(tmp_path, f"train.timestep_batch={j}", *extra, name=f"j{j}")
-        chain = trainer.sample_epoch(0)
-        chain.advantages, _ = trainer.compute_advantages(chain)
-        params = trainer.adapter.trainable_parameters()
-        seen = []
-        trainer.optimizer.step = lambda *a, seen=seen, params=params, **k: seen.append(
-            torch.cat([p.grad.flatten() for p in params])
-        )
-        trainer.train_epoch(0, chain)
-        grads[j] = torch.stack(seen)  # (optimizer steps, parameters)
+        _, grads[j], _ = _epoch_gradients(_trainer(tmp_path, f"train.timestep_batch={j}", *extra, name=f"j{j}"))
     assert grads[1].shape[0] == 2 and grads[1].norm() > 0
     for j in (2, 0):
         torch.testing.assert_close(grads[j], grads[1], rtol=0, atol=1e-5 * grads[1].abs().max().item())
@@ -125,15 +128,7 @@ def test_compile_changes_speed_not_the_update(tmp_path):
     out = {}
     for compiled in (False, True):
         trainer = _trainer(tmp_path, *extra, f"train.compile={str(compiled).lower()}", name=f"c{compiled}")
-        chain = trainer.sample_epoch(0)
-        chain.advantages, _ = trainer.compute_advantages(chain)
-        params = trainer.adapter.trainable_parameters()
-        seen = []
-        trainer.optimizer.step = lambda *a, seen=seen, params=params, **k: seen.append(
-            torch.cat([p.grad.flatten() for p in params])
-        )
-        info = trainer.train_epoch(0, chain)
-        out[compiled] = (chain, torch.stack(seen), info, sorted(trainer.adapter.trainable_state_dict()))
+        out[compiled] = (*_epoch_gradients(trainer), sorted(trainer.adapter.trainable_state_dict()))
     (c0, g0, i0, k0), (c1, g1, i1, k1) = out[False], out[True]
     assert k1 == k0 and not any("_orig_mod" in k for k in k1)
     torch.testing.assert_close(c1.latents, c0.latents, rtol=0, atol=1e-4)
