@@ -24,9 +24,9 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
-import statistics
 import time
 from pathlib import Path
 
@@ -102,8 +102,12 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--quick", action="store_true", help="two values per axis")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per point (median), after one warm-up")
-    ap.add_argument("--max-foreign", type=float, default=0.3, help="repeat a point once above this many foreign cores")
+    ap.add_argument(
+        "--epochs", type=int, default=2, help="timed epochs per point (median), after one warm-up"
+    )
+    ap.add_argument(
+        "--max-foreign", type=float, default=0.3, help="repeat a point once above this many foreign cores"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -118,7 +122,7 @@ def main() -> None:
     for axis, values in sweeps.items():
         for v in values:
             point = {**BASE, axis: v}
-            for attempt in range(2):
+            for _attempt in range(2):  # a disturbed point is measured once more
                 wait_for_quiet(timeout_s=60)
                 with ForeignCPU() as busy:
                     proc = subprocess.run(

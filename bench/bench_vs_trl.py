@@ -194,7 +194,13 @@ def limit_worker(args: dict) -> None:
     timesteps = torch.linspace(999, 0, K).round().long()
 
     def encode(prompts: list[str]) -> torch.Tensor:
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        ids = tok(
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         return text_encoder(ids.input_ids)[0]
 
     rows = []
@@ -227,7 +233,14 @@ def limit_worker(args: dict) -> None:
         t2 = time.perf_counter()
         n = B * n_batches
         rows.append(
-            {"epoch": epoch, "samples": n, "time": t2 - t0, "time_sample": t1 - t0, "time_train": t2 - t1, "samples_per_s": n / (t2 - t0)}
+            {
+                "epoch": epoch,
+                "samples": n,
+                "time": t2 - t0,
+                "time_sample": t1 - t0,
+                "time_train": t2 - t1,
+                "samples_per_s": n / (t2 - t0),
+            }
         )
     print("LIMIT_RESULT " + json.dumps({"rows": rows}), flush=True)
 
@@ -386,7 +399,9 @@ def main() -> None:
         "\nThe networks alone (limit_worker: the same epoch's forwards, decodes, backward and AdamW "
         "steps, no trainer):\n"
     )
-    print("| CFG | limit samples/s | limit s/epoch (sample + train) | flowrl / limit (time) | trl / limit (time) = most any trainer can gain over trl |")
+    print(
+        "| CFG | limit samples/s | limit s/epoch (sample + train) | flowrl / limit (time) | trl / limit (time) = most any trainer can gain over trl |"
+    )
     print("|----:|---:|---:|---:|---:|")
     for g, f, t, lim in results:
         print(

@@ -325,10 +325,26 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
 
 
 def test_sample_cli_bad_reward_is_one_line(tmp_path, capsys):
-    base = ["sample", "--model", "tiny", "--prompt", "a cat", "--out", str(tmp_path / "s"), "--guide", "best-of-n"]
+    base = [
+        "sample",
+        "--model",
+        "tiny",
+        "--prompt",
+        "a cat",
+        "--out",
+        str(tmp_path / "s"),
+        "--guide",
+        "best-of-n",
+    ]
     for extra, expect in [
-        (["--reward", "jpeg_compresibility"], "unknown reward 'jpeg_compresibility'. Did you mean 'jpeg_compressibility'"),
-        (["--reward", "jpeg_compressibility", "--reward-kwargs", "{quality: 80}"], "--reward-kwargs is not valid JSON"),
+        (
+            ["--reward", "jpeg_compresibility"],
+            "unknown reward 'jpeg_compresibility'. Did you mean 'jpeg_compressibility'",
+        ),
+        (
+            ["--reward", "jpeg_compressibility", "--reward-kwargs", "{quality: 80}"],
+            "--reward-kwargs is not valid JSON",
+        ),
         (["--reward", "jpeg_compressibility", "--reward-kwargs", "[80]"], "must be a JSON object"),
     ]:
         rc = cli_main(base + extra)

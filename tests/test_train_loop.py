@@ -53,7 +53,9 @@ def test_timestep_batching_gives_the_same_gradient(tmp_path, extra):
     in near-zero gradient entries into full-size differences."""
     grads = {}
     for j in (1, 2, 0):
-        _, grads[j], _ = _epoch_gradients(_trainer(tmp_path, f"train.timestep_batch={j}", *extra, name=f"j{j}"))
+        _, grads[j], _ = _epoch_gradients(
+            _trainer(tmp_path, f"train.timestep_batch={j}", *extra, name=f"j{j}")
+        )
     assert grads[1].shape[0] == 2 and grads[1].norm() > 0
     for j in (2, 0):
         torch.testing.assert_close(grads[j], grads[1], rtol=0, atol=1e-5 * grads[1].abs().max().item())
@@ -124,7 +126,12 @@ def test_compile_changes_speed_not_the_update(tmp_path):
     """train.compile=true (torch.compile in place): the same chain, log-probs, on-policy ratio 1
     and gradient as eager, through LoRA, CFG and the KL reference (adapter disabled), with the
     parameter names checkpoints use unchanged."""
-    extra = ["model.finetune=lora", "sampler.guidance_scale=3.0", "algorithm.kl_coef=0.1", "train.timestep_batch=0"]
+    extra = [
+        "model.finetune=lora",
+        "sampler.guidance_scale=3.0",
+        "algorithm.kl_coef=0.1",
+        "train.timestep_batch=0",
+    ]
     out = {}
     for compiled in (False, True):
         trainer = _trainer(tmp_path, *extra, f"train.compile={str(compiled).lower()}", name=f"c{compiled}")
