@@ -6,4 +6,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export FLOWRL_CACHE="${FLOWRL_CACHE:-$PWD/.cache}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check flowrl tests rewards examples bench
-python -m pytest -q "$@"
+python -m pytest -q --durations=10 "$@"
