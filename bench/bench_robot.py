@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from _cpu_load import ForeignCPU, wait_for_quiet  # bench/ is on sys.path when run as a script
 
 
 def rate(vec, seconds: float, action_steps: int, policy=None, sampler=None) -> float:
@@ -88,13 +89,19 @@ def main() -> None:
     print(
         f"{'N':>4} {'sampler':>18} {'denoise steps':>14} {'env steps/s':>12} {'raw env steps/s':>16} {'policy / raw':>12}"
     )
-    for n in args.envs:
-        vec = make_vector_env(n, env_id=args.env, obs_horizon=1, action_steps=te)
-        raw = rate(vec, args.seconds, te)
-        for name, policy, sampler, forwards in samplers:
-            r = rate(vec, args.seconds, te, policy, sampler)
-            print(f"{n:>4} {name:>18} {forwards:>14} {r:>12.0f} {raw:>16.0f} {r / raw:>12.2f}")
-        vec.close()
+    wait_for_quiet(timeout_s=60)
+    with ForeignCPU() as busy:
+        for n in args.envs:
+            vec = make_vector_env(n, env_id=args.env, obs_horizon=1, action_steps=te)
+            raw = rate(vec, args.seconds, te)
+            for name, policy, sampler, forwards in samplers:
+                r = rate(vec, args.seconds, te, policy, sampler)
+                print(
+                    f"{n:>4} {name:>18} {forwards:>14} {r:>12.0f} {raw:>16.0f} {r / raw:>12.2f}", flush=True
+                )
+            vec.close()
+    note = "  WARNING: timings disturbed, rerun on a quiet machine" if busy.cores > 0.3 else ""
+    print(f"most CPU used by other processes while timing: {busy.cores:.2f} cores{note}")
 
 
 if __name__ == "__main__":
