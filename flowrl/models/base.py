@@ -232,6 +232,49 @@ class DenoiserAdapter(nn.Module):
     denoiser_subfolder = "unet"
 
 
+class FlowTransformerAdapter(DenoiserAdapter):
+    """A diffusers pipeline's velocity-predicting transformer (SD3, Flux): the setup and LoRA
+    saving the flow families share. Subclasses name the pipeline's frozen text encoders and the
+    diffusers pipeline class whose ``save_lora_weights`` writes their LoRA files."""
+
+    denoiser_subfolder = "transformer"
+    compatible_samplers = ("flow_sde", "flow_cps")
+    text_encoders: tuple[str, ...] = ()
+    lora_pipeline = ""  # e.g. "StableDiffusion3Pipeline"
+
+    def __init__(
+        self,
+        pipeline,
+        finetune: str = "lora",
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        weight_dtype: torch.dtype = torch.float32,
+        keep_reference: bool = False,
+    ):
+        frozen = [pipeline.vae] + [getattr(pipeline, name) for name in self.text_encoders]
+        super().__init__(
+            pipeline.transformer,
+            frozen,
+            pipeline.scheduler.config,
+            finetune,
+            lora_rank,
+            lora_alpha,
+            weight_dtype,
+            keep_reference,
+        )
+        self.prediction_type = "flow"
+        self.pipeline = pipeline
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+
+    def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
+        import diffusers
+
+        getattr(diffusers, self.lora_pipeline).save_lora_weights(
+            folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+        )
+
+
 def vae_decode(vae, latents: Tensor) -> Tensor:
     """(B, 3, H, W) images in [0, 1] from latents, honouring the VAE's scaling and shift factors."""
     dtype = next(vae.parameters()).dtype

@@ -20,12 +20,10 @@ diffusers ignores private keys) for :class:`~flowrl.samplers.flow.FlowSampler`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
-from flowrl.models.base import DenoiserAdapter, vae_decode
+from flowrl.models.base import FlowTransformerAdapter, vae_decode
 
 # whole-word pieces of the tiny T5 tokenizer (the words of flowrl's prompt sets); fixed here so the
 # tiny model's vocabulary, and so its random weights, never change with the prompt sets
@@ -97,7 +95,7 @@ def build_tiny_flux_pipeline(image_size: int = 32, seed: int = 0, guidance_embed
     return pipe
 
 
-class FluxAdapter(DenoiserAdapter):
+class FluxAdapter(FlowTransformerAdapter):
     """The transformer of a FluxPipeline as a velocity-predicting policy network on unpacked latents.
 
     Args (beyond :class:`DenoiserAdapter`'s):
@@ -107,8 +105,8 @@ class FluxAdapter(DenoiserAdapter):
 
     family = "flux"
     uses_cfg = False  # dev embeds the guidance scale; schnell has none
-    denoiser_subfolder = "transformer"
-    compatible_samplers = ("flow_sde", "flow_cps")
+    text_encoders = ("text_encoder", "text_encoder_2")
+    lora_pipeline = "FluxPipeline"
     lora_target_modules = [
         "to_k",
         "to_q",
@@ -131,21 +129,7 @@ class FluxAdapter(DenoiserAdapter):
         image_size: int | None = None,
         max_sequence_length: int | None = None,
     ):
-        frozen = [pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2]
-        super().__init__(
-            pipeline.transformer,
-            frozen,
-            pipeline.scheduler.config,
-            finetune,
-            lora_rank,
-            lora_alpha,
-            weight_dtype,
-            keep_reference,
-        )
-        self.prediction_type = "flow"
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
+        super().__init__(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference)
         scale = pipeline.vae_scale_factor
         image_size = image_size or pipeline.default_sample_size * scale
         if image_size % (2 * scale):
@@ -193,10 +177,3 @@ class FluxAdapter(DenoiserAdapter):
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         return vae_decode(self.vae, latents)
-
-    def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
-        from diffusers import FluxPipeline
-
-        FluxPipeline.save_lora_weights(
-            folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
-        )

@@ -8,12 +8,10 @@ as in diffusers (``text_encoder_3=None``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 
-from flowrl.models.base import DenoiserAdapter, vae_decode
+from flowrl.models.base import FlowTransformerAdapter, vae_decode
 
 
 def build_tiny_sd3_pipeline(image_size: int = 32, seed: int = 0, shift: float = 3.0):
@@ -50,12 +48,12 @@ def build_tiny_sd3_pipeline(image_size: int = 32, seed: int = 0, shift: float = 
     )
 
 
-class SD3Adapter(DenoiserAdapter):
+class SD3Adapter(FlowTransformerAdapter):
     """The transformer of a StableDiffusion3Pipeline as a velocity-predicting policy network."""
 
     family = "sd3"
-    denoiser_subfolder = "transformer"
-    compatible_samplers = ("flow_sde", "flow_cps")
+    text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    lora_pipeline = "StableDiffusion3Pipeline"
 
     def __init__(
         self,
@@ -67,21 +65,7 @@ class SD3Adapter(DenoiserAdapter):
         keep_reference: bool = False,
         max_sequence_length: int = 128,
     ):
-        frozen = [pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2, pipeline.text_encoder_3]
-        super().__init__(
-            pipeline.transformer,
-            frozen,
-            pipeline.scheduler.config,
-            finetune,
-            lora_rank,
-            lora_alpha,
-            weight_dtype,
-            keep_reference,
-        )
-        self.prediction_type = "flow"
-        self.pipeline = pipeline
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
+        super().__init__(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference)
         self.max_sequence_length = max_sequence_length
         # a scheduler with dynamic shifting sets its shift from the image token count, as
         # StableDiffusion3Pipeline does: (latent side / patch size)^2 at the default resolution
@@ -121,10 +105,3 @@ class SD3Adapter(DenoiserAdapter):
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         return vae_decode(self.vae, latents)
-
-    def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
-        from diffusers import StableDiffusion3Pipeline
-
-        StableDiffusion3Pipeline.save_lora_weights(
-            folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
-        )
