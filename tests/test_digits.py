@@ -158,3 +158,42 @@ def test_compare_algorithms_example_runs(tmp_path):
         assert f"| {name} |" in table
         assert (out / name / "metrics.jsonl").is_file()
     assert (out / "compare.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_quickstart_command_writes_its_report(tmp_path):
+    """The README's main command, ``flowrl quickstart``, run as a user runs it (the console
+    script, one epoch): every file the README promises, and the before-fine-tuning numbers the
+    README quotes (they come from the shipped weights and a fixed seed, so any machine reproduces
+    them). A second run into the same folder stops with one error line and writes nothing."""
+    import shutil
+
+    out = tmp_path / "qs"
+    flowrl = shutil.which("flowrl") or str(Path(sys.executable).with_name("flowrl"))
+    cmd = [flowrl, "quickstart", "--epochs", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "alignment (deterministic DDIM) 0.713 ->" in proc.stdout
+    for name in ("report.md", "report.json", "before.png", "after.png", "reward_curve.png"):
+        assert (out / name).stat().st_size > 200, name
+    assert sorted(p.name for p in (out / "digits").iterdir()) == [f"digit_{d}.png" for d in range(10)]
+    rows = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0]
+    report = json.loads((out / "report.json").read_text())
+    # README: before, eta 0 0.713 (accuracy 0.705); before, eta 1 0.878
+    assert round(report["before"]["eta0"]["alignment"], 3) == 0.713
+    assert round(report["before"]["eta0"]["accuracy"], 3) == 0.705
+    assert round(report["before"]["eta1"]["alignment"], 3) == 0.878
+    for when in ("before", "after"):
+        for eta in ("eta0", "eta1"):
+            per_digit = report[when][eta]["alignment_per_digit"]
+            assert len(per_digit) == 10 and all(0.0 <= a <= 1.0 for a in per_digit)
+    assert "| **all** |" in (out / "report.md").read_text()
+
+    listing = sorted(p.relative_to(out) for p in out.rglob("*"))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"flowrl: error: quickstart: report folder {out} already exists and is not empty; pass another --out"
+    ]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == listing
