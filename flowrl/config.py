@@ -118,6 +118,13 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     # minibatches accumulated per optimizer step (each over all trained timesteps)
     gradient_accumulation_steps: int = 1
+    # learning rate after warmup, per optimizer step: constant | linear | cosine (both decay to
+    # lr_final_ratio x learning_rate at the run's last optimizer step)
+    lr_schedule: str = "constant"
+    # optimizer steps of linear warmup from learning_rate / lr_warmup_steps up to learning_rate (0 = none)
+    lr_warmup_steps: int = 0
+    # linear / cosine: the learning rate of the last optimizer step, as a fraction of learning_rate
+    lr_final_ratio: float = 0.0
 
 
 @dataclass
@@ -269,6 +276,8 @@ class TaskConfig:
             f"optim.gradient_accumulation_steps must be >= 1, got {o.gradient_accumulation_steps}; "
             "set 1 for one optimizer step per minibatch",
         )
+        problem = lr_schedule_problem(o.lr_schedule, o.lr_warmup_steps, o.lr_final_ratio, "lr_warmup_steps")
+        need(problem is None, problem or "")
         need(
             a.clip_range is None or a.clip_range > 0,
             f"algorithm.clip_range must be > 0 or null, got {a.clip_range}: a clip range <= 0 leaves no "
@@ -377,6 +386,7 @@ class TaskConfig:
 
 
 ALGORITHMS = ["ddpo", "grpo", "loop", "reinforce"]
+LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLER_NAMES = ["ddim", "flow_sde", "flow_cps", "lcm"]
 FAMILY_NAMES = ["auto", "sd", "sdxl", "sd3", "lcm", "flux"]
 
@@ -384,6 +394,23 @@ FAMILY_NAMES = ["auto", "sd", "sdxl", "sd3", "lcm", "flux"]
 def _suggest(key: str, options) -> str:
     close = difflib.get_close_matches(key, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def lr_schedule_problem(schedule: str, warmup: int, final_ratio: float, warmup_key: str) -> str | None:
+    """What is wrong with ``optim``'s learning-rate schedule fields, or None (shared by robot tasks)."""
+    if schedule not in LR_SCHEDULES:
+        return (
+            f"optim.lr_schedule: unknown schedule {schedule!r}{_suggest(schedule, LR_SCHEDULES)}; "
+            f"choose one of {list(LR_SCHEDULES)}"
+        )
+    if warmup < 0:
+        return f"optim.{warmup_key} must be >= 0, got {warmup}; set 0 for no warmup"
+    if not 0 <= final_ratio <= 1:
+        return (
+            f"optim.lr_final_ratio must be in [0, 1], got {final_ratio}: it is the last step's learning rate "
+            "as a fraction of the base one; set e.g. optim.lr_final_ratio=0.1"
+        )
+    return None
 
 
 def _type_name(tp) -> str:

@@ -25,6 +25,7 @@ from flowrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from flowrl.config import ConfigError, TaskConfig, config_to_dict
 from flowrl.core.advantages import PerPromptStatTracker, group_advantages, leave_one_out_advantages
 from flowrl.core.losses import gaussian_kl, policy_loss
+from flowrl.core.schedule import lr_factor, set_lr
 from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
 from flowrl.prompts import load_prompts
 from flowrl.report import MetricsWriter, plot_reward_curve, save_image_grid
@@ -158,6 +159,9 @@ class Trainer:
             params, lr=o.learning_rate, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps
         )
         self.net, self.optimizer = acc.prepare(self.adapter.denoiser, optimizer)
+        n_mb = t.sample_batch_size * t.num_batches_per_epoch // t.train_batch_size
+        # optimizer steps in the whole run, the length of the learning-rate schedule
+        self.total_steps = t.num_epochs * a.inner_epochs * math.ceil(n_mb / o.gradient_accumulation_steps)
         self.stat_tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
         self.ema = EMA(self.adapter.trainable_state_dict(), t.ema_decay) if t.ema else None
         self.start_epoch, self.global_step = 0, 0
@@ -399,6 +403,10 @@ class Trainer:
                         skipped += 1
                         bad.zero_()
                         continue
+                    factor = lr_factor(
+                        self.global_step, self.total_steps, o.lr_warmup_steps, o.lr_schedule, o.lr_final_ratio
+                    )
+                    set_lr(self.optimizer, [o.learning_rate], factor)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step += 1
@@ -407,6 +415,7 @@ class Trainer:
                         self.ema.update(self.adapter.trainable_state_dict())
         out = {k: (v / count).item() for k, v in sums.items()}
         out["grad_norm"] = torch.stack(grad_norms).mean().item() if grad_norms else float("nan")
+        out["lr"] = self.optimizer.param_groups[0]["lr"]  # of the epoch's last optimizer step
         if skipped:
             out["skipped_updates"] = skipped
         return out

@@ -96,6 +96,7 @@ def test_resume_is_exact(bc, family):
         "train.save_every=2",
         "algorithm.minibatch_size=64",
         "algorithm.bc_coef=0.1",  # DPPO's optional BC regularization on the demonstrations, resumed too
+        "optim.lr_warmup_iterations=3",  # a learning-rate warmup across the resume
     ]
     straight, rows = _finetune(task, root, f"straight_{family}", [*tiny, "train.num_iterations=4"])
     _finetune(task, root, f"resumed_{family}", [*tiny, "train.num_iterations=2"])
@@ -108,6 +109,10 @@ def test_resume_is_exact(bc, family):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert rows[-1]["loss_pg"] == rows_b[-1]["loss_pg"] and rows[-1]["env_steps"] == rows_b[-1]["env_steps"]
     assert rows[-1]["loss_bc"] > 0
+    o = straight.cfg.optim
+    warm = [(i + 1) / 3 if i < 3 else 1.0 for i in range(4)]
+    assert [r["actor_lr"] for r in rows[1:]] == pytest.approx([o.actor_lr * w for w in warm])
+    assert [r["critic_lr"] for r in rows_b[-2:]] == pytest.approx([o.critic_lr * w for w in warm[2:]])
     # a checkpoint folder is also a policy folder: the fine-tuned policy loads on its own
     policy = load_policy(resumed.run_dir / "checkpoints" / "epoch_000004")
     obs, sampler = torch.randn(3, 1, 4), resumed.sampler

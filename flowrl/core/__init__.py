@@ -7,6 +7,7 @@ from flowrl.core.advantages import (
 )
 from flowrl.core.gae import generalized_advantage_estimate
 from flowrl.core.losses import gaussian_entropy, gaussian_kl, policy_loss
+from flowrl.core.schedule import lr_factor, set_lr
 
 __all__ = [
     "PerPromptStatTracker",
@@ -15,5 +16,7 @@ __all__ = [
     "generalized_advantage_estimate",
     "group_advantages",
     "leave_one_out_advantages",
+    "lr_factor",
     "policy_loss",
+    "set_lr",
 ]

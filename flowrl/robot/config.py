@@ -11,7 +11,15 @@ from pathlib import Path
 
 import yaml
 
-from flowrl.config import ConfigError, _from_dict, _set_path, _suggest, parse_overrides, resolve_task_path
+from flowrl.config import (
+    ConfigError,
+    _from_dict,
+    _set_path,
+    _suggest,
+    lr_schedule_problem,
+    parse_overrides,
+    resolve_task_path,
+)
 
 
 @dataclass
@@ -169,6 +177,13 @@ class RobotOptimConfig:
     weight_decay: float = 0.0
     # gradient-norm clip, applied to policy and value network separately
     max_grad_norm: float = 1.0
+    # learning rates of both networks after warmup, per iteration: constant | linear | cosine (both
+    # decay to lr_final_ratio x the base rate at the last iteration)
+    lr_schedule: str = "constant"
+    # iterations of linear warmup of both learning rates (0 = none; DPPO's schedulers warm up too)
+    lr_warmup_iterations: int = 0
+    # linear / cosine: the learning rates of the last iteration, as a fraction of the base rates
+    lr_final_ratio: float = 0.0
     # hidden widths of the value network (DPPO/ReinFlow: [256, 256, 256])
     critic_hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 256])
 
@@ -321,6 +336,11 @@ class RobotTaskConfig:
             f"optim.actor_lr and optim.critic_lr must be > 0, got {self.optim.actor_lr} and "
             f"{self.optim.critic_lr}; DPPO uses optim.actor_lr=1e-4 and optim.critic_lr=1e-3",
         )
+        o = self.optim
+        problem = lr_schedule_problem(
+            o.lr_schedule, o.lr_warmup_iterations, o.lr_final_ratio, "lr_warmup_iterations"
+        )
+        need(problem is None, problem or "")
         for key in ("num_iterations", "num_envs", "n_steps"):
             need(
                 getattr(t, key) >= 1,

@@ -31,6 +31,7 @@ from flowrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from flowrl.config import ConfigError, config_to_dict
 from flowrl.core.gae import generalized_advantage_estimate
 from flowrl.core.losses import gaussian_entropy, policy_loss
+from flowrl.core.schedule import lr_factor, set_lr
 from flowrl.report import MetricsWriter
 from flowrl.robot.config import RobotTaskConfig
 from flowrl.robot.envs import executed_steps, make_vector_env
@@ -261,6 +262,10 @@ class RobotTrainer:
         B, K = len(chain), chain.num_steps
         returns, old_values = chain.metadata["returns"], chain.metadata["values"]
         train_actor = iteration >= a.critic_warmup_iterations
+        factor = lr_factor(
+            iteration, t.num_iterations, o.lr_warmup_iterations, o.lr_schedule, o.lr_final_ratio
+        )
+        set_lr(self.optimizer, [o.actor_lr, o.critic_lr], factor)
         g = torch.Generator().manual_seed(_seed_for(t.seed, iteration, 2))
         self.policy.train()
         sums: dict[str, float] = {}
@@ -323,7 +328,13 @@ class RobotTrainer:
         out = {k: v / count for k, v in sums.items()}
         with torch.no_grad():
             explained = 1 - (returns - old_values).var() / returns.var().clamp(min=1e-8)
-        out.update(explained_variance=float(explained), stopped_early=stopped_early, updates=count)
+        out.update(
+            explained_variance=float(explained),
+            stopped_early=stopped_early,
+            updates=count,
+            actor_lr=self.optimizer.param_groups[0]["lr"],
+            critic_lr=self.optimizer.param_groups[1]["lr"],
+        )
         return out
 
     def _policy_terms(self, sub: Chain, adv: torch.Tensor, steps: torch.Tensor | None, K: int) -> dict:
