@@ -131,38 +131,13 @@ def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
 def build_digits_pipeline(seed: int = 0):
     """The digits model's pipeline with random weights: a ``StableDiffusionPipeline`` whose
     ``vae`` is None (pixel space), a 1-channel 8x8 UNet and a 2-layer CLIP text encoder."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from flowrl.models.tokenizer import CLIP_VOCAB_SIZE, offline_clip_tokenizer
+    from flowrl.models.tiny import tiny_clip_text_encoder, tiny_unet
+    from flowrl.models.tokenizer import offline_clip_tokenizer
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    unet = tiny_unet(8, 1, TEXT_WIDTH, seed)
+    text_encoder = tiny_clip_text_encoder(TEXT_WIDTH, seed + 1, intermediate_size=64)
     # Stable Diffusion's DDIM settings (steps_offset=1, set_alpha_to_one=False keep every DDIM
     # step's std > 0 at eta > 0) with DDPM's linear betas, which leave no signal at t = T.
     scheduler = DDIMScheduler(

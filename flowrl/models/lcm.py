@@ -17,24 +17,11 @@ from flowrl.models.sd import StableDiffusionAdapter
 
 def build_tiny_lcm_pipeline(image_size: int = 32, seed: int = 0):
     """A LatentConsistencyModelPipeline of real diffusers classes with tiny random weights."""
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
-    from flowrl.models.tiny import tiny_clip_text_encoder, tiny_tokenizer, tiny_vae
+    from flowrl.models.tiny import tiny_clip_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        time_cond_proj_dim=32,
-    )
+    unet = tiny_unet(image_size // 2, 4, 32, seed, time_cond_proj_dim=32)  # LCM's guidance embedding
     scheduler = LCMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

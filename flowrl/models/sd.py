@@ -36,67 +36,27 @@ def build_tiny_sd_pipeline(
     models in diffusers' own tests so that it runs in milliseconds on a CPU. The VAE halves the
     resolution: a 32x32 image has 4x16x16 latents.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
-    from flowrl.models.tokenizer import CLIP_VOCAB_SIZE, offline_clip_tokenizer
+    from flowrl.models.tiny import (
+        sd_ddim_scheduler,
+        tiny_clip_text_encoder,
+        tiny_tokenizer,
+        tiny_unet,
+        tiny_vae,
+    )
 
     if image_size % 8:
         raise ValueError(f"tiny pipeline image_size must be a multiple of 8, got {image_size}")
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=image_size,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=cross_attention_dim,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    # Stable Diffusion's own scheduler config (steps_offset=1, set_alpha_to_one=False): with
-    # them the last DDIM step keeps a non-zero std, so its log-prob is finite at eta > 0.
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    unet = tiny_unet(image_size // 2, 4, cross_attention_dim, seed)
+    vae = tiny_vae(image_size, 4, seed + 1)
+    text_encoder = tiny_clip_text_encoder(cross_attention_dim, seed + 2)
+    scheduler = sd_ddim_scheduler(prediction_type)
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=offline_clip_tokenizer(),
+        tokenizer=tiny_tokenizer(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,

@@ -19,37 +19,29 @@ from flowrl.models.sd import StableDiffusionAdapter
 
 def build_tiny_sdxl_pipeline(image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon"):
     """A StableDiffusionXLPipeline of real diffusers classes with tiny random weights."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
-    from flowrl.models.tiny import tiny_clip_text_encoder, tiny_tokenizer, tiny_vae
+    from flowrl.models.tiny import (
+        sd_ddim_scheduler,
+        tiny_clip_text_encoder,
+        tiny_tokenizer,
+        tiny_unet,
+        tiny_vae,
+    )
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = tiny_unet(
+        image_size // 2,
+        4,
+        64,  # = 32 (CLIP-L) + 32 (CLIP-G) hidden sizes
+        seed,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8 + pooled projection
-        cross_attention_dim=64,  # = 32 (CLIP-L) + 32 (CLIP-G) hidden sizes
-        norm_num_groups=32,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd_ddim_scheduler(prediction_type)
     # decoder_offset: about 10x the untrained model's final latents as the VAE sees them (std 4.9 / 0.18215
     # scaling factor), so the JPEG size of its images follows their scale (see tiny_vae)
     return StableDiffusionXLPipeline(

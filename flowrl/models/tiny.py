@@ -8,16 +8,59 @@ import torch
 from flowrl.models.tokenizer import CLIP_VOCAB_SIZE, offline_clip_tokenizer
 
 
+def tiny_unet(sample_size: int, channels: int = 4, cross_attention_dim: int = 32, seed: int = 0, **overrides):
+    """A UNet2DConditionModel sized like diffusers' tests: two blocks of (32, 64) channels, one
+    layer each, cross-attention in the inner block. ``overrides`` change or add config keys
+    (SDXL's added conditioning, LCM's guidance embedding)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**config, **overrides})
+
+
+def sd_ddim_scheduler(prediction_type: str = "epsilon"):
+    """Stable Diffusion's own DDIM config. steps_offset=1 and set_alpha_to_one=False keep the last
+    DDIM step's std above 0, so its log-prob is finite at eta > 0."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
 def tiny_clip_text_encoder(
-    hidden_size: int = 32, seed: int = 0, with_projection: bool = False, projection_dim: int = 32
+    hidden_size: int = 32,
+    seed: int = 0,
+    with_projection: bool = False,
+    projection_dim: int = 32,
+    intermediate_size: int = 37,
 ):
+    """A 2-layer CLIP text encoder over the real CLIP vocabulary (optionally with projection)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=hidden_size,
-        intermediate_size=37,
+        intermediate_size=intermediate_size,
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=77,
@@ -90,27 +133,5 @@ class PixelPipeline:
 def build_tiny_pixel_pipeline(image_size: int = 16, channels: int = 3, seed: int = 0) -> PixelPipeline:
     """A random text-conditional UNet that denoises images directly (samples in [-1, 1]), with SD's
     DDIM schedule: every pixel is controllable, which makes cheap rewards (brightness) responsive."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=image_size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return PixelPipeline(unet, tiny_clip_text_encoder(32, seed + 2), tiny_tokenizer(), scheduler)
+    unet = tiny_unet(image_size, channels, 32, seed)
+    return PixelPipeline(unet, tiny_clip_text_encoder(32, seed + 2), tiny_tokenizer(), sd_ddim_scheduler())
