@@ -61,6 +61,14 @@ def plot_reward_curve(
     ax.fill_between(x, mean - std, mean + std, alpha=0.2, label="+/- 1 std")
     ax.set_xlabel(x_key)
     ax.set_ylabel("reward")
+    finish_plot(fig, ax, title, path)
+
+
+def finish_plot(fig, ax, title: str, path: str | os.PathLike) -> None:
+    """Title, grid and legend, then write the figure as a PNG atomically (a reader of ``path``
+    never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

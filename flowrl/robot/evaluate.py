@@ -12,6 +12,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from flowrl.report import finish_plot
 from flowrl.robot.envs import make_env, make_vector_env
 from flowrl.robot.policy import ChunkPolicy
 
@@ -122,14 +123,7 @@ def plot_learning_curve(rows: list[dict], path: str | os.PathLike, title: str) -
         ax.fill_between(x, m - s, m + s, alpha=0.2)
     ax.set_xlabel("environment steps")
     ax.set_ylabel("episode return")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    finish_plot(fig, ax, title, path)
 
 
 def render_available() -> bool:
