@@ -67,8 +67,19 @@ class DenoiserAdapter(nn.Module):
         for module in frozen:
             if module is not None:
                 module.requires_grad_(False)
-                if weight_dtype != torch.float32:
+                # a VAE that says force_upcast (SDXL's, SD's) overflows to NaN images in fp16, so
+                # diffusers' pipelines decode with it in float32; keep it there
+                upcast = weight_dtype == torch.float16 and getattr(
+                    getattr(module, "config", None), "force_upcast", False
+                )
+                if weight_dtype != torch.float32 and not upcast:
                     module.to(dtype=weight_dtype)
+                    # and what transformers itself keeps in float32 (T5's feed-forward output
+                    # projections "wo", which overflow in fp16)
+                    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+                    for name, sub in module.named_modules():
+                        if keep and any(k in name.split(".") for k in keep):
+                            sub.float()
         if finetune == "lora":
             from peft import LoraConfig
 
@@ -266,6 +277,8 @@ class FlowTransformerAdapter(DenoiserAdapter):
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
+        for name in self.text_encoders:  # submodules, so that adapter.to(device) moves them too
+            setattr(self, name, getattr(pipeline, name))
 
     def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
         import diffusers

@@ -52,10 +52,13 @@ class LCMAdapter(StableDiffusionAdapter):
     def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:
         embeds = self.encode_prompts(prompts)
         dim = self.unet.config.time_cond_proj_dim
-        w = torch.full((len(prompts),), guidance_scale - 1.0, device=embeds.device)
+        # on the CPU, as diffusers' LCM pipeline does: get_guidance_scale_embedding builds its
+        # frequencies there, so a CUDA w would meet a CPU tensor
+        w = torch.full((len(prompts),), guidance_scale - 1.0)
         cond = {"prompt_embeds": embeds}
         if dim is not None:
-            cond["timestep_cond"] = self.pipeline.get_guidance_scale_embedding(w, embedding_dim=dim).float()
+            emb = self.pipeline.get_guidance_scale_embedding(w, embedding_dim=dim)
+            cond["timestep_cond"] = emb.float().to(embeds.device)
         return cond
 
     def _call(self, net: nn.Module, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:

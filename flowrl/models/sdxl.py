@@ -63,9 +63,10 @@ class SDXLAdapter(StableDiffusionAdapter):
 
     def __init__(self, pipeline, *args, **kwargs):
         super().__init__(pipeline, *args, **kwargs)
-        pipeline.text_encoder_2.requires_grad_(False)
+        self.text_encoder_2 = pipeline.text_encoder_2  # a submodule, so adapter.to(device) moves it
+        self.text_encoder_2.requires_grad_(False)
         if self.weight_dtype != torch.float32:
-            pipeline.text_encoder_2.to(dtype=self.weight_dtype)
+            self.text_encoder_2.to(dtype=self.weight_dtype)
 
     @property
     def image_size(self) -> int:
