@@ -104,7 +104,7 @@ def _sample(args: argparse.Namespace) -> int:
         noise_level=noise,
         deterministic=noise == 0,
     )
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chain = None

@@ -55,7 +55,7 @@ def measure_alignment(
     digits = torch.arange(10).repeat_interleave(samples_per_digit)  # (N,)
     prompts = [digit_prompt(int(d)) for d in digits]
     sampler = DDIMSampler(scheduler_config, num_steps, eta)
-    gen = torch.Generator(device=adapter.device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     chain = sampler.sample(adapter, prompts, guidance_scale, generator=gen)
     images = adapter.decode(chain.latents[:, -1]).cpu()
     # the digit_alignment reward, p(named digit | image), and the classifier's accuracy

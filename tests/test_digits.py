@@ -164,8 +164,9 @@ def test_compare_algorithms_example_runs(tmp_path):
 def test_quickstart_command_writes_its_report(tmp_path):
     """The README's main command, ``flowrl quickstart``, run as a user runs it (the console
     script, one epoch): every file the README promises, and the before-fine-tuning numbers the
-    README quotes (they come from the shipped weights and a fixed seed, so any machine reproduces
-    them). A second run into the same folder stops with one error line and writes nothing."""
+    README quotes (they come from the shipped weights and CPU-seeded noise, so any CPU reproduces
+    them to the digit; a GPU's arithmetic moves them slightly). A second run into the same folder
+    stops with one error line and writes nothing."""
     import shutil
 
     out = tmp_path / "qs"
@@ -173,7 +174,6 @@ def test_quickstart_command_writes_its_report(tmp_path):
     cmd = [flowrl, "quickstart", "--epochs", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "alignment (deterministic DDIM) 0.713 ->" in proc.stdout
     for name in ("report.md", "report.json", "before.png", "after.png", "reward_curve.png"):
         assert (out / name).stat().st_size > 200, name
     assert sorted(p.name for p in (out / "digits").iterdir()) == [f"digit_{d}.png" for d in range(10)]
@@ -181,9 +181,11 @@ def test_quickstart_command_writes_its_report(tmp_path):
     assert [r["epoch"] for r in rows] == [0]
     report = json.loads((out / "report.json").read_text())
     # README: before, eta 0 0.713 (accuracy 0.705); before, eta 1 0.878
-    assert round(report["before"]["eta0"]["alignment"], 3) == 0.713
-    assert round(report["before"]["eta0"]["accuracy"], 3) == 0.705
-    assert round(report["before"]["eta1"]["alignment"], 3) == 0.878
+    tol = 0.0005 if report["device"] == "cpu" else 0.02
+    assert report["before"]["eta0"]["alignment"] == pytest.approx(0.713, abs=tol)
+    assert report["before"]["eta0"]["accuracy"] == pytest.approx(0.705, abs=tol)
+    assert report["before"]["eta1"]["alignment"] == pytest.approx(0.878, abs=tol)
+    assert f"alignment (deterministic DDIM) {report['before']['eta0']['alignment']:.3f} ->" in proc.stdout
     for when in ("before", "after"):
         for eta in ("eta0", "eta1"):
             per_digit = report[when][eta]["alignment_per_digit"]

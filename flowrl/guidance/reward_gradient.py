@@ -21,6 +21,7 @@ import math
 import torch
 
 from flowrl.guidance.common import GuidanceResult, score
+from flowrl.samplers.base import randn
 
 SCHEDULES = {
     "constant": lambda u: 1.0,
@@ -52,11 +53,7 @@ def reward_gradient_guidance(
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
     device, B, K = adapter.device, len(prompts), sampler.num_steps
     cond = adapter.condition(prompts, guidance_scale)
-    x = (
-        torch.randn((B, *adapter.latent_shape), generator=generator, device=device)
-        if latents is None
-        else latents
-    )
+    x = randn((B, *adapter.latent_shape), generator, device) if latents is None else latents
     stochastic = sampler.stochastic_steps(generator)
     for k in range(K):
         rho = scale * SCHEDULES[schedule](k / max(K - 1, 1))

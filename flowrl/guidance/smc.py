@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from flowrl.guidance.common import GuidanceResult, score
+from flowrl.samplers.base import randn
 
 POTENTIALS = ("difference", "immediate", "max")
 
@@ -27,8 +28,10 @@ POTENTIALS = ("difference", "immediate", "max")
 def systematic_resample(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """(G, P) normalized weights -> (G, P) ancestor indices, one uniform offset per group."""
     G, P = weights.shape
+    where = generator.device if generator is not None else weights.device  # the generator's device
     u = (
-        torch.rand(G, 1, generator=generator, device=weights.device) + torch.arange(P, device=weights.device)
+        torch.rand(G, 1, generator=generator, device=where).to(weights.device)
+        + torch.arange(P, device=weights.device)
     ) / P
     cdf = weights.cumsum(dim=1)
     cdf[:, -1] = 1.0  # guard against round-off
@@ -57,7 +60,7 @@ def smc_guidance(
     device, G, P, K = adapter.device, len(prompts), num_particles, sampler.num_steps
     particles_prompts = [p for p in prompts for _ in range(P)]  # (G * P,), prompt-major
     cond = adapter.condition(particles_prompts, guidance_scale)
-    x = torch.randn((G * P, *adapter.latent_shape), generator=generator, device=device)
+    x = randn((G * P, *adapter.latent_shape), generator, device)
     log_w = torch.zeros(G, P, device=device)
     prev_r = torch.zeros(G, P, device=device)
     best_r = torch.full((G, P), -float("inf"), device=device)

@@ -67,8 +67,7 @@ def evaluate(policy: ChunkPolicy, sampler, cfg, num_episodes: int, seed: int) ->
     success rate."""
     vec = make_vector_env(num_episodes, **env_kwargs(cfg))
     obs, _ = vec.reset(seed=[seed + i for i in range(num_episodes)])
-    device = policy.normalizer.obs_mean.device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     returns = np.full(num_episodes, np.nan)
     lengths = np.zeros(num_episodes, dtype=np.int64)
     active = np.ones(num_episodes, dtype=bool)
@@ -180,7 +179,7 @@ def record_video(
     )
     env = make_env(**kwargs)
     obs, _ = env.reset(seed=seed)
-    gen = torch.Generator(device=policy.normalizer.obs_mean.device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     done = False
     while not done:
         chunk, _ = act(policy, sampler, obs[None], cfg.env.action_steps, gen, deterministic=True)

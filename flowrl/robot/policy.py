@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from flowrl.samplers.base import randn
 from flowrl.samplers.ddpm_policy import cosine_beta_schedule
 
 
@@ -253,8 +254,9 @@ class DiffusionPolicy(ChunkPolicy):
     def bc_loss(self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The DDPM loss on normalized (B, To, Do) observations and (B, Ta, Da) actions."""
         B = actions.shape[0]
-        t = torch.randint(0, self.num_train_steps, (B,), generator=generator, device=actions.device)
-        eps = torch.randn(actions.shape, generator=generator, device=actions.device)
+        where = generator.device if generator is not None else actions.device  # torch: the generator's device
+        t = torch.randint(0, self.num_train_steps, (B,), generator=generator, device=where).to(actions.device)
+        eps = randn(actions.shape, generator, actions.device)
         a = self.alphas_cumprod[t].view(B, 1, 1)
         x_t = a.sqrt() * actions + (1 - a).sqrt() * eps
         return F.mse_loss(self.net(x_t, t, obs), eps)
@@ -319,8 +321,9 @@ class FlowPolicy(ChunkPolicy):
     def bc_loss(self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The flow-matching loss on normalized (B, To, Do) observations and (B, Ta, Da) actions."""
         B = actions.shape[0]
-        t = torch.rand((B,), generator=generator, device=actions.device)
-        x0 = torch.randn(actions.shape, generator=generator, device=actions.device)
+        where = generator.device if generator is not None else actions.device  # torch: the generator's device
+        t = torch.rand((B,), generator=generator, device=where).to(actions.device)
+        x0 = randn(actions.shape, generator, actions.device)
         tt = t.view(B, 1, 1)
         x_t = tt * actions + (1 - tt) * x0
         return F.mse_loss(self.net(x_t, t, obs), actions - x0)

@@ -196,7 +196,7 @@ class RobotTrainer:
         (time-major: row s * N + n) with ``advantages`` and ``metadata["returns"]``, and stats."""
         t, a = self.cfg.train, self.cfg.algorithm
         S, N = t.n_steps, t.num_envs
-        gen = torch.Generator(device=self.device).manual_seed(_seed_for(t.seed, iteration, 0))
+        gen = torch.Generator().manual_seed(_seed_for(t.seed, iteration, 0))
         obs, _ = self.vec.reset(seed=[_seed_for(t.seed, iteration, 1, n) % (2**31) for n in range(N)])
         chains, next_obs_all = [], []
         rewards = np.zeros((S, N))

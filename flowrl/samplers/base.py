@@ -13,6 +13,15 @@ from flowrl.chain import Chain
 LOGPROB_REDUCTIONS = ("mean", "sum")
 
 
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """float32 N(0, I) noise of ``shape`` on ``device``, drawn on the generator's own device (as
+    diffusers' ``randn_tensor`` does): seeded with a CPU generator, the noise is the same wherever
+    the network runs, and a CUDA generator draws on the GPU directly. (torch itself refuses a
+    generator of another device.)"""
+    where = generator.device if generator is not None else torch.device(device)
+    return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(device)
+
+
 def reduce_event(x: Tensor, reduction: str) -> Tensor:
     """Reduce (B, *event) to (B,) by ``mean`` (as DDPO and Flow-GRPO do) or ``sum`` (the true
     log-density of the whole event). The PPO clip range must be chosen with this choice: with
@@ -100,7 +109,7 @@ class ChainSampler:
         cond = adapter.condition(prompts, guidance_scale) if cond is None else cond
         B = len(prompts)
         if latents is None:
-            latents = torch.randn((B, *adapter.latent_shape), generator=generator, device=device)
+            latents = randn((B, *adapter.latent_shape), generator, device)
         stochastic = self.stochastic_steps(generator)
         states, log_probs = [latents.float()], []
         steps = range(self.num_steps)

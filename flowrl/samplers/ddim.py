@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob, randn
 
 
 class DDIMSampler(ChainSampler):
@@ -141,9 +141,7 @@ class DDIMSampler(ChainSampler):
         # 6. draw x_{t-1} ~ N(mean, sigma_t^2 I) unless given
         if prev_sample is None:
             if noise is None:
-                noise = torch.randn(
-                    sample.shape, generator=generator, device=sample.device, dtype=torch.float32
-                )
+                noise = randn(sample.shape, generator, sample.device)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
         # 7. log N(x_{t-1}; mean, sigma_t^2 I), reduced over event dims
@@ -155,7 +153,7 @@ class DDIMSampler(ChainSampler):
         self, k, model_output, sample, prev_sample=None, generator=None, noise=None, stochastic=True
     ) -> StepOutput:
         """Step k (B,) of the schedule; with eta = 0 or ``stochastic=False``, the deterministic mean."""
-        t, prev_t = self.timesteps[k].to(sample.device), self.prev_timesteps[k].to(sample.device)
+        t, prev_t = self.timesteps[k], self.prev_timesteps[k]  # CPU: the schedule is indexed there
         if prev_sample is None and (not stochastic or self.eta == 0):
             step = self.step(
                 model_output, t, prev_t, sample, noise=torch.zeros_like(sample, dtype=torch.float32)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from flowrl.chain import Chain
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob, randn
 
 
 def cosine_beta_schedule(num_steps: int, s: float = 0.008) -> Tensor:
@@ -129,7 +129,7 @@ class DDPMPolicySampler:
         # 5. draw x_{t-1} ~ N(mu, sigma_t^2 I) unless given
         if prev_sample is None:
             if noise is None:
-                noise = torch.randn(sample.shape, generator=generator, device=sample.device)
+                noise = randn(sample.shape, generator, sample.device)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
         # 6. log N(x_{t-1}; mu, sigma_t^2 I), reduced over the chunk
@@ -155,7 +155,7 @@ class DDPMPolicySampler:
         ``log_probs`` (B, K) (NaN when ``deterministic``), ``cond = {"obs": obs}``.
         """
         B = obs.shape[0]
-        x = torch.randn((B, *policy.action_shape), generator=generator, device=obs.device)
+        x = randn((B, *policy.action_shape), generator, obs.device)
         states, log_probs = [], []
         for t in self.timesteps.tolist():
             t_b = torch.full((B,), t, device=obs.device, dtype=torch.long)

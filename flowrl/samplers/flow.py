@@ -35,7 +35,7 @@ import math
 import torch
 from torch import Tensor
 
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob, randn
 
 FLOW_SAMPLERS = ("flow_sde", "flow_cps")
 
@@ -160,7 +160,7 @@ class FlowSampler(ChainSampler):
             mean = (1 - s_next) * pred_original + (s_next**2 - std**2).clamp(min=0).sqrt() * pred_noise
         if prev_sample is None:
             if noise is None:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                noise = randn(x.shape, generator, x.device)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
         if (std > 0).all():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob, randn
 
 
 class LCMSampler(ChainSampler):
@@ -99,7 +99,7 @@ class LCMSampler(ChainSampler):
         std = torch.where(final, torch.zeros_like(a_next), (1 - a_next).sqrt())
         if prev_sample is None:
             if noise is None:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                noise = randn(x.shape, generator, x.device)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
         safe_std = torch.where(std > 0, std, torch.ones_like(std))

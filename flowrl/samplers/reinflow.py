@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from flowrl.chain import Chain
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob
+from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob, randn
 
 
 class ReinFlowSampler:
@@ -84,7 +84,7 @@ class ReinFlowSampler:
         # 3. draw x_{t_{k+1}} ~ N(mu, sigma^2 I) unless given
         if prev_sample is None:
             if noise is None:
-                noise = torch.randn(sample.shape, generator=generator, device=sample.device)
+                noise = randn(sample.shape, generator, sample.device)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
         # 4. log N(x_{t_{k+1}}; mu, sigma^2 I), reduced over the chunk (NaN for the deterministic step)
@@ -108,7 +108,7 @@ class ReinFlowSampler:
         [-1, 1] before executing), ``timesteps`` / ``next_timesteps`` (B, K) the flow times t_k and
         t_{k+1}, ``log_probs`` (B, K) (NaN when ``deterministic``), ``cond = {"obs": obs}``."""
         B = obs.shape[0]
-        x = torch.randn((B, *policy.action_shape), generator=generator, device=obs.device)
+        x = randn((B, *policy.action_shape), generator, obs.device)
         times = self.timesteps.to(obs.device)
         states, log_probs = [x], []
         for k in range(self.num_steps):
