@@ -283,7 +283,7 @@ class Trainer:
     def sample_epoch(self, epoch: int) -> Chain:
         """num_batches_per_epoch x sample_batch_size trajectories on this process, scored."""
         t, a = self.cfg.train, self.cfg.algorithm
-        gen = torch.Generator(device=self.device).manual_seed(_seed_for(t.seed, epoch, self.rank, 0))
+        gen = torch.Generator().manual_seed(_seed_for(t.seed, epoch, self.rank, 0))
         rng = np.random.default_rng(_seed_for(t.seed, epoch, self.rank, 1))
         per_batch = t.sample_batch_size // a.group_size
         chains, pending = [], []
@@ -363,7 +363,7 @@ class Trainer:
         self.net.train()
         sums: dict[str, Tensor] = {}
         count = 0
-        grad_norms, skipped = [], 0
+        grad_norms, skipped, scaler_skips = [], 0, 0
         for inner in range(a.inner_epochs):
             g = torch.Generator().manual_seed(_seed_for(t.seed, epoch, self.rank, 2, inner))
             perm = torch.randperm(B, generator=g)
@@ -392,7 +392,16 @@ class Trainer:
                     count += 1
                 if last_of_cycle:
                     grad_norm = acc.clip_grad_norm_(self.adapter.trainable_parameters(), o.max_grad_norm)
-                    if not bool(torch.isfinite(grad_norm) & ~bad):  # the one host sync per update
+                    finite = bool(torch.isfinite(grad_norm) & ~bad)  # the one host sync per update
+                    if not finite and acc.scaler is not None and not bad.item():
+                        # fp16 loss scaling (CUDA): an overflowing gradient is how the scaler finds
+                        # its scale too high. Its step skips the update and lowers the scale; the
+                        # step count, learning rate and EMA stay where they are.
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        scaler_skips += 1
+                        continue
+                    if not finite:
                         self.optimizer.zero_grad(set_to_none=True)
                         what = "loss" if bad.item() else "gradient norm"
                         self._nonfinite(
@@ -418,6 +427,8 @@ class Trainer:
         out["lr"] = self.optimizer.param_groups[0]["lr"]  # of the epoch's last optimizer step
         if skipped:
             out["skipped_updates"] = skipped
+        if scaler_skips:
+            out["fp16_overflow_steps"] = scaler_skips
         return out
 
     def _find_nonfinite(
@@ -481,7 +492,7 @@ class Trainer:
         """Images of the evaluation prompts from a fixed seed with the deterministic sampler
         (DDIM eta 0, flow ODE; LCM stays seeded-stochastic)."""
         sampler = self._sampler(deterministic=True)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 12345)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed + 12345)
         with self.ema_weights():
             chain = sampler.sample(
                 self.adapter, self.eval_prompts, self.cfg.sampler.guidance_scale, generator=gen

@@ -121,6 +121,30 @@ def test_nonfinite_gradient_is_never_applied(tmp_path, monkeypatch):
             assert all(torch.isfinite(p).all() for p in trainer.adapter.trainable_parameters())
 
 
+def test_fp16_gradient_overflow_lowers_the_loss_scale_and_goes_on(tmp_path):
+    """fp16 on CUDA trains behind accelerate's GradScaler, whose scale starts high on purpose: an
+    overflowing gradient tells it to back off. That must skip the step and lower the scale (not
+    stop the run as a non-finite gradient, and not leave the scaler half-way, which would make the
+    next unscale raise). Here the scaler accelerate builds on CUDA is given to this CPU trainer the
+    way ``Accelerator.prepare`` gives it (torch's GradScaler runs on the CPU too): its first scale
+    overflows, the next one (300) does not."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    trainer = _trainer(tmp_path, "train.mixed_precision=fp16", "train.num_epochs=2")
+    acc = trainer.accelerator
+    acc.native_amp = True  # as on CUDA: backward scales the loss, clip_grad_norm_ unscales
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=3e38, backoff_factor=1e-36, growth_interval=1000)
+    trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, scaler=acc.scaler)
+    start = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
+    history = trainer.train()  # on_nonfinite=stop: an overflow is not an error
+    assert history[0]["fp16_overflow_steps"] == 1 and "fp16_overflow_steps" not in history[1]
+    assert trainer.global_step == 3  # 2 epochs x 2 optimizer steps, less the overflow
+    assert acc.scaler.get_scale() == pytest.approx(300.0, rel=1e-5)
+    params = trainer.adapter.trainable_parameters()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(a, b) for a, b in zip(start, params))
+
+
 @pytest.mark.slow
 def test_compile_changes_speed_not_the_update(tmp_path):
     """train.compile=true (torch.compile in place): the same chain, log-probs, on-policy ratio 1
