@@ -158,7 +158,10 @@ def save_checkpoint(
 
 
 def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint folder written by :func:`save_checkpoint` (safe loading only)."""
+    """Read a checkpoint folder written by :func:`save_checkpoint` (safe loading only). Weights go
+    to ``map_location``; the optimizer state stays on the CPU, where ``load_state_dict`` wants it:
+    it moves the moments to each parameter's device itself and keeps Adam's step counters on the
+    CPU (counters on a GPU would cost a host sync per parameter per step)."""
     folder = Path(folder)
     if not (folder / "state.json").is_file():
         raise FileNotFoundError(
@@ -167,7 +170,7 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
         )
     out = {
         "trainable": load_file(str(folder / "trainable.safetensors"), device=str(map_location)),
-        "optimizer": torch.load(folder / "optimizer.pt", map_location=map_location, weights_only=True),
+        "optimizer": torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
         "state": json.loads((folder / "state.json").read_text()),
         "ema": None,
     }

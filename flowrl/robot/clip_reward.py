@@ -95,8 +95,11 @@ def clip_reward_wrapper(cfg):
 
     def wrap(env: gym.Env) -> CLIPRewardWrapper:
         if not shared:
+            device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
             shared.append(
-                VLMRewardModel(cfg.model, cfg.pretrained, cfg.goal_prompt, cfg.baseline_prompt, cfg.alpha)
+                VLMRewardModel(
+                    cfg.model, cfg.pretrained, cfg.goal_prompt, cfg.baseline_prompt, cfg.alpha, device
+                )
             )
         return CLIPRewardWrapper(env, shared[0], cfg.weight, cfg.env_weight)
 

@@ -58,6 +58,8 @@ class ClipRewardConfig:
     env_weight: float = 1.0
     # rendered frame size in pixels
     render_size: int = 224
+    # where CLIP runs: cpu | cuda | auto (cuda when available)
+    device: str = "auto"
 
 
 @dataclass
@@ -372,6 +374,10 @@ class RobotTaskConfig:
                 "clip_reward.goal_prompt must describe the goal when clip_reward.enabled",
             )
             need(0 <= c.alpha <= 1, f"clip_reward.alpha must be in [0, 1], got {c.alpha}")
+            need(
+                c.device in ("cpu", "cuda", "auto"),
+                f"clip_reward.device must be cpu, cuda or auto, got {c.device!r}",
+            )
         return self
 
     def bc_dir(self, task_name: str) -> Path:
