@@ -226,6 +226,8 @@ class Trainer:
         state = ckpt["state"]
         self.start_epoch, self.global_step = state["next_epoch"], state["global_step"]
         self.stat_tracker.load_state_dict(state["stat_tracker"])
+        if self.accelerator.scaler is not None and state.get("grad_scaler"):  # fp16's loss scale
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         if self.ema is not None:
             if ckpt["ema"] is None:
                 raise ConfigError(
@@ -244,6 +246,8 @@ class Trainer:
             "global_step": self.global_step,
             "stat_tracker": self.stat_tracker.state_dict(),
         }
+        if acc.scaler is not None:  # fp16: the loss scale found so far (floats and ints, JSON)
+            state["grad_scaler"] = acc.scaler.state_dict()
         return save_checkpoint(
             self.run_dir,
             next_epoch,

@@ -130,11 +130,16 @@ def test_fp16_gradient_overflow_lowers_the_loss_scale_and_goes_on(tmp_path):
     overflows, the next one (300) does not."""
     from accelerate.optimizer import AcceleratedOptimizer
 
-    trainer = _trainer(tmp_path, "train.mixed_precision=fp16", "train.num_epochs=2")
+    def with_scaler(trainer):
+        acc = trainer.accelerator
+        acc.native_amp = True  # as on CUDA: backward scales the loss, clip_grad_norm_ unscales
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=3e38, backoff_factor=1e-36, growth_interval=1000)
+        trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, scaler=acc.scaler)
+        return trainer
+
+    fp16 = ["train.mixed_precision=fp16", "train.num_epochs=2"]
+    trainer = with_scaler(_trainer(tmp_path, *fp16))
     acc = trainer.accelerator
-    acc.native_amp = True  # as on CUDA: backward scales the loss, clip_grad_norm_ unscales
-    acc.scaler = torch.amp.GradScaler("cpu", init_scale=3e38, backoff_factor=1e-36, growth_interval=1000)
-    trainer.optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, scaler=acc.scaler)
     start = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
     history = trainer.train()  # on_nonfinite=stop: an overflow is not an error
     assert history[0]["fp16_overflow_steps"] == 1 and "fp16_overflow_steps" not in history[1]
@@ -143,6 +148,10 @@ def test_fp16_gradient_overflow_lowers_the_loss_scale_and_goes_on(tmp_path):
     params = trainer.adapter.trainable_parameters()
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(a, b) for a, b in zip(start, params))
+    # the scale found is part of the checkpoint: a resumed run does not start over at 3e38
+    resumed = with_scaler(_trainer(tmp_path, *fp16, name="resumed"))
+    resumed._load(trainer.run_dir / "checkpoints" / "epoch_000002")
+    assert resumed.accelerator.scaler.get_scale() == pytest.approx(300.0, rel=1e-5)
 
 
 @pytest.mark.slow
