@@ -1,9 +1,10 @@
 """flowrl from Python: sample a chain, score it, compute one DDPO loss by hand, then train.
 
-python examples/python_api.py
+python examples/python_api.py [--out runs/python_api]     # about 20 s on 2 CPU cores
 """
 
-import tempfile
+import argparse
+import time
 
 import torch
 
@@ -15,6 +16,10 @@ from flowrl.samplers import DDIMSampler
 from flowrl.trainer import Trainer
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs", help="where the training run's folder is written")
+    args = parser.parse_args()
+
     pipe = build_tiny_sd_pipeline()
     adapter = StableDiffusionAdapter(pipe, finetune="lora", lora_rank=4)
     sampler = DDIMSampler(pipe.scheduler.config, num_steps=10, eta=1.0)
@@ -27,11 +32,12 @@ if __name__ == "__main__":
     new = sampler.log_prob(adapter, chain, k)
     terms = policy_loss(new.log_prob, chain.log_probs[:, 0], advantages, clip_range=1e-4)
     terms["loss"].backward()
-    print({k: round(float(v), 6) for k, v in terms.items()})
+    print({k: round(v.item(), 6) for k, v in terms.items()})
 
-    out = tempfile.mkdtemp(prefix="flowrl_example_")
-    cfg = load_config(
-        "tasks/jpeg_tiny.yaml", ["train.num_epochs=2", "train.eval_every=0", f"train.output_dir={out}"]
-    )
-    history = Trainer(cfg).train()
+    overrides = ["train.num_epochs=2", "train.eval_every=0", f"train.output_dir={args.out}"]
+    name = f"python_api-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = load_config("tasks/jpeg_tiny.yaml", overrides + [f"train.run_name={name}"])
+    trainer = Trainer(cfg, task_name="python_api")
+    history = trainer.train()
     print("rewards per epoch:", [round(r["reward_mean"], 4) for r in history])
+    print(f"run folder: {trainer.run_dir}")

@@ -59,41 +59,104 @@ def _evaluate(args: argparse.Namespace) -> int:
     return evaluate_robot(args)
 
 
-def _sample(args: argparse.Namespace) -> int:
-    import torch
-    from safetensors.torch import save_file
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
-    from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
-    from flowrl.report import save_image_grid
-    from flowrl.samplers import build_sampler
+
+def _sample_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of ``flowrl sample``, each repeated --num-per-prompt times, after checking
+    every option that needs no weights (so a mistake costs no model load)."""
+    from flowrl.config import ConfigError
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
         from flowrl.prompts import load_prompts
 
+        if not Path(args.prompts_file).is_file():
+            raise ConfigError(
+                f"--prompts-file {args.prompts_file}: no such file; give a text file with one prompt per line"
+            )
         prompts += load_prompts(args.prompts_file)
     if not prompts:
-        raise SystemExit("flowrl sample: give at least one --prompt or --prompts-file")
-    prompts = [p for p in prompts for _ in range(args.num_per_prompt)]
-    if args.reward:  # a misspelt reward or bad options fail before any weights load
+        raise ConfigError("flowrl sample: give at least one --prompt or --prompts-file")
+    if args.lora:
+        lora = Path(args.lora)
+        if not lora.exists():
+            raise ConfigError(
+                f"--lora {lora} does not exist; give a flowrl checkpoint folder (checkpoints/epoch_N) "
+                f"or a {LORA_FILE} file"
+            )
+        if lora.is_file() and lora.suffix != ".safetensors":
+            raise ConfigError(
+                f"--lora {lora} is not a .safetensors weights file; give its checkpoint folder {lora.parent} "
+                f"or the {LORA_FILE} in it"
+            )
+    guide = args.guide
+    if guide == "rlg" and not args.lora:
+        raise ConfigError("--guide rlg mixes the base model and a fine-tune: give --lora")
+    if guide in ("reward-grad", "best-of-n", "smc"):
+        if not args.reward:
+            raise ConfigError(f"--guide {guide} needs --reward (a reward name or a script path)")
         from flowrl.rewards import resolve_reward
 
-        resolve_reward(args.reward)
+        _, differentiable = resolve_reward(args.reward)  # a misspelt name fails here
+        if guide == "reward-grad" and not differentiable:
+            raise ConfigError(
+                f"--guide reward-grad follows the reward's gradient, and {args.reward!r} is not "
+                "differentiable; use --guide best-of-n or --guide smc with it"
+            )
         reward_kwargs(args)
+    if args.save_trajectory and guide not in ("none", "rlg"):
+        raise ConfigError(f"--save-trajectory records plain or RL-guided chains, not --guide {guide}")
+    return [p for p in prompts for _ in range(args.num_per_prompt)]
+
+
+def _load_finetuned(pipe, family: str, path: Path) -> str:
+    """Put a flowrl checkpoint's weights into the pipeline: a LoRA (``pytorch_lora_weights.
+    safetensors`` in the folder, or that file itself) or, for a full fine-tune, the denoiser's
+    diffusers folder (``unet/`` or ``transformer/``). Returns ``"lora"`` or ``"full"``."""
+    from flowrl.config import ConfigError
+
+    sub = "transformer" if family in ("sd3", "flux") else "unet"
+    if path.is_dir() and not (path / LORA_FILE).is_file():
+        if not (path / sub / "config.json").is_file():
+            raise ConfigError(
+                f"--lora {path}: holds neither {LORA_FILE} (a LoRA run) nor {sub}/ (a full fine-tune of a "
+                f"{family} model); give a flowrl checkpoint folder (checkpoints/epoch_N), or pass --family "
+                "to match the run's model"
+            )
+        denoiser = getattr(pipe, sub)
+        setattr(pipe, sub, type(denoiser).from_pretrained(path / sub).to(denoiser.dtype))
+        return "full"
+    folder, weight = (path, LORA_FILE) if path.is_dir() else (path.parent, path.name)
+    pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name="default")
+    if not any("lora_" in n for n, _ in getattr(pipe, sub).named_parameters()):
+        raise ConfigError(
+            f"--lora {path} holds no LoRA weights for this {family} pipeline's {sub}: it was trained on "
+            "another model family; pass --family (sd, sdxl, sd3, lcm or flux) as the run's model.family"
+        )
+    return "lora"
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from flowrl.config import ConfigError
+    from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
+    from flowrl.report import save_image_grid
+    from flowrl.samplers import build_sampler
+
+    prompts = _sample_prompts(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     family = detect_family(args.model, args.family)
     sampler_name = args.sampler or FAMILIES[family][1][0]
     pipe = load_pipeline(args.model, family, image_size=args.tiny_image_size)
-    if args.lora:
-        lora = Path(args.lora)
-        if not lora.exists():
-            raise SystemExit(
-                f"flowrl sample: --lora {lora} does not exist (give a checkpoint folder or a .safetensors file)"
-            )
-        folder, weight = (
-            (lora, "pytorch_lora_weights.safetensors") if lora.is_dir() else (lora.parent, lora.name)
+    kind = _load_finetuned(pipe, family, Path(args.lora)) if args.lora else None
+    if args.guide == "rlg" and kind == "full":
+        raise ConfigError(
+            "--guide rlg needs a LoRA checkpoint (its base is the model with the adapter off); "
+            f"{args.lora} is a full fine-tune"
         )
-        pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name="default")
     adapter = build_adapter(pipe, family, finetune="frozen").to(device)
     noise = args.eta if sampler_name == "ddim" else args.noise_level
     sampler = build_sampler(
@@ -112,10 +175,6 @@ def _sample(args: argparse.Namespace) -> int:
         if args.guide == "rlg":
             from flowrl.guidance import RLGuidedAdapter
 
-            if not args.lora:
-                raise SystemExit(
-                    "flowrl sample: --guide rlg mixes the base model and a fine-tune: give --lora"
-                )
             adapter = RLGuidedAdapter(adapter, args.rlg_weight)
         chain = sampler.sample(adapter, prompts, args.guidance_scale, generator=gen, progress=True)
         images = adapter.decode(chain.latents[:, -1])
@@ -127,10 +186,6 @@ def _sample(args: argparse.Namespace) -> int:
         arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(out / f"{i:04d}.png")
     save_image_grid(images, out / "grid.png", labels=prompts)
-    if args.save_trajectory and chain is None:
-        raise SystemExit(
-            "flowrl sample: --save-trajectory records plain or RL-guided chains, not --guide " + args.guide
-        )
     if args.save_trajectory:
         meta = {
             "prompts": json.dumps(prompts),
@@ -161,10 +216,6 @@ def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen)
     from flowrl.guidance import best_of_n, reward_gradient_guidance, smc_guidance
     from flowrl.rewards import Reward
 
-    if not args.reward:
-        raise SystemExit(
-            f"flowrl sample: --guide {args.guide} needs --reward (a reward name or a script path)"
-        )
     reward = Reward([{"name": args.reward, "kwargs": reward_kwargs(args)}], device=adapter.device)
     g = args.guidance_scale
     if args.guide == "reward-grad":
@@ -267,7 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. env.max_episode_steps=200")
     ev.add_argument("--policy", help="policy folder (policy.json): a checkpoint; default: the BC policy")
     ev.add_argument("--episodes", type=int, help="evaluation episodes (default: train.eval_episodes)")
-    ev.add_argument("--seed", type=int, default=0, help="reset seeds seed, seed+1, ...")
+    ev.add_argument(
+        "--seed",
+        type=int,
+        help="reset seeds seed, seed+1, ... (default: train.eval_seed, the starts training evaluates on)",
+    )
     _add_guidance_arguments(
         ev,
         guide_help="inference-time guidance: RL guidance, reward gradient, best-of-N, SMC over action chunks",
@@ -289,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sa = sub.add_parser("sample", help="generate images from a base model plus an optional trained LoRA")
     sa.add_argument("--model", default="tiny", help="diffusers pipeline: hub id, local folder, or 'tiny'")
-    sa.add_argument("--lora", help="a flowrl checkpoint folder or a pytorch_lora_weights.safetensors file")
+    sa.add_argument(
+        "--lora",
+        help="fine-tuned weights: a flowrl checkpoint folder (LoRA or full fine-tune) or a pytorch_lora_weights.safetensors file",
+    )
     sa.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     sa.add_argument("--prompts-file", help="a file with one prompt per line")
     sa.add_argument("-n", "--num-per-prompt", type=int, default=1)

@@ -354,6 +354,57 @@ def test_sample_cli_bad_reward_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+def test_sample_cli_checks_its_options_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """Each mistake is one 'flowrl: error' line naming the option, before any pipeline loads."""
+    import flowrl.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded before the options were checked")
+
+    monkeypatch.setattr(flowrl.models, "load_pipeline", no_loading)
+    (tmp_path / "state.json").write_text("{}")
+    base = ["sample", "--model", "tiny", "--out", str(tmp_path / "s")]
+    cases = [
+        ([], "give at least one --prompt or --prompts-file"),
+        (
+            ["--prompts-file", str(tmp_path / "none.txt")],
+            f"--prompts-file {tmp_path / 'none.txt'}: no such file",
+        ),
+        (
+            ["--prompt", "a", "--lora", str(tmp_path / "nope")],
+            "does not exist; give a flowrl checkpoint folder",
+        ),
+        (["--prompt", "a", "--lora", str(tmp_path / "state.json")], "is not a .safetensors weights file"),
+        (
+            ["--prompt", "a", "--guide", "rlg"],
+            "--guide rlg mixes the base model and a fine-tune: give --lora",
+        ),
+        (["--prompt", "a", "--guide", "smc"], "--guide smc needs --reward"),
+        (
+            ["--prompt", "a", "--guide", "reward-grad", "--reward", "jpeg_compressibility"],
+            "'jpeg_compressibility' is not differentiable; use --guide best-of-n or --guide smc",
+        ),
+        (
+            [
+                "--prompt",
+                "a",
+                "--guide",
+                "best-of-n",
+                "--reward",
+                "jpeg_compressibility",
+                "--save-trajectory",
+            ],
+            "--save-trajectory records plain or RL-guided chains, not --guide best-of-n",
+        ),
+    ]
+    for extra, expect in cases:
+        rc = cli_main(base + extra)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("flowrl: error: ") and expect in err, (extra, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()
+
+
 # ------------------------------------------------------------------ reward output
 IMAGES = torch.rand(3, 3, 8, 8)
 PROMPTS = ["a cat", "a dog", "a cow"]

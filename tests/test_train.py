@@ -275,16 +275,60 @@ def test_default_task_raises_jpeg_reward(tmp_path):
     assert last - first > 0.004, (first, last)
 
 
-def test_python_api_example_runs():
+def test_cli_sample_loads_a_full_fine_tune_and_refuses_a_lora_of_another_family(tmp_path, capsys):
+    """A full fine-tune's checkpoint (unet/, no LoRA file) samples with the trained UNet; a LoRA
+    trained on an SD3 transformer given to an SD pipeline is an error naming --family, not a
+    silent sample from the base model."""
+    Trainer(
+        _cfg(tmp_path, "train.num_epochs=1", "model.finetune=full", "train.save_every=1", name="full")
+    ).train()
+    ckpt = tmp_path / "full" / "checkpoints" / "epoch_000001"
+    assert (ckpt / "unet" / "config.json").is_file() and not (
+        ckpt / "pytorch_lora_weights.safetensors"
+    ).exists()
+    common = ["sample", "--prompt", "a cat", "--num-steps", "3", "--seed", "1"]
+    assert cli_main([*common, "--out", str(tmp_path / "base")]) == 0
+    assert cli_main([*common, "--lora", str(ckpt), "--out", str(tmp_path / "tuned")]) == 0
+    import numpy as np
+    from PIL import Image
+
+    base, tuned = (np.asarray(Image.open(tmp_path / d / "0000.png")) for d in ("base", "tuned"))
+    assert base.shape == tuned.shape and (base != tuned).any()  # the fine-tuned UNet drew it
+
+    cfg = load_config(
+        str(REPO / "tasks/flow_grpo_tiny.yaml"),
+        [
+            *SMALL[1:],
+            "train.num_epochs=1",
+            "train.save_every=1",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=sd3",
+        ],
+    )
+    Trainer(cfg, "sd3").train()
+    sd3_ckpt = tmp_path / "sd3" / "checkpoints" / "epoch_000001"
+    capsys.readouterr()
+    assert cli_main([*common, "--lora", str(sd3_ckpt), "--out", str(tmp_path / "wrong")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no LoRA weights for this sd pipeline's unet" in err and "--family" in err, err
+    assert (
+        cli_main([*common, "--family", "sd3", "--lora", str(sd3_ckpt), "--out", str(tmp_path / "sd3s")]) == 0
+    )
+
+
+def test_python_api_example_runs(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "examples/python_api.py")],
+        [sys.executable, str(REPO / "examples/python_api.py"), "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "rewards per epoch" in proc.stdout
+    assert "rewards per epoch" in proc.stdout and "Warning" not in proc.stderr, proc.stderr[-2000:]
+    (run,) = tmp_path.iterdir()
+    assert run.name.startswith("python_api-") and f"run folder: {run}" in proc.stdout
+    assert (run / "metrics.jsonl").is_file()
 
 
 def test_trains_from_a_local_pipeline_folder(tmp_path):

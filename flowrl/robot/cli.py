@@ -104,10 +104,9 @@ def evaluate_robot(args: argparse.Namespace) -> int:
         }[args.guide]
         sampler = PolicyGuide(sampler, args.guide, reward, stochastic=args.stochastic, **options)
     n = args.episodes or cfg.train.eval_episodes
-    result = evaluate(policy, sampler, cfg, n, args.seed)
-    print(
-        f"{args.guide}: {n} evaluation episodes (seeds {args.seed}..{args.seed + n - 1}): return {_fmt(result, '')}"
-    )
+    seed = cfg.train.eval_seed if args.seed is None else args.seed  # default: training's evaluation starts
+    result = evaluate(policy, sampler, cfg, n, seed)
+    print(f"{args.guide}: {n} evaluation episodes (seeds {seed}..{seed + n - 1}): return {_fmt(result, '')}")
     if args.out:
         Path(args.out).write_text(json.dumps({"guide": args.guide, **result}, indent=2))
     return 0
