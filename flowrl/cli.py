@@ -127,8 +127,15 @@ def _load_finetuned(pipe, family: str, path: Path) -> str:
         denoiser = getattr(pipe, sub)
         setattr(pipe, sub, type(denoiser).from_pretrained(path / sub).to(denoiser.dtype))
         return "full"
+    from diffusers.utils import logging as diffusers_logging
+
     folder, weight = (path, LORA_FILE) if path.is_dir() else (path.parent, path.name)
-    pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name="default")
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its "no LoRA keys for the text encoder" notes: checked below
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name="default")
+    finally:
+        diffusers_logging.set_verbosity(level)
     if not any("lora_" in n for n, _ in getattr(pipe, sub).named_parameters()):
         raise ConfigError(
             f"--lora {path} holds no LoRA weights for this {family} pipeline's {sub}: it was trained on "
