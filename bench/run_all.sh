@@ -27,6 +27,7 @@ run() {  # name, then the command
 if ((quick)); then
     run sampler python bench/bench_sampler.py --reps 3 --warmup 1
     run train_step python bench/bench_train_step.py --reps 3 --warmup 1
+    run onpolicy_fusion python bench/bench_onpolicy_fusion.py --reps 2
     run scaling python bench/bench_scaling.py --quick --epochs 1
     run robot python bench/bench_robot.py --envs 1 8 --steps 1 4 --dppo --action-steps 2 --seconds 1
     run robot_algos python bench/bench_robot_algos.py --iterations 3
@@ -35,6 +36,7 @@ else
     run sampler python bench/bench_sampler.py --reps 9
     run train_step python bench/bench_train_step.py --reps 7
     run train_step_lora_compile python bench/bench_train_step.py --reps 5 --lora 4 --cfg 5 --compile
+    run onpolicy_fusion python bench/bench_onpolicy_fusion.py
     run scaling python bench/bench_scaling.py
     run robot python bench/bench_robot.py --env InvertedDoublePendulum-v5 --envs 1 8 32 --steps 1 2 4 --dppo --action-steps 2 --seconds 3
     run robot_algos python bench/bench_robot_algos.py
