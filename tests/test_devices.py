@@ -60,3 +60,20 @@ def test_fp16_keeps_what_transformers_keeps_in_float32():
     assert {d for n, d in dtypes.items() if not n.endswith(".wo")} == {torch.float16}
     cond = adapter.condition(["a cat"], 1.0)
     assert all(torch.isfinite(v).all() for v in cond.values())
+
+
+def test_the_gpu_check_script_runs_here():
+    """scripts/cuda_check.py is what a session with a GPU runs; on the CPU it is its own dry run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cuda_check.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--skip-train"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "10 of 10 checks passed" in proc.stdout, proc.stdout[-2000:]
