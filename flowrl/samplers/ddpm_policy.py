@@ -81,11 +81,20 @@ class DDPMPolicySampler:
         self.betas = cosine_beta_schedule(num_train_steps)  # (T,) float64
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # (T,)
         self.timesteps = torch.arange(num_train_steps - 1, -1, -1)  # (T,) sampling order
+        # (beta_t, a_t, a_{t-1}) as one float32 (T, 3) table, copied once per device: indexing it
+        # there with the step's own timesteps costs no host sync
+        a_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self._table = torch.stack([self.betas, self.alphas_cumprod, a_prev], dim=1).float()  # (T, 3)
+        self._tables: dict[torch.device, Tensor] = {}
 
-    def _gather(self, values: Tensor, t: Tensor, like: Tensor) -> Tensor:
-        """values[t] as float32 on ``like``'s device, shaped (B, 1, ..., 1) to broadcast over the event."""
-        out = values[t.long().cpu()].float().to(like.device)
-        return out.view((-1,) + (1,) * (like.ndim - 1))
+    def _gather(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(beta_t, a_t, a_{t-1}) for (B,) timesteps, float32 on ``like``'s device, each shaped
+        (B, 1, ..., 1) to broadcast over the event."""
+        if like.device not in self._tables:
+            self._tables[like.device] = self._table.to(like.device)
+        rows = self._tables[like.device][t.long().to(like.device)]  # (B, 3)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return tuple(rows[:, i].view(shape) for i in range(3))
 
     # ------------------------------------------------------------------ one step
     def step(
@@ -110,9 +119,7 @@ class DDPMPolicySampler:
         """
         eps, sample = model_output.float(), sample.float()
         # 1. beta_t, a_t and a_{t-1} (a_{-1} = 1), per sample
-        beta_t = self._gather(self.betas, t, sample)
-        a_t = self._gather(self.alphas_cumprod, t, sample)
-        a_prev = self._gather(torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]), t, sample)
+        beta_t, a_t, a_prev = self._gather(t, sample)
         # 2. x0_hat from eps_hat, eq. (15), clipped to the normalized action range
         pred_original = (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         if self.clip_x0 is not None:
