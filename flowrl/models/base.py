@@ -30,7 +30,9 @@ class DenoiserAdapter(nn.Module):
 
     Args:
         denoiser: the network that is fine-tuned.
-        frozen: the other networks (text encoders, VAE), frozen and cast to ``weight_dtype``.
+        frozen: the other networks by attribute name (text encoders, VAE; None where the pipeline
+            has none): frozen, cast to ``weight_dtype``, and registered as submodules under those
+            names, so ``adapter.to(device)`` moves every network the adapter runs.
         scheduler_config: the pipeline's scheduler config (samplers read their schedule from it).
         finetune: ``"lora"``, ``"full"``, or ``"frozen"`` (nothing trains: sampling, evaluation).
         lora_rank, lora_alpha: LoRA rank r and scale numerator (scale = alpha / r; alpha None = r).
@@ -43,11 +45,12 @@ class DenoiserAdapter(nn.Module):
     family = "base"
     uses_cfg = True  # classifier-free guidance is a batched forward (LCM embeds the scale instead)
     lora_target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    text_encoders: tuple[str, ...] = ()  # the pipeline attributes a subclass encodes prompts with
 
     def __init__(
         self,
         denoiser: nn.Module,
-        frozen: list[nn.Module],
+        frozen: dict[str, nn.Module | None],
         scheduler_config: dict,
         finetune: str = "lora",
         lora_rank: int = 4,
@@ -64,7 +67,8 @@ class DenoiserAdapter(nn.Module):
         self.finetune = finetune
         self.weight_dtype = weight_dtype
         self._reference: nn.Module | None = None
-        for module in frozen:
+        for name, module in frozen.items():
+            setattr(self, name, module)
             if module is not None:
                 module.requires_grad_(False)
                 # a VAE that says force_upcast (SDXL's, SD's) overflows to NaN images in fp16, so
@@ -77,8 +81,8 @@ class DenoiserAdapter(nn.Module):
                     # and what transformers itself keeps in float32 (T5's feed-forward output
                     # projections "wo", which overflow in fp16)
                     keep = getattr(module, "_keep_in_fp32_modules", None) or []
-                    for name, sub in module.named_modules():
-                        if keep and any(k in name.split(".") for k in keep):
+                    for path, sub in module.named_modules() if keep else ():
+                        if any(k in path.split(".") for k in keep):
                             sub.float()
         if finetune == "lora":
             from peft import LoraConfig
@@ -111,6 +115,11 @@ class DenoiserAdapter(nn.Module):
                 self._reference = copy.deepcopy(denoiser).requires_grad_(False)
                 if weight_dtype != torch.float32:
                     self._reference.to(weight_dtype)
+
+    @classmethod
+    def frozen_networks(cls, pipeline) -> dict[str, nn.Module | None]:
+        """The pipeline's VAE and the text encoders ``text_encoders`` names, by attribute name."""
+        return {"vae": pipeline.vae, **{name: getattr(pipeline, name) for name in cls.text_encoders}}
 
     # ------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -250,7 +259,6 @@ class FlowTransformerAdapter(DenoiserAdapter):
 
     denoiser_subfolder = "transformer"
     compatible_samplers = ("flow_sde", "flow_cps")
-    text_encoders: tuple[str, ...] = ()
     lora_pipeline = ""  # e.g. "StableDiffusion3Pipeline"
 
     def __init__(
@@ -262,10 +270,9 @@ class FlowTransformerAdapter(DenoiserAdapter):
         weight_dtype: torch.dtype = torch.float32,
         keep_reference: bool = False,
     ):
-        frozen = [pipeline.vae] + [getattr(pipeline, name) for name in self.text_encoders]
         super().__init__(
             pipeline.transformer,
-            frozen,
+            self.frozen_networks(pipeline),
             pipeline.scheduler.config,
             finetune,
             lora_rank,
@@ -276,9 +283,6 @@ class FlowTransformerAdapter(DenoiserAdapter):
         self.prediction_type = "flow"
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
-        for name in self.text_encoders:  # submodules, so that adapter.to(device) moves them too
-            setattr(self, name, getattr(pipeline, name))
 
     def _save_lora(self, folder: Path, layers: dict[str, Tensor], metadata: dict) -> None:
         import diffusers

@@ -117,6 +117,7 @@ class StableDiffusionAdapter(DenoiserAdapter):
     """
 
     family = "stable-diffusion"
+    text_encoders = ("text_encoder",)
 
     def __init__(
         self,
@@ -129,7 +130,7 @@ class StableDiffusionAdapter(DenoiserAdapter):
     ):
         super().__init__(
             pipeline.unet,
-            [pipeline.text_encoder, pipeline.vae],
+            self.frozen_networks(pipeline),
             pipeline.scheduler.config,
             finetune,
             lora_rank,
@@ -139,8 +140,6 @@ class StableDiffusionAdapter(DenoiserAdapter):
         )
         self.pipeline = pipeline
         self.unet = pipeline.unet
-        self.vae = pipeline.vae
-        self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
         self._negative_embeds: Tensor | None = None
 

@@ -60,13 +60,7 @@ class SDXLAdapter(StableDiffusionAdapter):
     """The UNet of an SDXL pipeline; DDIM(eta) chain like Stable Diffusion."""
 
     family = "sdxl"
-
-    def __init__(self, pipeline, *args, **kwargs):
-        super().__init__(pipeline, *args, **kwargs)
-        self.text_encoder_2 = pipeline.text_encoder_2  # a submodule, so adapter.to(device) moves it
-        self.text_encoder_2.requires_grad_(False)
-        if self.weight_dtype != torch.float32:
-            self.text_encoder_2.to(dtype=self.weight_dtype)
+    text_encoders = ("text_encoder", "text_encoder_2")
 
     @property
     def image_size(self) -> int:
