@@ -62,7 +62,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def _sample_prompts(args: argparse.Namespace) -> list[str]:
+def _checked_sample_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of ``flowrl sample``, each repeated --num-per-prompt times, after checking
     every option that needs no weights (so a mistake costs no model load)."""
     from flowrl.config import ConfigError
@@ -115,8 +115,9 @@ def _load_finetuned(pipe, family: str, path: Path) -> str:
     safetensors`` in the folder, or that file itself) or, for a full fine-tune, the denoiser's
     diffusers folder (``unet/`` or ``transformer/``). Returns ``"lora"`` or ``"full"``."""
     from flowrl.config import ConfigError
+    from flowrl.models import adapter_class
 
-    sub = "transformer" if family in ("sd3", "flux") else "unet"
+    sub = adapter_class(family).denoiser_subfolder  # the pipeline attribute and checkpoint subfolder
     if path.is_dir() and not (path / LORA_FILE).is_file():
         if not (path / sub / "config.json").is_file():
             raise ConfigError(
@@ -153,7 +154,7 @@ def _sample(args: argparse.Namespace) -> int:
     from flowrl.report import save_image_grid
     from flowrl.samplers import build_sampler
 
-    prompts = _sample_prompts(args)
+    prompts = _checked_sample_prompts(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     family = detect_family(args.model, args.family)
     sampler_name = args.sampler or FAMILIES[family][1][0]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from flowrl.guidance.common import GuidanceResult, score
-from flowrl.samplers.base import randn
+from flowrl.samplers.base import draw_device, randn
 
 POTENTIALS = ("difference", "immediate", "max")
 
@@ -28,7 +28,7 @@ POTENTIALS = ("difference", "immediate", "max")
 def systematic_resample(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """(G, P) normalized weights -> (G, P) ancestor indices, one uniform offset per group."""
     G, P = weights.shape
-    where = generator.device if generator is not None else weights.device  # the generator's device
+    where = draw_device(generator, weights.device)
     u = (
         torch.rand(G, 1, generator=generator, device=where).to(weights.device)
         + torch.arange(P, device=weights.device)

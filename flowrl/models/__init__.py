@@ -128,6 +128,29 @@ def load_pipeline(
     return pipe
 
 
+def adapter_class(family: str) -> type[DenoiserAdapter]:
+    """The adapter class of a model family (its module imported on demand)."""
+    if family == "sd":
+        return StableDiffusionAdapter
+    if family == "sdxl":
+        from flowrl.models.sdxl import SDXLAdapter
+
+        return SDXLAdapter
+    if family == "sd3":
+        from flowrl.models.sd3 import SD3Adapter
+
+        return SD3Adapter
+    if family == "lcm":
+        from flowrl.models.lcm import LCMAdapter
+
+        return LCMAdapter
+    if family == "flux":
+        from flowrl.models.flux import FluxAdapter
+
+        return FluxAdapter
+    raise ValueError(f"unknown model family {family!r}")
+
+
 def build_adapter(
     pipeline,
     family: str,
@@ -140,24 +163,14 @@ def build_adapter(
 ) -> DenoiserAdapter:
     """The family's adapter around a loaded pipeline; ``family_kwargs`` go to its constructor
     (e.g. Flux's ``image_size``, ``max_sequence_length``)."""
-    if family == "sd":
-        cls = StableDiffusionAdapter
-    elif family == "sdxl":
-        from flowrl.models.sdxl import SDXLAdapter as cls
-    elif family == "sd3":
-        from flowrl.models.sd3 import SD3Adapter as cls
-    elif family == "lcm":
-        from flowrl.models.lcm import LCMAdapter as cls
-    elif family == "flux":
-        from flowrl.models.flux import FluxAdapter as cls
-    else:
-        raise ValueError(f"unknown model family {family!r}")
+    cls = adapter_class(family)
     return cls(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference, **family_kwargs)
 
 
 __all__ = [
     "FAMILIES",
     "DenoiserAdapter",
+    "adapter_class",
     "StableDiffusionAdapter",
     "build_adapter",
     "build_tiny_sd_pipeline",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flowrl.samplers.base import randn
+from flowrl.samplers.base import draw_device, randn
 from flowrl.samplers.ddpm_policy import cosine_beta_schedule
 
 
@@ -254,7 +254,7 @@ class DiffusionPolicy(ChunkPolicy):
     def bc_loss(self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The DDPM loss on normalized (B, To, Do) observations and (B, Ta, Da) actions."""
         B = actions.shape[0]
-        where = generator.device if generator is not None else actions.device  # torch: the generator's device
+        where = draw_device(generator, actions.device)
         t = torch.randint(0, self.num_train_steps, (B,), generator=generator, device=where).to(actions.device)
         eps = randn(actions.shape, generator, actions.device)
         a = self.alphas_cumprod[t].view(B, 1, 1)
@@ -321,7 +321,7 @@ class FlowPolicy(ChunkPolicy):
     def bc_loss(self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The flow-matching loss on normalized (B, To, Do) observations and (B, Ta, Da) actions."""
         B = actions.shape[0]
-        where = generator.device if generator is not None else actions.device  # torch: the generator's device
+        where = draw_device(generator, actions.device)
         t = torch.rand((B,), generator=generator, device=where).to(actions.device)
         x0 = randn(actions.shape, generator, actions.device)
         tt = t.view(B, 1, 1)

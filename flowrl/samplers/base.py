@@ -13,12 +13,18 @@ from flowrl.chain import Chain
 LOGPROB_REDUCTIONS = ("mean", "sum")
 
 
+def draw_device(generator: torch.Generator | None, default: torch.device | str) -> torch.device:
+    """Where a seeded draw must happen: on the generator's own device (torch refuses a generator
+    of another one), else on ``default``. Move the result to where it is used."""
+    return generator.device if generator is not None else torch.device(default)
+
+
 def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
     """float32 N(0, I) noise of ``shape`` on ``device``, drawn on the generator's own device (as
     diffusers' ``randn_tensor`` does): seeded with a CPU generator, the noise is the same wherever
     the network runs, and a CUDA generator draws on the GPU directly. (torch itself refuses a
     generator of another device.)"""
-    where = generator.device if generator is not None else torch.device(device)
+    where = draw_device(generator, device)
     return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(device)
 
 

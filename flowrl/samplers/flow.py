@@ -35,7 +35,14 @@ import math
 import torch
 from torch import Tensor
 
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob, randn
+from flowrl.samplers.base import (
+    LOGPROB_REDUCTIONS,
+    ChainSampler,
+    StepOutput,
+    draw_device,
+    gaussian_log_prob,
+    randn,
+)
 
 FLOW_SAMPLERS = ("flow_sde", "flow_cps")
 
@@ -179,8 +186,8 @@ class FlowSampler(ChainSampler):
         hi = min(self.window_max_start, self.num_steps - self.sde_window)
         start = 0
         if hi > 0:
-            device = generator.device if generator is not None else "cpu"
-            start = int(torch.randint(0, hi + 1, (1,), generator=generator, device=device).item())
+            where = draw_device(generator, "cpu")
+            start = int(torch.randint(0, hi + 1, (1,), generator=generator, device=where).item())
         return set(range(start, start + self.sde_window))
 
     def transition(
