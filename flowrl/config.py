@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from flowrl.core.schedule import LR_SCHEDULES
+
 
 class ConfigError(ValueError):
     """A task file or override is wrong; the message names the key and the fix."""
@@ -386,7 +388,6 @@ class TaskConfig:
 
 
 ALGORITHMS = ["ddpo", "grpo", "loop", "reinforce"]
-LR_SCHEDULES = ("constant", "linear", "cosine")
 SAMPLER_NAMES = ["ddim", "flow_sde", "flow_cps", "lcm"]
 FAMILY_NAMES = ["auto", "sd", "sdxl", "sd3", "lcm", "flux"]
 

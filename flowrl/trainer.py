@@ -23,8 +23,8 @@ import yaml
 from flowrl.chain import Chain
 from flowrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowrl.config import ConfigError, TaskConfig, config_to_dict
+from flowrl.core import gaussian_kl, policy_loss
 from flowrl.core.advantages import PerPromptStatTracker, group_advantages, leave_one_out_advantages
-from flowrl.core.losses import gaussian_kl, policy_loss
 from flowrl.core.schedule import lr_factor, set_lr
 from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
 from flowrl.prompts import load_prompts

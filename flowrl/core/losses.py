@@ -17,25 +17,8 @@ denoising step k, with advantage A_b shared by all its steps:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
-
-from flowrl.samplers.base import reduce_event
-
-
-def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
-    """KL(N(mean, std^2 I) || N(ref_mean, std^2 I)) per trajectory, (B,), reduced over event dims
-    the same way as the log-probs (so beta is on the log-prob's scale)."""
-    return reduce_event((mean - ref_mean) ** 2 / (2 * std**2), reduction)
-
-
-def gaussian_entropy(std: Tensor, event_shape: torch.Size, reduction: str = "mean") -> Tensor:
-    """Entropy of N(mu, std^2 I) per trajectory, (B,): log std + 1/2 log(2 pi e) per dimension,
-    reduced over the event dims like the log-probs. ``std`` broadcasts to (B, *event_shape)."""
-    per_dim = std.log() + 0.5 * math.log(2 * math.pi * math.e)
-    return reduce_event(per_dim.expand(std.shape[0], *event_shape), reduction)
 
 
 def policy_loss(

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from flowrl.config import LR_SCHEDULES
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def lr_factor(

@@ -29,8 +29,8 @@ import yaml
 from flowrl.chain import Chain
 from flowrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowrl.config import ConfigError, config_to_dict
+from flowrl.core import gaussian_entropy, policy_loss
 from flowrl.core.gae import generalized_advantage_estimate
-from flowrl.core.losses import gaussian_entropy, policy_loss
 from flowrl.core.schedule import lr_factor, set_lr
 from flowrl.report import MetricsWriter
 from flowrl.robot.config import RobotTaskConfig

@@ -2,51 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from flowrl.chain import Chain
-
-LOGPROB_REDUCTIONS = ("mean", "sum")
-
-
-def draw_device(generator: torch.Generator | None, default: torch.device | str) -> torch.device:
-    """Where a seeded draw must happen: on the generator's own device (torch refuses a generator
-    of another one), else on ``default``. Move the result to where it is used."""
-    return generator.device if generator is not None else torch.device(default)
-
-
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
-    """float32 N(0, I) noise of ``shape`` on ``device``, drawn on the generator's own device (as
-    diffusers' ``randn_tensor`` does): seeded with a CPU generator, the noise is the same wherever
-    the network runs, and a CUDA generator draws on the GPU directly. (torch itself refuses a
-    generator of another device.)"""
-    where = draw_device(generator, device)
-    return torch.randn(shape, generator=generator, device=where, dtype=torch.float32).to(device)
-
-
-def reduce_event(x: Tensor, reduction: str) -> Tensor:
-    """Reduce (B, *event) to (B,) by ``mean`` (as DDPO and Flow-GRPO do) or ``sum`` (the true
-    log-density of the whole event). The PPO clip range must be chosen with this choice: with
-    ``mean`` a per-step log-ratio is the per-dimension average, so DDPO's clip range 1e-4 applies."""
-    dims = tuple(range(1, x.ndim))
-    if reduction == "mean":
-        return x.mean(dim=dims)
-    if reduction == "sum":
-        return x.sum(dim=dims)
-    raise ValueError(f"logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {reduction!r}")
-
-
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
-    """log N(x; mean, std^2 I), elementwise then reduced over event dims: (B, *event) -> (B,).
-
-    ``std`` broadcasts against ``x`` (a (B, 1, 1, 1) per-sample std or a full tensor).
-    """
-    log_density = -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
-    return reduce_event(log_density, reduction)
+from flowrl.core.gaussian import LOGPROB_REDUCTIONS, gaussian_log_prob, reduce_event  # noqa: F401
+from flowrl.core.seeding import draw_device, randn  # noqa: F401
 
 
 @dataclass
