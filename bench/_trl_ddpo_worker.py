@@ -18,7 +18,7 @@ import warnings
 
 def jpeg_compressibility(images, prompts, metadata):
     """Negative JPEG size in kB at quality 95 of (B, 3, H, W) images in [0, 1]; the same formula
-    as flowrl's built-in ``jpeg_compressibility`` (rewards/jpeg.py)."""
+    as flowrl's built-in ``jpeg_compressibility`` (flowrl/rewards/jpeg.py)."""
     import numpy as np
     import torch
     from PIL import Image

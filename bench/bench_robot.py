@@ -1,7 +1,7 @@
 """Rollout throughput of chunked robot policies: environment steps per second with N envs and K
 denoising steps, against the raw vectorized environment.
 
-Both sides step the same ``SyncVectorEnv`` of N action-chunk envs (``flowrl.robot.envs``):
+Both sides step the same ``SyncVectorEnv`` of N action-chunk envs (``flowrl.envs.wrappers``):
 
     raw:     random action chunks (no policy)
     policy:  the stochastic sampler's chunk (what training rollouts do): ReinFlow with K flow
@@ -27,7 +27,7 @@ from _cpu_load import ForeignCPU, wait_for_quiet  # bench/ is on sys.path when r
 def rate(vec, seconds: float, action_steps: int, policy=None, sampler=None) -> float:
     """Environment steps per second (a chunk counts the actions it executed); random chunks when
     ``policy`` is None, else the stochastic sampler's."""
-    from flowrl.robot.envs import executed_steps
+    from flowrl.envs.wrappers import executed_steps
     from flowrl.robot.evaluate import act
 
     low, high = vec.single_action_space.low, vec.single_action_space.high
@@ -62,7 +62,7 @@ def main() -> None:
 
     import gymnasium as gym
 
-    from flowrl.robot.envs import make_vector_env
+    from flowrl.envs.wrappers import make_vector_env
     from flowrl.robot.policy import DiffusionPolicy, FlowPolicy
     from flowrl.samplers.ddpm_policy import DDPMPolicySampler
     from flowrl.samplers.reinflow import ReinFlowSampler

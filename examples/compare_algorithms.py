@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from flowrl.config import load_config, tasks_dir  # noqa: E402
-from flowrl.quickstart import measure_alignment  # noqa: E402
+from flowrl.demo.quickstart import measure_alignment  # noqa: E402
 from flowrl.trainer import Trainer  # noqa: E402
 
 ALGORITHMS = {

@@ -69,7 +69,7 @@ def _checked_sample_prompts(args: argparse.Namespace) -> list[str]:
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        from flowrl.prompts import load_prompts
+        from flowrl.data.prompts import load_prompts
 
         if not Path(args.prompts_file).is_file():
             raise ConfigError(
@@ -252,7 +252,7 @@ def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen)
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from flowrl.quickstart import run
+    from flowrl.demo.quickstart import run
 
     try:
         run(args.epochs, args.out, args.seed)
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sa.set_defaults(func=_sample)
 
-    from flowrl.quickstart import add_arguments
+    from flowrl.demo.quickstart import add_arguments
 
     qs = sub.add_parser(
         "quickstart",

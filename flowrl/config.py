@@ -160,7 +160,7 @@ class TrainConfig:
     # a non-finite reward, advantage, log-prob, loss or gradient: stop (raise, naming the epoch,
     # step and prompts) or skip (no update from that batch or epoch; counted as skipped_updates)
     on_nonfinite: str = "stop"
-    # prompts: a list, a named set (see flowrl.prompts), or a text file with one prompt per line
+    # prompts: a list, a named set (see flowrl.data.prompts), or a text file with one prompt per line
     prompts: typing.Any = "simple_animals"
     # prompts rendered into the evaluation image grid (deterministic DDIM, fixed seed)
     eval_prompts: list | None = None

@@ -26,8 +26,8 @@ from flowrl.config import ConfigError, TaskConfig, config_to_dict
 from flowrl.core import gaussian_kl, policy_loss
 from flowrl.core.advantages import PerPromptStatTracker, group_advantages, leave_one_out_advantages
 from flowrl.core.schedule import lr_factor, set_lr
+from flowrl.data.prompts import load_prompts
 from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
-from flowrl.prompts import load_prompts
 from flowrl.report import MetricsWriter, plot_reward_curve, save_image_grid
 from flowrl.rewards import Reward, resolve_reward
 from flowrl.samplers import build_sampler

@@ -1,1 +1,1 @@
-"""Built-in reward scripts (loaded by flowrl.rewards; each registers its factories by name)."""
+"""Example reward scripts, used by path (``rewards: [{name: rewards/brightness.py}]``): copy one and edit it."""

@@ -100,9 +100,9 @@ def main() -> int:
             run_check(f"trainer jpeg_tiny mixed_precision={precision}", trainer_check, precision)
 
         def digits_check() -> str:
-            from flowrl.models.digits import load_digits_pipeline
+            from flowrl.demo.digits import load_digits_pipeline
+            from flowrl.demo.quickstart import measure_alignment
             from flowrl.models.sd import StableDiffusionAdapter
-            from flowrl.quickstart import measure_alignment
 
             adapter = StableDiffusionAdapter(load_digits_pipeline(), finetune="frozen").to(device)
             config = adapter.scheduler_config

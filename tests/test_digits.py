@@ -1,8 +1,8 @@
 """The digits quickstart: the pre-trained model, the classifier rewards, a fine-tuning gain, the
 compare-algorithms example.
 
-The pre-trained digits model ships in ``flowrl/assets/digits/`` (written by
-``python -m flowrl.models.digits``), so these tests load it in a second; the pre-training code
+The pre-trained digits model ships in ``flowrl/demo/assets/digits/`` (written by
+``python -m flowrl.demo.digits``), so these tests load it in a second; the pre-training code
 itself is checked on a few steps.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowrl.models.digits import digit_prompt, digits_dataset, load_digits_pipeline, parse_digit
+from flowrl.demo.digits import digit_prompt, digits_dataset, load_digits_pipeline, parse_digit
 from flowrl.models.sd import StableDiffusionAdapter
 from flowrl.rewards import Reward, RewardError
 from flowrl.samplers.ddim import DDIMSampler
@@ -88,7 +88,7 @@ def test_model_samples_digits_and_is_on_policy(digits_pipe):
 def test_shipped_weights_load_and_pretraining_code_runs(tmp_path):
     """The shipped files rebuild the model (its frozen token table from the seed, checked by
     fingerprint), and pre-training from scratch runs and moves the weights."""
-    from flowrl.models import digits
+    from flowrl.demo import digits
 
     info = json.loads((digits.ASSETS / "info.json").read_text())
     pipe = digits._load_shipped_pipeline()
@@ -110,7 +110,7 @@ def test_ddpo_raises_prompt_alignment_on_fixed_seeds(tmp_path):
     untrained alignment is 0.043, so the std of a 4-seed mean is about 0.021: the test asks for a
     mean gain > 0.08 (about 4 of those) and a gain on every seed."""
     from flowrl.config import load_config, tasks_dir
-    from flowrl.quickstart import measure_alignment
+    from flowrl.demo.quickstart import measure_alignment
     from flowrl.trainer import Trainer
 
     cfg = load_config(

@@ -183,7 +183,7 @@ def test_pickscore_with_a_tiny_local_clip_model(tmp_path):
 
 
 def test_hpsv2_loads_an_open_clip_state_dict(tmp_path):
-    from flowrl.clip import load_open_clip
+    from flowrl.rewards.clip import load_open_clip
 
     clip, *_ = load_open_clip("flowrl-tiny", None)
     torch.save({"state_dict": clip.state_dict()}, tmp_path / "hps.pt")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowrl.clip import preprocess
-from flowrl.robot.clip_reward import CLIPRewardWrapper, VLMRewardModel
+from flowrl.envs.clip_reward import CLIPRewardWrapper, VLMRewardModel
+from flowrl.rewards.clip import preprocess
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,8 +64,8 @@ def test_clip_reward_wrapper_on_rendered_frames(monkeypatch):
 def test_task_config_turns_the_clip_reward_on(monkeypatch):
     if "MUJOCO_GL" not in os.environ:
         monkeypatch.setenv("MUJOCO_GL", "egl")
+    from flowrl.envs.wrappers import make_env
     from flowrl.robot.config import load_robot_config
-    from flowrl.robot.envs import make_env
     from flowrl.robot.evaluate import env_kwargs, render_available
 
     if not render_available():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowrl.robot.demos import Demonstrations, load_demonstrations
-from flowrl.robot.envs import ActionChunkWrapper, executed_steps, make_vector_env
+from flowrl.data.demos import Demonstrations, load_demonstrations
+from flowrl.envs.wrappers import ActionChunkWrapper, executed_steps, make_vector_env
 from flowrl.robot.policy import DiffusionPolicy, FlowPolicy, load_policy
 
 
@@ -138,7 +138,7 @@ def test_hdf5_readers(tmp_path):
 
 
 def test_lqr_expert_balances_the_pendulum_and_demos_are_recorded():
-    from flowrl.robot.experts import collect_demonstrations
+    from flowrl.data.experts import collect_demonstrations
 
     demos = collect_demonstrations(
         "InvertedPendulum-v5", "lqr", 2, seed=0, expert_kwargs={"q": [1, 1, 0.1, 0.1]}
@@ -152,7 +152,7 @@ def test_lqr_expert_balances_the_pendulum_and_demos_are_recorded():
 
 
 def test_reacher_expert_reaches_the_target():
-    from flowrl.robot.experts import collect_demonstrations
+    from flowrl.data.experts import collect_demonstrations
 
     demos = collect_demonstrations(
         "Reacher-v5", "reacher_ik_pd", 3, seed=0, expert_kwargs={"kp": 1.0, "kd": 0.1}

@@ -75,7 +75,7 @@ def load_sd_pipeline(
     if pretrained == "tiny":
         return build_tiny_sd_pipeline(prediction_type=prediction_type or "epsilon", **tiny_kwargs)
     if pretrained == "digits":
-        from flowrl.models.digits import load_digits_pipeline
+        from flowrl.demo.digits import load_digits_pipeline
 
         return load_digits_pipeline()
     from diffusers import DDIMScheduler, StableDiffusionPipeline

@@ -66,13 +66,13 @@ class ClipRewardConfig:
 class DemoConfig:
     # demonstrations file; null: generate them with `expert` into the pre-training folder
     path: str | None = None
-    # npz (flowrl's format) | d4rl | robomimic | minari (HDF5, needs h5py); see flowrl.robot.demos
+    # npz (flowrl's format) | d4rl | robomimic | minari (HDF5, needs h5py); see flowrl.data.demos
     format: str = "npz"
     # robomimic: observation keys to concatenate (null: all, sorted)
     obs_keys: list | None = None
     # scripted expert that generates demonstrations when `path` is null: lqr | reacher_ik_pd
     expert: str | None = None
-    # the expert's options (gains, weakening, noise_std), see flowrl.robot.experts
+    # the expert's options (gains, weakening, noise_std), see flowrl.data.experts
     expert_kwargs: dict = field(default_factory=dict)
     # episodes to generate
     num_episodes: int = 50

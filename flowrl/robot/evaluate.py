@@ -12,8 +12,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from flowrl.envs.wrappers import make_env, make_vector_env
 from flowrl.report import finish_plot
-from flowrl.robot.envs import make_env, make_vector_env
 from flowrl.robot.policy import ChunkPolicy
 
 
@@ -31,7 +31,7 @@ def build_policy_sampler(cfg, policy: ChunkPolicy, finetune: bool = True):
 
 
 def env_kwargs(cfg) -> dict:
-    """Keyword arguments of :func:`~flowrl.robot.envs.make_env` for a task config."""
+    """Keyword arguments of :func:`~flowrl.envs.wrappers.make_env` for a task config."""
     e = cfg.env
     kwargs = dict(
         env_id=e.id,
@@ -41,7 +41,7 @@ def env_kwargs(cfg) -> dict:
         max_episode_steps=e.max_episode_steps,
     )
     if cfg.clip_reward.enabled:
-        from flowrl.robot.clip_reward import clip_reward_wrapper
+        from flowrl.envs.clip_reward import clip_reward_wrapper
 
         kwargs.update(render_mode="rgb_array", inner_wrappers=(clip_reward_wrapper(cfg.clip_reward),))
         kwargs["env_kwargs"] = dict(

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from flowrl.config import ConfigError
+from flowrl.data.demos import Demonstrations, load_demonstrations
 from flowrl.report import MetricsWriter
 from flowrl.robot.config import RobotTaskConfig
-from flowrl.robot.demos import Demonstrations, load_demonstrations
 from flowrl.robot.policy import POLICIES, ChunkPolicy
 
 
@@ -41,7 +41,7 @@ def resolve_demonstrations(cfg: RobotTaskConfig, bc_dir: Path) -> Demonstrations
     cached = bc_dir / "demos.npz"
     if cached.is_file():
         return load_demonstrations(cached)
-    from flowrl.robot.experts import collect_demonstrations
+    from flowrl.data.experts import collect_demonstrations
 
     demos = collect_demonstrations(
         cfg.env.id, d.expert, d.num_episodes, d.seed, cfg.env.kwargs, d.expert_kwargs

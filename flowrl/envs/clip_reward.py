@@ -23,7 +23,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.clip import load_open_clip, preprocess
+from flowrl.rewards.clip import load_open_clip, preprocess
 
 
 class VLMRewardModel:

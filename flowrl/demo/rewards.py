@@ -1,9 +1,9 @@
-"""Rewards for the digits quickstart model (``model.pretrained: digits``, see flowrl.models.digits).
+"""Rewards for the digits quickstart model (``model.pretrained: digits``, see flowrl.demo.digits).
 
 images are (B, 1, 8, 8) in [0, 1]; prompts name one digit each ("a handwritten digit 3").
 
 - ``digit_alignment``: prompt alignment, the probability a small classifier trained on the same
-  bundled data (:class:`flowrl.models.digits.DigitClassifier`, 97% accuracy on held-out digits)
+  bundled data (:class:`flowrl.demo.digits.DigitClassifier`, 97% accuracy on held-out digits)
   gives the digit the prompt names, p(d(prompt) | image) in [0, 1]. Differentiable.
 - ``digit_thickness``: mean ink, the average pixel value in [0, 1] (a bold digit scores higher).
   Trivial to hack (a white square scores 1), which makes it the demo of reward hacking and of
@@ -19,7 +19,7 @@ from flowrl.rewards import register_reward
 
 @register_reward("digit_alignment", differentiable=True)
 def digit_alignment(device: str | torch.device = "cpu"):
-    from flowrl.models.digits import load_digit_classifier, parse_digit
+    from flowrl.demo.digits import load_digit_classifier, parse_digit
 
     classifier = load_digit_classifier().to(device)
 

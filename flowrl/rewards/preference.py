@@ -27,7 +27,7 @@ def pickscore(
     folder holds the tokenizer, or flowrl's offline CLIP tokenizer is used)."""
     from transformers import AutoTokenizer, CLIPModel
 
-    from flowrl.clip import preprocess
+    from flowrl.rewards.clip import preprocess
 
     net = CLIPModel.from_pretrained(model).to(device).eval().requires_grad_(False)
     try:
@@ -68,7 +68,7 @@ def hpsv2(weights: str, clip_model: str = "ViT-H-14", device: str | torch.device
     ``state_dict`` key), loaded with ``torch.load(weights_only=True)`` or safetensors."""
     from pathlib import Path
 
-    from flowrl.clip import load_open_clip, similarity_reward
+    from flowrl.rewards.clip import load_open_clip, similarity_reward
 
     path = Path(weights).expanduser()
     if not path.is_file():

@@ -64,7 +64,7 @@ def aesthetic(
     weights: str | None = None,
     device: str | torch.device = "cpu",
 ):
-    from flowrl.clip import load_open_clip, preprocess
+    from flowrl.rewards.clip import load_open_clip, preprocess
 
     clip, _, size, mean, std = load_open_clip(clip_model, clip_pretrained, device)
     dim = clip.visual.output_dim

@@ -228,7 +228,7 @@ def pretrain_digits_pipeline(
     return pipe
 
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "digits"  # shipped with the package
+ASSETS = Path(__file__).resolve().parent / "assets" / "digits"  # shipped with the package
 
 
 def _embedding_fingerprint(text_encoder) -> float:
@@ -241,7 +241,7 @@ def _embedding_fingerprint(text_encoder) -> float:
 def export_digits_assets(out: str | os.PathLike = ASSETS, progress: bool = True) -> Path:
     """Write the shipped files: ``unet.safetensors``, ``text_encoder.safetensors`` (without the
     token table), ``classifier.safetensors`` and ``info.json``, from the cached pre-trained
-    model (pre-training it first if needed). ``python -m flowrl.models.digits`` runs this."""
+    model (pre-training it first if needed). ``python -m flowrl.demo.digits`` runs this."""
     from safetensors.torch import save_file
 
     pipe = load_digits_pipeline(cache_dir=cache_root(), progress=progress)
@@ -293,8 +293,8 @@ def _load_shipped_pipeline():
 def load_digits_pipeline(cache_dir: str | os.PathLike | None = None, progress: bool = True):
     """The pre-trained digits pipeline.
 
-    With no ``cache_dir``: the weights shipped in ``flowrl/assets/digits/`` (written by
-    ``python -m flowrl.models.digits``), so every machine starts from the same model. Otherwise
+    With no ``cache_dir``: the weights shipped in ``flowrl/demo/assets/digits/`` (written by
+    ``python -m flowrl.demo.digits``), so every machine starts from the same model. Otherwise
     (or if those are missing) from ``<cache>/digits-v1/``, pre-training it on first use (about
     4.5 minutes on 2 idle CPU cores) and saving it there atomically.
 
@@ -367,7 +367,7 @@ def train_digit_classifier(seed: int = 0, epochs: int = 60) -> DigitClassifier:
 
 
 def load_digit_classifier(cache_dir: str | os.PathLike | None = None) -> DigitClassifier:
-    """The classifier shipped in ``flowrl/assets/digits/`` (with no ``cache_dir``), else from
+    """The classifier shipped in ``flowrl/demo/assets/digits/`` (with no ``cache_dir``), else from
     ``<cache>/digits-classifier-v1/model.safetensors``, trained and saved atomically on first use."""
     from safetensors.torch import load_file, save_file
 
@@ -390,7 +390,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(
         description="pre-train the digits model and classifier (or take them from the cache) and "
-        "write the files flowrl ships in flowrl/assets/digits/"
+        "write the files flowrl ships in flowrl/demo/assets/digits/"
     )
     parser.add_argument("--out", default=str(ASSETS))
     print(f"wrote {export_digits_assets(parser.parse_args().out)}")

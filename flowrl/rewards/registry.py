@@ -10,8 +10,9 @@ A reward function scores a batch of final samples:
     rewards  (B,) tensor, array or list of finite floats
     info     dict of extra per-batch values to log (may be empty)
 
-Built-in rewards live in the top-level ``rewards/`` folder (shipped with the package) and are
-*factories* registered by name: ``@register_reward("jpeg_compressibility")`` on a function that
+Built-in rewards are modules of this package (``flowrl.rewards.jpeg``, ``aesthetic``,
+``clip_score``, ``preference``; the demo's ``flowrl.demo.rewards``) whose *factories* are registered
+by name: ``@register_reward("jpeg_compressibility")`` on a function that
 takes keyword options and returns a reward function (heavy imports happen inside the factory).
 A user's reward is a Python file given by path, ``rewards/my_reward.py`` or
 ``path/to/file.py:function_name``; the file defines either ``reward_fn(images, prompts, metadata)``
@@ -74,14 +75,14 @@ def register_reward(name: str, differentiable: bool = False):
     return wrap
 
 
-def builtin_rewards_dir() -> Path:
-    """The folder of built-in reward scripts: ``flowrl/_rewards`` in an installed wheel, else the
-    checkout's top-level ``rewards/``."""
-    here = Path(__file__).resolve().parent
+def example_rewards_dir() -> Path:
+    """The folder of example reward scripts users copy and edit: ``flowrl/_rewards`` in an
+    installed wheel, else the checkout's top-level ``rewards/``."""
+    here = Path(__file__).resolve().parents[1]
     for candidate in (here / "_rewards", here.parent / "rewards"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError("flowrl's built-in rewards folder is missing; reinstall flowrl")
+    raise FileNotFoundError("flowrl's example rewards folder is missing; reinstall flowrl")
 
 
 def _import_file(path: Path):
@@ -104,12 +105,24 @@ def _import_file(path: Path):
     return module
 
 
+# the modules whose @register_reward factories are the built-in rewards (imported on first lookup,
+# so a heavy reward's imports cost nothing until it is used)
+BUILTIN_MODULES = (
+    "flowrl.rewards.jpeg",
+    "flowrl.rewards.aesthetic",
+    "flowrl.rewards.clip_score",
+    "flowrl.rewards.preference",
+    "flowrl.demo.rewards",
+)
+
+
 def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
-        for path in sorted(builtin_rewards_dir().glob("*.py")):
-            if not path.name.startswith("_"):
-                _import_file(path)
+        import importlib
+
+        for name in BUILTIN_MODULES:
+            importlib.import_module(name)
         _BUILTINS_LOADED = True
 
 
@@ -133,8 +146,8 @@ def resolve_reward(spec: str) -> tuple[Callable[..., RewardFn], bool]:
         return _REGISTRY[spec].factory, _REGISTRY[spec].differentiable
 
     path = Path(path_part).expanduser()
-    if not path.is_file() and path.parent.name == "rewards" and (builtin_rewards_dir() / path.name).is_file():
-        path = builtin_rewards_dir() / path.name  # rewards/<file>.py from an installed package
+    if not path.is_file() and path.parent.name == "rewards" and (example_rewards_dir() / path.name).is_file():
+        path = example_rewards_dir() / path.name  # rewards/<file>.py from an installed package
     if not path.is_file():
         raise FileNotFoundError(
             f"reward script {spec!r} not found (looked for {path.resolve()}); give the path of a .py file "

@@ -120,7 +120,7 @@ def load_demonstrations(
             if missing:
                 raise ValueError(
                     f"{path}: missing arrays {sorted(missing)}; save observations (N, Do), actions (N, Da) and "
-                    "episode_ends (E,) with Demonstrations(...).save(path) (flowrl's npz format, see flowrl.robot.demos)"
+                    "episode_ends (E,) with Demonstrations(...).save(path) (flowrl's npz format, see flowrl.data.demos)"
                 )
             return Demonstrations(
                 f["observations"],

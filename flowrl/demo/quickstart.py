@@ -3,7 +3,7 @@
     flowrl quickstart                       # pre-trains the digits model on first use, then fine-tunes
     flowrl quickstart --epochs 10 --out runs/qs --seed 1
 
-1. Load the digits model (:mod:`flowrl.models.digits`: a tiny text-to-image diffusion model of
+1. Load the digits model (:mod:`flowrl.demo.digits`: a tiny text-to-image diffusion model of
    scikit-learn's bundled 8x8 handwritten digits), pre-training it on first use.
 2. Measure prompt alignment before: for each digit d, ``samples_per_digit`` images of
    "a handwritten digit d" from a fixed seed, scored by the ``digit_alignment`` reward
@@ -49,7 +49,7 @@ def measure_alignment(
     named digit), their per-digit lists ``alignment_per_digit`` / ``accuracy_per_digit`` (10,),
     and ``images`` (N, 1, 8, 8) ordered digit by digit.
     """
-    from flowrl.models.digits import digit_prompt, load_digit_classifier
+    from flowrl.demo.digits import digit_prompt, load_digit_classifier
     from flowrl.samplers.ddim import DDIMSampler
 
     digits = torch.arange(10).repeat_interleave(samples_per_digit)  # (N,)
@@ -136,7 +136,7 @@ def run(epochs: int | None = None, out: str | os.PathLike | None = None, seed: i
     Returns the numbers written to ``report.json``.
     """
     from flowrl.config import load_config, tasks_dir
-    from flowrl.models.digits import load_digits_pipeline
+    from flowrl.demo.digits import load_digits_pipeline
     from flowrl.report import save_image_grid
     from flowrl.trainer import Trainer
 

@@ -20,7 +20,7 @@ def clip_score(
     scale: float = 1.0,
     device: str | torch.device = "cpu",
 ):
-    from flowrl.clip import load_open_clip, similarity_reward
+    from flowrl.rewards.clip import load_open_clip, similarity_reward
 
     clip, tokenizer, size, mean, std = load_open_clip(clip_model, clip_pretrained, device)
     return similarity_reward(clip, tokenizer, size, mean, std, device, scale)

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from flowrl.robot.demos import Demonstrations
+from flowrl.data.demos import Demonstrations
 
 
 class Expert(Protocol):

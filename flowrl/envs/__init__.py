@@ -1,0 +1,2 @@
+"""gymnasium environments for chunked policies: the action-chunk wrapper and vector envs
+(``wrappers``), and the VLM-RM CLIP reward on rendered frames (``clip_reward``)."""
