@@ -164,7 +164,7 @@ def report(title: str, results: dict, unit: str = "img") -> None:
 
 
 def robot(seeds: int) -> None:
-    from flowrl.guidance.robot import target_reward
+    from flowrl.guidance.actions import target_reward
 
     target = [0.5, -0.5, 0.25]
     obs = torch.randn(64, 1, 11, generator=torch.Generator().manual_seed(123))
@@ -174,9 +174,8 @@ def robot(seeds: int) -> None:
 
 
 def robot_table(kind: str, obs: torch.Tensor, reward, target: list[float], seeds: int) -> None:
-    from flowrl.guidance import PolicyGuide, RLGuidedPolicy
-    from flowrl.guidance.robot import PolicyAdapter, PolicyStepSampler
-    from flowrl.robot.policy import DiffusionPolicy, FlowPolicy
+    from flowrl.guidance import ChunkReward, GuidedSampler, RLGuidedAdapter
+    from flowrl.models.policy import DiffusionPolicy, FlowPolicy
     from flowrl.samplers.ddpm_policy import DDPMPolicySampler
     from flowrl.samplers.reinflow import ReinFlowSampler
 
@@ -196,19 +195,18 @@ def robot_table(kind: str, obs: torch.Tensor, reward, target: list[float], seeds
         opt.zero_grad()
         loss.backward()
         opt.step()
-    K = PolicyStepSampler(sampler).num_steps
+    K = sampler.num_steps
 
     def plain(p, nfe_per_step):
         def fn(seed):
-            adapter, steps = PolicyAdapter(p, sampler), PolicyStepSampler(sampler, stochastic=False)
-            chain = steps.sample(adapter, obs, generator=torch.Generator().manual_seed(seed))
-            return reward(obs, adapter.decode(chain.latents[:, -1])), float(nfe_per_step * K)
+            chain = sampler.sample(p, obs, generator=torch.Generator().manual_seed(seed), deterministic=True)
+            return reward(obs, p.decode(chain.latents[:, -1])), float(nfe_per_step * K)
 
         return fn
 
     def guided(method, **options):
         def fn(seed):
-            r = PolicyGuide(sampler, method, reward, **options).guide(
+            r = GuidedSampler(sampler, method, ChunkReward(reward), **options).guide(
                 policy, obs, torch.Generator().manual_seed(seed)
             )
             return r.rewards, r.nfe
@@ -221,7 +219,7 @@ def robot_table(kind: str, obs: torch.Tensor, reward, target: list[float], seeds
             "best-of-4": guided("best-of-n", n=4),
             "smc-4": guided("smc", num_particles=4, lam=10.0),
             "reward-grad": guided("reward-grad", scale=0.2),
-            "rl-guidance w=2": plain(RLGuidedPolicy(tuned, 2.0, base=policy), 2),
+            "rl-guidance w=2": plain(RLGuidedAdapter(tuned, 2.0, base=policy), 2),
         },
         seeds,
     )
@@ -236,14 +234,16 @@ def robot_table(kind: str, obs: torch.Tensor, reward, target: list[float], seeds
 def pendulum(episodes: int = 8) -> None:
     import tempfile
 
-    from flowrl.guidance import PolicyGuide
-    from flowrl.guidance.robot import SimulatedReturn
+    from flowrl.guidance import ChunkReward, GuidedSampler
+    from flowrl.guidance.actions import SimulatedReturn
+    from flowrl.models.policy import load_policy
     from flowrl.robot.config import load_robot_config
     from flowrl.robot.evaluate import build_policy_sampler, evaluate
-    from flowrl.robot.policy import load_policy
     from flowrl.robot.pretrain import pretrain
 
-    reward = SimulatedReturn("InvertedPendulum-v5", termination_penalty=10.0, state_cost=[0, 10, 0, 1])
+    reward = ChunkReward(
+        SimulatedReturn("InvertedPendulum-v5", termination_penalty=10.0, state_cost=[0, 10, 0, 1])
+    )
     with tempfile.TemporaryDirectory() as root:
         for task in ("robot_inverted_pendulum_dppo", "robot_inverted_pendulum_reinflow"):
             cfg = load_robot_config(task, [f"train.output_dir={root}", "pretrain.eval_episodes=0"])
@@ -252,8 +252,8 @@ def pendulum(episodes: int = 8) -> None:
             print(f"\n{task}: BC policy, {episodes} evaluation episodes (seeds 0..{episodes - 1}), cap 1000")
             for name, s in (
                 ("unguided", sampler),
-                ("best-of-4", PolicyGuide(sampler, "best-of-n", reward, n=4)),
-                ("smc-4", PolicyGuide(sampler, "smc", reward, num_particles=4, lam=1.0)),
+                ("best-of-4", GuidedSampler(sampler, "best-of-n", reward, n=4)),
+                ("smc-4", GuidedSampler(sampler, "smc", reward, num_particles=4, lam=1.0)),
             ):
                 t0 = time.perf_counter()
                 ev = evaluate(policy, s, cfg, episodes, seed=0)

@@ -63,7 +63,7 @@ def main() -> None:
     import gymnasium as gym
 
     from flowrl.envs.wrappers import make_vector_env
-    from flowrl.robot.policy import DiffusionPolicy, FlowPolicy
+    from flowrl.models.policy import DiffusionPolicy, FlowPolicy
     from flowrl.samplers.ddpm_policy import DDPMPolicySampler
     from flowrl.samplers.reinflow import ReinFlowSampler
 

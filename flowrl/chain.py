@@ -3,8 +3,8 @@
 Shape legend (used across flowrl):
     B  trajectories in the batch
     K  denoising steps, stored in sampling order (k = 0 is the noisiest)
-    C, H, W  the sample's (latent) event shape
-    L, D  text-encoder sequence length and width
+    C, H, W  the sample's (latent) event shape; Ta, Da for an action chunk
+    L, D  text-encoder sequence length and width; To, Do an observation history
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ class Chain:
         log_probs: (B, K) log p(x_{k+1} | x_k, c) under the sampling policy, reduced over the
             event dimensions as the sampler's ``logprob_reduction`` says. NaN where a step
             is deterministic (std 0) and therefore not part of the MDP.
-        cond: per-trajectory condition tensors, each with leading dim B (for text-to-image:
-            ``prompt_embeds`` (B, L, D) and, with CFG, ``negative_prompt_embeds`` (B, L, D)).
-        prompts: the B prompts, as text.
+        cond: per-trajectory condition tensors, each with leading dim B (text-to-image:
+            ``prompt_embeds`` (B, L, D) and, with CFG, ``negative_prompt_embeds`` (B, L, D);
+            a policy: ``obs`` (B, To, Do), the normalized observation history).
+        prompts: the B prompts, as text (empty when the condition is not text).
         guidance_scale: the classifier-free guidance scale the chain was sampled with; the
-            log-prob must be re-evaluated with the same scale.
-        samples: (B, 3, H', W') decoded images in [0, 1], once decoded.
-        rewards: (B,) once scored.
+            log-prob must be re-evaluated with the same scale (1 for policies).
+        samples: (B, ...) decoded samples (images in [0, 1], actions in env units), once decoded.
+        rewards: (B,) once scored (per action chunk for an environment).
         advantages: (B,) once computed.
     """
 
@@ -44,7 +45,7 @@ class Chain:
     next_timesteps: Tensor
     log_probs: Tensor
     cond: dict[str, Tensor]
-    prompts: list[str]
+    prompts: list[str] = field(default_factory=list)
     guidance_scale: float = 1.0
     samples: Tensor | None = None
     rewards: Tensor | None = None
@@ -77,8 +78,9 @@ class Chain:
             index = torch.tensor(index, dtype=torch.long)
         out = {name: getattr(self, name)[index] for name in self._tensor_fields()}
         out["cond"] = {k: v[index] for k, v in self.cond.items()}
-        idx = range(len(self))[index] if isinstance(index, slice) else index.tolist()
-        out["prompts"] = [self.prompts[i] for i in idx]
+        if self.prompts:
+            idx = range(len(self))[index] if isinstance(index, slice) else index.tolist()
+            out["prompts"] = [self.prompts[i] for i in idx]
         return replace(self, **out)
 
     def to(self, device: torch.device | str) -> Chain:

@@ -8,15 +8,9 @@ import copy
 import pytest
 import torch
 
-from flowrl.guidance import PolicyGuide, RLGuidedPolicy
-from flowrl.guidance.robot import (
-    PolicyAdapter,
-    PolicyStepSampler,
-    SimulatedReturn,
-    smoothness_reward,
-    target_reward,
-)
-from flowrl.robot.policy import DiffusionPolicy, FlowPolicy
+from flowrl.guidance import ChunkReward, GuidedSampler, RLGuidedAdapter
+from flowrl.guidance.actions import SimulatedReturn, smoothness_reward, target_reward
+from flowrl.models.policy import DiffusionPolicy, FlowPolicy
 from flowrl.samplers.ddpm_policy import DDPMPolicySampler
 from flowrl.samplers.reinflow import ReinFlowSampler
 
@@ -77,7 +71,7 @@ def _chunks(sampler, policy, obs, seed, deterministic=False):
 def test_rl_guidance_w0_is_base_and_w1_is_finetune_exactly(kind, deterministic):
     base, sampler = _policy(kind)
     tuned = _finetune(base, kind)
-    obs = base.normalizer.normalize_obs(_obs(6))
+    obs = _obs(6)
     ref_tuned = _chunks(sampler, tuned, obs, 0, deterministic)
     if kind == "flow" and not deterministic:
         # the noise is the fine-tune's learned std at every w: the base with that noise network
@@ -86,10 +80,10 @@ def test_rl_guidance_w0_is_base_and_w1_is_finetune_exactly(kind, deterministic):
     ref_base = _chunks(sampler, base, obs, 0, deterministic)
     assert not torch.allclose(ref_base, ref_tuned)
     for w, expected in ((0.0, ref_base), (1.0, ref_tuned)):
-        got = _chunks(sampler, RLGuidedPolicy(tuned, w, base=base), obs, 0, deterministic)
+        got = _chunks(sampler, RLGuidedAdapter(tuned, w, base=base), obs, 0, deterministic)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     if kind == "diffusion":  # a DPPO fine-tune's own frozen copy is the base
-        got = _chunks(sampler, RLGuidedPolicy(tuned, 0.0), obs, 0, deterministic)
+        got = _chunks(sampler, RLGuidedAdapter(tuned, 0.0), obs, 0, deterministic)
         torch.testing.assert_close(got, ref_base, rtol=0, atol=0)
 
 
@@ -100,17 +94,18 @@ def test_rl_guidance_extrapolates_the_prediction(kind):
     x, obs = torch.randn(5, 4, 2), torch.randn(5, 2, 3)
     t = torch.full((5,), 2) if kind == "diffusion" else torch.full((5,), 0.25)
     with torch.no_grad():
-        f0, f1 = base(x, t, obs), tuned(x, t, obs)
-        torch.testing.assert_close(RLGuidedPolicy(tuned, 2.5, base=base)(x, t, obs), f0 + 2.5 * (f1 - f0))
+        cond = {"obs": obs}
+        f0, f1 = base(x, t, cond), tuned(x, t, cond)
+        torch.testing.assert_close(RLGuidedAdapter(tuned, 2.5, base=base)(x, t, cond), f0 + 2.5 * (f1 - f0))
 
 
 def test_rl_guidance_needs_a_base_for_a_flow_finetune():
     base, _ = _policy("flow")
     with pytest.raises(ValueError, match="base=load_policy"):
-        RLGuidedPolicy(_finetune(base, "flow"), 1.0)
+        RLGuidedAdapter(_finetune(base, "flow"), 1.0)
     other = DiffusionPolicy(**DIMS, num_train_steps=10)
     with pytest.raises(ValueError, match="differ"):
-        RLGuidedPolicy(_finetune(base, "flow"), 1.0, base=other)
+        RLGuidedAdapter(_finetune(base, "flow"), 1.0, base=other)
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "flow"])
@@ -128,13 +123,13 @@ def test_rl_guidance_weight_dials_the_reward(kind):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    reward, obs_n = target_reward(TARGET), base.normalizer.normalize_obs(obs)
+    reward = target_reward(TARGET)
 
     def mean_reward(w):
-        policy = RLGuidedPolicy(tuned, w, base=base)
+        policy = RLGuidedAdapter(tuned, w, base=base)
         return torch.stack(
             [
-                reward(obs, base.normalizer.unnormalize_action(_chunks(sampler, policy, obs_n, s, True)))
+                reward(obs, base.normalizer.unnormalize_action(_chunks(sampler, policy, obs, s, True)))
                 for s in SEEDS
             ]
         ).mean()
@@ -145,14 +140,15 @@ def test_rl_guidance_weight_dials_the_reward(kind):
 
 # ---------------------------------------------------------------- reward gradient, best-of-N, SMC
 def _unguided_reward(policy, sampler, stochastic):
-    steps, adapter = PolicyStepSampler(sampler, stochastic), PolicyAdapter(policy, sampler)
     reward, obs = target_reward(TARGET), _obs()
     return torch.stack(
         [
             reward(
                 obs,
-                adapter.decode(
-                    steps.sample(adapter, obs, generator=torch.Generator().manual_seed(s)).latents[:, -1]
+                policy.decode(
+                    sampler.sample(
+                        policy, obs, generator=torch.Generator().manual_seed(s), deterministic=not stochastic
+                    ).latents[:, -1]
                 ),
             )
             for s in SEEDS
@@ -161,7 +157,7 @@ def _unguided_reward(policy, sampler, stochastic):
 
 
 def _guided_reward(policy, sampler, method, **options):
-    guide = PolicyGuide(sampler, method, target_reward(TARGET), **options)
+    guide = GuidedSampler(sampler, method, ChunkReward(target_reward(TARGET)), **options)
     runs = [guide.guide(policy, _obs(), torch.Generator().manual_seed(s)) for s in SEEDS]
     for r in runs:  # the reported rewards are the returned chunks'
         torch.testing.assert_close(r.rewards, target_reward(TARGET)(_obs(), r.images))
@@ -183,7 +179,7 @@ def test_guidance_raises_the_action_reward(kind, method, options):
     """Measured (mean reward, unguided -> guided): about -1.6 -> -0.75 to -1.0 for every case."""
     policy, sampler = _policy(kind)
     guided, _ = _guided_reward(policy, sampler, method, **options)
-    stochastic = PolicyGuide(sampler, method, None, **options).steps.stochastic
+    stochastic = GuidedSampler(sampler, method, None, **options).stochastic
     unguided = _unguided_reward(policy, sampler, stochastic)
     assert guided > unguided + 0.3, (guided, unguided)
 
@@ -209,10 +205,10 @@ def test_reward_gradient_smooths_the_chunk(kind):
     flow -2.31 -> -0.69."""
     policy, sampler = _policy(kind)
     reward, obs = smoothness_reward(), _obs()
-    plain = PolicyGuide(sampler, "reward-grad", reward, scale=0.0).guide(
+    plain = GuidedSampler(sampler, "reward-grad", ChunkReward(reward), scale=0.0).guide(
         policy, obs, torch.Generator().manual_seed(0)
     )
-    smooth = PolicyGuide(sampler, "reward-grad", reward, scale=0.2).guide(
+    smooth = GuidedSampler(sampler, "reward-grad", ChunkReward(reward), scale=0.2).guide(
         policy, obs, torch.Generator().manual_seed(0)
     )
     assert smooth.rewards.mean() > 0.5 * plain.rewards.mean(), (plain.rewards.mean(), smooth.rewards.mean())
@@ -223,15 +219,15 @@ def test_reward_gradient_needs_a_differentiable_reward():
     reward = target_reward(TARGET)
     reward.differentiable = False
     with pytest.raises(ValueError, match="differentiable"):
-        PolicyGuide(sampler, "reward-grad", reward).guide(policy, _obs())
+        GuidedSampler(sampler, "reward-grad", ChunkReward(reward)).guide(policy, _obs())
     with pytest.raises(ValueError, match="one of"):
-        PolicyGuide(sampler, "beam", reward)
+        GuidedSampler(sampler, "beam", reward)
 
 
 # ---------------------------------------------------------------- a real MuJoCo env
 @pytest.mark.parametrize("kind", ["diffusion", "flow"])
 def test_guided_evaluation_raises_the_inverted_pendulum_return(kind):
-    """``evaluate`` with a PolicyGuide as the sampler: best-of-8 chunks by their simulated return
+    """``evaluate`` with a GuidedSampler as the sampler: best-of-8 chunks by their simulated return
     (one-chunk lookahead from the observed state) keep a random policy's pole up far longer.
     Measured: diffusion 2.25 -> 11.0, flow 4.5 -> 58.5 mean return over 4 episodes (cap 100)."""
     from flowrl.robot.config import load_robot_config
@@ -252,7 +248,9 @@ def test_guided_evaluation_raises_the_inverted_pendulum_return(kind):
     sampler = build_policy_sampler(cfg, policy)
     plain = evaluate(policy, sampler, cfg, 4, seed=0)
     reward = SimulatedReturn("InvertedPendulum-v5", termination_penalty=10.0, state_cost=[0, 10, 0, 1])
-    guided = evaluate(policy, PolicyGuide(sampler, "best-of-n", reward, stochastic=True, n=8), cfg, 4, seed=0)
+    guided = evaluate(
+        policy, GuidedSampler(sampler, "best-of-n", ChunkReward(reward), stochastic=True, n=8), cfg, 4, seed=0
+    )
     assert guided["return_mean"] >= plain["return_mean"] + 5, (plain["returns"], guided["returns"])
 
 

@@ -8,7 +8,7 @@ import torch
 
 from flowrl.data.demos import Demonstrations, load_demonstrations
 from flowrl.envs.wrappers import ActionChunkWrapper, executed_steps, make_vector_env
-from flowrl.robot.policy import DiffusionPolicy, FlowPolicy, load_policy
+from flowrl.models.policy import DiffusionPolicy, FlowPolicy, load_policy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -189,7 +189,8 @@ def test_bc_loss_decreases_and_policy_round_trips(cls, tmp_path):
     back = load_policy(tmp_path / "bc")
     assert type(back) is cls
     x, t = torch.randn(3, 2, 1), torch.tensor([0, 5, 9]) if cls is DiffusionPolicy else torch.rand(3)
-    torch.testing.assert_close(back(x, t, obs_w[:3]), policy(x, t, obs_w[:3]))
+    cond = {"obs": obs_w[:3]}
+    torch.testing.assert_close(back(x, t, cond), policy(x, t, cond))
     torch.testing.assert_close(back.normalizer.obs_mean, policy.normalizer.obs_mean)
 
 

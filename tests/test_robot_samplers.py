@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flowrl.core import gaussian_entropy, generalized_advantage_estimate, policy_loss
-from flowrl.robot.policy import DiffusionPolicy, FlowPolicy
+from flowrl.models.policy import DiffusionPolicy, FlowPolicy
 from flowrl.samplers.ddpm_policy import DDPMPolicySampler
 from flowrl.samplers.reinflow import ReinFlowSampler
 
@@ -106,7 +106,7 @@ def test_ddpm_deterministic_chain_is_the_mean_path():
     assert torch.isnan(a.log_probs).all()
     for k in range(6):  # each recorded state is the previous one's mean
         step = sampler.step(
-            policy(a.latents[:, k], a.timesteps[:, k], obs), a.timesteps[:, k], a.latents[:, k]
+            policy(a.latents[:, k], a.timesteps[:, k], {"obs": obs}), a.timesteps[:, k], a.latents[:, k]
         )
         torch.testing.assert_close(step.mean, a.latents[:, k + 1])
 
@@ -130,14 +130,19 @@ def test_reinflow_step_log_prob_equals_hand_written_density():
 
 def test_reinflow_constant_velocity_integrates_exactly():
     class Constant(torch.nn.Module):
-        action_shape = (4, 2)
+        """The smallest policy: the adapter protocol around a constant velocity field."""
 
-        def forward(self, x, t, obs):
+        latent_shape, device = (4, 2), torch.device("cpu")
+
+        def condition(self, obs, guidance_scale=1.0):
+            return {"obs": obs}
+
+        def forward(self, x, t, cond, guidance_scale=1.0):
             return torch.full_like(x, 0.7)
 
     sampler = ReinFlowSampler(num_steps=3)
     chain = sampler.sample(
-        Constant(), torch.zeros(2, 1, 1), torch.Generator().manual_seed(0), deterministic=True
+        Constant(), torch.zeros(2, 1, 1), generator=torch.Generator().manual_seed(0), deterministic=True
     )
     torch.testing.assert_close(chain.latents[:, -1], chain.latents[:, 0] + 0.7)
     torch.testing.assert_close(chain.timesteps[0], torch.tensor([0.0, 1 / 3, 2 / 3]))
@@ -153,7 +158,7 @@ def test_reinflow_chain_on_policy_ratio_is_one(num_steps):
     sampler = ReinFlowSampler(num_steps=num_steps)
     obs = torch.randn(6, 2, 3)
     chain = sampler.sample(policy, obs, generator=torch.Generator().manual_seed(0))
-    std = policy.noise_std(chain.timesteps[:, 0], obs)
+    std = policy.noise_std(chain.timesteps[:, 0], {"obs": obs})
     assert std.shape == (6, 4, 2) and std.min() >= 0.05 - 1e-6 and std.max() <= 0.3 + 1e-6
     assert std.std() > 0
     for k in range(num_steps):

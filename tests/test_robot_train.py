@@ -18,8 +18,8 @@ import torch
 
 from flowrl.cli import main
 from flowrl.config import ConfigError
+from flowrl.models.policy import load_policy
 from flowrl.robot.config import load_robot_config
-from flowrl.robot.policy import load_policy
 from flowrl.robot.pretrain import pretrain
 from flowrl.robot.trainer import RobotTrainer
 
@@ -116,7 +116,7 @@ def test_resume_is_exact(bc, family):
     # a checkpoint folder is also a policy folder: the fine-tuned policy loads on its own
     policy = load_policy(resumed.run_dir / "checkpoints" / "epoch_000004")
     obs, sampler = torch.randn(3, 1, 4), resumed.sampler
-    chain = sampler.sample(resumed.policy, obs, torch.Generator().manual_seed(0))
+    chain = sampler.sample(resumed.policy, obs, generator=torch.Generator().manual_seed(0))
     for k in range(chain.num_steps):
         new = sampler.log_prob(policy, chain, torch.full((3,), k)).log_prob
         torch.testing.assert_close(new, chain.log_probs[:, k], rtol=0, atol=1e-5)

@@ -17,13 +17,17 @@ def best_of_n(
     n: int = 4,
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    deterministic: bool = False,
 ) -> GuidanceResult:
-    """Returns one sample per prompt: the best of ``n`` (ties: the first)."""
+    """Returns one sample per prompt (or observation history): the best of ``n`` (ties: the
+    first); ``deterministic`` draws the candidates along the mean path (they differ by x_0)."""
     if n < 1:
         raise ValueError(f"best_of_n needs n >= 1, got {n}")
     B = len(prompts)
     repeated = [p for p in prompts for _ in range(n)]  # (B * n,), prompt-major
-    chain = sampler.sample(adapter, repeated, guidance_scale, generator=generator)
+    chain = sampler.sample(
+        adapter, repeated, guidance_scale, generator=generator, deterministic=deterministic
+    )
     final = chain.latents[:, -1]
     images = adapter.decode(final)
     rewards = score(reward, images, repeated).view(B, n)

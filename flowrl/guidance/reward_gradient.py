@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._pytree import tree_map
 
+from flowrl.core.seeding import randn
 from flowrl.guidance.common import GuidanceResult, score
-from flowrl.samplers.base import randn
 
 SCHEDULES = {
     "constant": lambda u: 1.0,
@@ -42,9 +43,11 @@ def reward_gradient_guidance(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
+    deterministic: bool = False,
 ) -> GuidanceResult:
-    """Guided sampling; ``reward`` must be differentiable in the images (a Reward whose
-    ``differentiable`` is True, or a plain function of images)."""
+    """Guided sampling; ``reward`` must be differentiable in the samples (a Reward whose
+    ``differentiable`` is True, or a plain function of them). ``prompts`` are the adapter's inputs
+    (prompts, or observation histories for a policy); ``deterministic`` runs every step's mean."""
     if getattr(reward, "differentiable", True) is False:
         raise ValueError(
             "reward-gradient guidance needs a differentiable reward; use best_of_n or smc for this one"
@@ -54,19 +57,17 @@ def reward_gradient_guidance(
     device, B, K = adapter.device, len(prompts), sampler.num_steps
     cond = adapter.condition(prompts, guidance_scale)
     x = randn((B, *adapter.latent_shape), generator, device) if latents is None else latents
-    stochastic = sampler.stochastic_steps(generator)
+    stochastic = set() if deterministic else sampler.stochastic_steps(generator)
     for k in range(K):
         rho = scale * SCHEDULES[schedule](k / max(K - 1, 1))
         kb = torch.full((B,), k, dtype=torch.long)
-        t = sampler.model_timesteps[kb].to(device)
+        noisy = k in stochastic
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            out = (
-                adapter(x_in, t, cond, guidance_scale)
-                if through_model
-                else adapter(x_in, t, cond, guidance_scale).detach()
-            )
-            step = sampler.transition(kb, out, x_in, generator=generator, stochastic=k in stochastic)
+            out = sampler.predict(adapter, x_in, kb, cond, guidance_scale, stochastic=noisy)
+            if not through_model:
+                out = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, out)
+            step = sampler.transition(kb, out, x_in, cond, generator=generator, stochastic=noisy)
             x0 = step.pred_original_sample
             if not through_model:
                 x0 = x0.detach().requires_grad_(True)

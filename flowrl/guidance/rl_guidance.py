@@ -52,25 +52,40 @@ def mixed_adapter_batch(denoiser: nn.Module, adapter_names: list[str]) -> Iterat
 
 
 class RLGuidedAdapter(nn.Module):
-    """An adapter whose prediction is the w-mix of the base and the fine-tuned model; everything
-    else (conditioning, decoding, shapes) is the wrapped adapter's, so any sampler runs it.
+    """An adapter whose prediction is the w-mix of a base and a fine-tuned model; everything else
+    (conditioning, decoding, shapes, a policy's noise network) is the fine-tune's, so any sampler
+    runs it. Works for text-to-image adapters and robot policies alike.
 
     Args:
-        adapter: a fine-tuned adapter (LoRA, or full fine-tuning with ``keep_reference=True``).
+        adapter: the fine-tuned adapter: a LoRA (base = its adapter disabled, both in one batched
+            forward), or a full fine-tune that keeps its reference (base = the frozen copy; a DPPO
+            fine-tune keeps one), or any adapter when ``base`` is given.
         weight: w (0 = base, 1 = fine-tuned, > 1 = stronger than the fine-tune).
+        base: a second model of the same family and shapes to use as the base (e.g. the BC
+            policy, ``load_policy(<pretrain folder>)``); two forwards per step.
     """
 
-    def __init__(self, adapter, weight: float):
+    def __init__(self, adapter, weight: float, base: nn.Module | None = None):
         super().__init__()
         self.inner = adapter
         self.weight = weight
+        self.base = base
+        if base is not None:
+            shape = (getattr(base, "kind", None), tuple(base.latent_shape))
+            if shape != (getattr(adapter, "kind", None), tuple(adapter.latent_shape)):
+                raise ValueError(
+                    f"base and fine-tuned model differ: {shape[0]} {shape[1]} vs "
+                    f"{getattr(adapter, 'kind', None)} {tuple(adapter.latent_shape)}"
+                )
         # the LoRA adapter's name: "default" when flowrl added it, whatever name diffusers'
         # load_lora_weights gave it otherwise; None for a full fine-tune (reference copy)
-        self.lora_name = next(iter(getattr(adapter.denoiser, "peft_config", None) or {}), None)
-        if self.lora_name is None and getattr(adapter, "_reference", None) is None:
+        denoiser = getattr(adapter, "denoiser", None)
+        self.lora_name = next(iter(getattr(denoiser, "peft_config", None) or {}), None)
+        if base is None and self.lora_name is None and not adapter.has_reference:
             raise ValueError(
-                "RL guidance needs a base and a fine-tuned model: a LoRA on the denoiser, or a full "
-                "fine-tune built with keep_reference=True"
+                "RL guidance needs a base and a fine-tuned model: a LoRA on the denoiser, a full "
+                "fine-tune that keeps its reference, or the base itself: pass base=load_policy(<BC "
+                "folder>) for a robot policy (a ReinFlow fine-tune keeps no copy of it; a DPPO one does)"
             )
 
     def __getattr__(self, name: str):
@@ -87,8 +102,12 @@ class RLGuidedAdapter(nn.Module):
     def latent_shape(self):
         return self.inner.latent_shape
 
-    def condition(self, prompts: list[str], guidance_scale: float):
-        return self.inner.condition(prompts, guidance_scale)
+    @property
+    def has_reference(self) -> bool:
+        return True  # the mix of the two references (see reference_forward)
+
+    def condition(self, inputs, guidance_scale: float = 1.0):
+        return self.inner.condition(inputs, guidance_scale)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -97,19 +116,18 @@ class RLGuidedAdapter(nn.Module):
     def decode_latents(self, latents: Tensor) -> Tensor:
         return self.inner.decode_latents(latents)
 
+    def _base(self, latents, timesteps, cond, guidance_scale):
+        if self.base is not None:
+            return self.base(latents, timesteps, cond, guidance_scale)
+        return self.inner.reference_forward(latents, timesteps, cond, guidance_scale)
+
     def forward(
-        self,
-        latents: Tensor,
-        timesteps: Tensor,
-        cond: dict[str, Tensor],
-        guidance_scale: float = 1.0,
-        net=None,
+        self, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0
     ) -> Tensor:
         inner, w = self.inner, self.weight
-        if self.lora_name is None:
-            base = inner.reference_forward(latents, timesteps, cond, guidance_scale)
-            tuned = inner(latents, timesteps, cond, guidance_scale, net=net)
-            return rl_guidance_mix(base, tuned, w)
+        if self.base is not None or self.lora_name is None:
+            base = self._base(latents, timesteps, cond, guidance_scale)
+            return rl_guidance_mix(base, inner(latents, timesteps, cond, guidance_scale), w)
         B = latents.shape[0]
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(B)
@@ -119,11 +137,18 @@ class RLGuidedAdapter(nn.Module):
             names = names * 2
         with mixed_adapter_batch(inner.denoiser, names):
             out = inner(
-                torch.cat([latents, latents]),
-                torch.cat([timesteps, timesteps]),
-                doubled,
-                guidance_scale,
-                net=net,
+                torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), doubled, guidance_scale
             )
         base, tuned = out.chunk(2)
         return rl_guidance_mix(base, tuned, w)
+
+    @torch.no_grad()
+    def reference_forward(
+        self, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0
+    ) -> Tensor:
+        """Where a sampler asks for the reference (DPPO's frozen first steps): the mix of the two
+        models' references there (the base's own prediction, the fine-tune's frozen copy)."""
+        base = self._base(latents, timesteps, cond, guidance_scale)
+        return rl_guidance_mix(
+            base, self.inner.reference_forward(latents, timesteps, cond, guidance_scale), self.weight
+        )

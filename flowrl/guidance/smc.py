@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowrl.core.seeding import draw_device, randn
 from flowrl.guidance.common import GuidanceResult, score
-from flowrl.samplers.base import draw_device, randn
 
 POTENTIALS = ("difference", "immediate", "max")
 
@@ -51,8 +51,10 @@ def smc_guidance(
     ess_threshold: float = 0.5,
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    deterministic: bool = False,
 ) -> GuidanceResult:
-    """One sample per prompt from ``num_particles`` reward-steered particles."""
+    """One sample per prompt (or observation history) from ``num_particles`` reward-steered
+    particles; ``deterministic`` runs every step's mean (resampled copies then stay identical)."""
     if potential not in POTENTIALS:
         raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
     if num_particles < 1:
@@ -64,12 +66,13 @@ def smc_guidance(
     log_w = torch.zeros(G, P, device=device)
     prev_r = torch.zeros(G, P, device=device)
     best_r = torch.full((G, P), -float("inf"), device=device)
-    stochastic = sampler.stochastic_steps(generator)
+    stochastic = set() if deterministic else sampler.stochastic_steps(generator)
     ess_history, resampled_at, reward_evals = [], [], 0
     for k in range(K):
         kb = torch.full((G * P,), k, dtype=torch.long)
-        out = adapter(x, sampler.model_timesteps[kb].to(device), cond, guidance_scale)
-        step = sampler.transition(kb, out, x, generator=generator, stochastic=k in stochastic)
+        noisy = k in stochastic
+        out = sampler.predict(adapter, x, kb, cond, guidance_scale, stochastic=noisy)
+        step = sampler.transition(kb, out, x, cond, generator=generator, stochastic=noisy)
         x = step.prev_sample
         if (k + 1) % resample_every or k == K - 1:
             continue

@@ -197,6 +197,11 @@ class DenoiserAdapter(nn.Module):
         with self.reference_mode() as net:
             return self._predict(net, latents, timesteps, cond, guidance_scale)
 
+    @property
+    def has_reference(self) -> bool:
+        """Whether a reference policy exists: the LoRA adapter disabled, or a frozen copy."""
+        return self.finetune == "lora" or self._reference is not None
+
     @contextlib.contextmanager
     def reference_mode(self) -> Iterator[nn.Module]:
         if self.finetune == "lora":

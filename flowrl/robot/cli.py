@@ -69,10 +69,10 @@ def evaluate_robot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from flowrl.config import resolve_task_path
-    from flowrl.guidance import ACTION_REWARDS, PolicyGuide, RLGuidedPolicy
+    from flowrl.guidance import ACTION_REWARDS, ChunkReward, GuidedSampler, RLGuidedAdapter
+    from flowrl.models.policy import load_policy
     from flowrl.robot.config import load_robot_config
     from flowrl.robot.evaluate import build_policy_sampler, evaluate
-    from flowrl.robot.policy import load_policy
 
     cfg = load_robot_config(args.task, list(args.overrides))
     torch.set_num_threads(cfg.train.torch_threads)
@@ -83,9 +83,9 @@ def evaluate_robot(args: argparse.Namespace) -> int:
     sampler = build_policy_sampler(cfg, policy)
     if args.guide == "rlg":
         base = None
-        if args.base or getattr(policy, "reference", None) is None:
+        if args.base or not policy.has_reference:
             base = load_policy(Path(args.base) if args.base else bc_dir, device)
-        policy = RLGuidedPolicy(policy, args.rlg_weight, base=base)
+        policy = RLGuidedAdapter(policy, args.rlg_weight, base=base)
     elif args.guide != "none":
         if args.reward not in ACTION_REWARDS:
             raise SystemExit(
@@ -102,7 +102,9 @@ def evaluate_robot(args: argparse.Namespace) -> int:
             "best-of-n": {"n": args.particles},
             "smc": {"num_particles": args.particles, "lam": args.smc_lambda},
         }[args.guide]
-        sampler = PolicyGuide(sampler, args.guide, reward, stochastic=args.stochastic, **options)
+        sampler = GuidedSampler(
+            sampler, args.guide, ChunkReward(reward), stochastic=args.stochastic, **options
+        )
     n = args.episodes or cfg.train.eval_episodes
     seed = cfg.train.eval_seed if args.seed is None else args.seed  # default: training's evaluation starts
     result = evaluate(policy, sampler, cfg, n, seed)

@@ -1,6 +1,6 @@
 """Deterministic evaluation of a chunked policy, the learning-curve plot and rollout videos.
 
-E  evaluation episodes (one env each)   To, Do, Ta, Da as in flowrl.robot.policy
+E  evaluation episodes (one env each)   To, Do, Ta, Da as in flowrl.models.policy
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from flowrl.envs.wrappers import make_env, make_vector_env
+from flowrl.models.policy import ChunkPolicy
 from flowrl.report import finish_plot
-from flowrl.robot.policy import ChunkPolicy
 
 
 def build_policy_sampler(cfg, policy: ChunkPolicy, finetune: bool = True):
@@ -53,8 +53,7 @@ def env_kwargs(cfg) -> dict:
 @torch.no_grad()
 def act(policy: ChunkPolicy, sampler, obs: np.ndarray, action_steps: int, generator, deterministic: bool):
     """Observation histories (N, To, Do) in env units -> (chunk (N, Te, Da) in env units, Chain)."""
-    device = policy.normalizer.obs_mean.device
-    obs_t = policy.normalizer.normalize_obs(torch.as_tensor(obs, device=device))
+    obs_t = torch.as_tensor(obs, device=policy.device)
     chain = sampler.sample(policy, obs_t, generator=generator, deterministic=deterministic)
     chunk = policy.normalizer.unnormalize_action(chain.latents[:, -1, :action_steps])  # (N, Te, Da)
     return chunk.cpu().numpy(), chain

@@ -20,9 +20,9 @@ import torch
 
 from flowrl.config import ConfigError
 from flowrl.data.demos import Demonstrations, load_demonstrations
+from flowrl.models.policy import POLICIES, ChunkPolicy
 from flowrl.report import MetricsWriter
 from flowrl.robot.config import RobotTaskConfig
-from flowrl.robot.policy import POLICIES, ChunkPolicy
 
 
 def resolve_demonstrations(cfg: RobotTaskConfig, bc_dir: Path) -> Demonstrations:

@@ -33,10 +33,10 @@ from flowrl.core import gaussian_entropy, policy_loss
 from flowrl.core.gae import generalized_advantage_estimate
 from flowrl.core.schedule import lr_factor, set_lr
 from flowrl.envs.wrappers import executed_steps, make_vector_env
+from flowrl.models.policy import ValueNet, load_policy
 from flowrl.report import MetricsWriter
 from flowrl.robot.config import RobotTaskConfig
 from flowrl.robot.evaluate import act, build_policy_sampler, env_kwargs, evaluate, plot_learning_curve
-from flowrl.robot.policy import ValueNet, load_policy
 
 
 def _seed_for(*parts: int) -> int:

@@ -4,11 +4,16 @@ ddim      DDIM(eta > 0), eps / v / x0 prediction   (SD 1.x/2.x, SDXL; DDPO)
 flow_sde  Flow-GRPO's SDE over a flow-matching schedule (SD3, Flux)
 flow_cps  coefficient-preserving flow sampling (SD3, Flux)
 lcm       multistep consistency sampling with re-noising (LCM; RLCM)
+ddpm      DDPM with a std floor, the last K steps an MDP (diffusion policies; DPPO)
+reinflow  Euler steps of a flow policy with a learned noise std (flow policies; ReinFlow)
+
+Every one subclasses :class:`~flowrl.samplers.base.ChainSampler`.
 """
 
 from __future__ import annotations
 
-from flowrl.samplers.base import StepOutput, gaussian_log_prob, reduce_event
+from flowrl.core.gaussian import gaussian_log_prob, reduce_event
+from flowrl.samplers.base import ChainSampler, StepOutput
 from flowrl.samplers.ddim import DDIMSampler
 
 SAMPLERS = ("ddim", "flow_sde", "flow_cps", "lcm")
@@ -50,4 +55,12 @@ def build_sampler(
     raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
 
 
-__all__ = ["SAMPLERS", "DDIMSampler", "StepOutput", "build_sampler", "gaussian_log_prob", "reduce_event"]
+__all__ = [
+    "SAMPLERS",
+    "ChainSampler",
+    "DDIMSampler",
+    "StepOutput",
+    "build_sampler",
+    "gaussian_log_prob",
+    "reduce_event",
+]

@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob, randn
+from flowrl.core.gaussian import gaussian_log_prob
+from flowrl.core.seeding import randn
+from flowrl.samplers.base import ChainSampler, StepOutput, check_reduction
 
 
 class DDIMSampler(ChainSampler):
@@ -37,6 +39,8 @@ class DDIMSampler(ChainSampler):
         logprob_reduction: ``"mean"`` or ``"sum"`` over event dims (see ``reduce_event``).
     """
 
+    name = "ddim"
+
     def __init__(
         self, scheduler_config: dict, num_steps: int = 50, eta: float = 1.0, logprob_reduction: str = "mean"
     ):
@@ -46,10 +50,7 @@ class DDIMSampler(ChainSampler):
             raise ValueError(f"sampler.num_steps must be >= 1, got {num_steps}")
         if eta < 0:
             raise ValueError(f"sampler.eta must be >= 0, got {eta}")
-        if logprob_reduction not in LOGPROB_REDUCTIONS:
-            raise ValueError(
-                f"algorithm.logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}"
-            )
+        check_reduction(logprob_reduction)
         config = dict(scheduler_config)
         if config.get("thresholding", False):
             raise ValueError(
@@ -150,7 +151,15 @@ class DDIMSampler(ChainSampler):
 
     # ------------------------------------------------------------------ the chain
     def transition(
-        self, k, model_output, sample, prev_sample=None, generator=None, noise=None, stochastic=True
+        self,
+        k,
+        model_output,
+        sample,
+        cond=None,
+        prev_sample=None,
+        generator=None,
+        noise=None,
+        stochastic=True,
     ) -> StepOutput:
         """Step k (B,) of the schedule; with eta = 0 or ``stochastic=False``, the deterministic mean."""
         t, prev_t = self.timesteps[k], self.prev_timesteps[k]  # CPU: the schedule is indexed there

@@ -22,7 +22,8 @@ One step from x_t to x_{t-1}, eq. (7) and (15), with DPPO's std floor:
 The floor makes every step, the last one included (beta_tilde_0 = 0), a Gaussian with a usable
 log-density and keeps exploring. Only the last K steps (t = K-1, ..., 0) are fine-tuned: they run
 the trained network and are recorded in the Chain; the first T - K steps run the frozen
-pre-trained network (``policy.reference_forward``) and are part of the environment.
+pre-trained network (``adapter.reference_forward``) and are part of the environment
+(``recorded_from = T - K``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ import math
 import torch
 from torch import Tensor
 
-from flowrl.chain import Chain
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob, randn
+from flowrl.core.gaussian import gaussian_log_prob
+from flowrl.core.seeding import randn
+from flowrl.samplers.base import ChainSampler, StepOutput, check_reduction
 
 
 def cosine_beta_schedule(num_steps: int, s: float = 0.008) -> Tensor:
@@ -44,7 +46,7 @@ def cosine_beta_schedule(num_steps: int, s: float = 0.008) -> Tensor:
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
 
 
-class DDPMPolicySampler:
+class DDPMPolicySampler(ChainSampler):
     """DDPM over T denoising steps with a std floor, the last ``ft_steps`` of them an MDP.
 
     Args:
@@ -55,6 +57,12 @@ class DDPMPolicySampler:
         logprob_reduction: ``"mean"`` or ``"sum"`` over the (Ta, Da) chunk (see ``reduce_event``).
     """
 
+    name = "ddpm"
+    prediction_type = "epsilon"
+    # the mean path of a DDPM chain nearly forgets x_T: candidates that differ only in their
+    # initial noise barely differ (best-of-N guidance samples every step instead)
+    mean_path_forgets_noise = True
+
     def __init__(
         self,
         num_train_steps: int = 20,
@@ -64,15 +72,12 @@ class DDPMPolicySampler:
         logprob_reduction: str = "mean",
     ):
         if num_train_steps < 1:
-            raise ValueError(f"sampler.num_train_steps must be >= 1, got {num_train_steps}")
+            raise ValueError(f"model.num_train_steps must be >= 1, got {num_train_steps}")
         if not 1 <= ft_steps <= num_train_steps:
             raise ValueError(f"sampler.ft_steps must be in [1, {num_train_steps}], got {ft_steps}")
         if min_std <= 0:
             raise ValueError(f"sampler.min_std must be > 0 (it is the std of the last step), got {min_std}")
-        if logprob_reduction not in LOGPROB_REDUCTIONS:
-            raise ValueError(
-                f"logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}"
-            )
+        check_reduction(logprob_reduction)
         self.num_train_steps = num_train_steps
         self.ft_steps = ft_steps
         self.min_std = min_std
@@ -81,6 +86,9 @@ class DDPMPolicySampler:
         self.betas = cosine_beta_schedule(num_train_steps)  # (T,) float64
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)  # (T,)
         self.timesteps = torch.arange(num_train_steps - 1, -1, -1)  # (T,) sampling order
+        self.num_steps = num_train_steps
+        self.model_timesteps, self.next_timesteps = self.timesteps, self.timesteps - 1
+        self.recorded_from = num_train_steps - ft_steps
         # (beta_t, a_t, a_{t-1}) as one float32 (T, 3) table, copied once per device: indexing it
         # there with the step's own timesteps costs no host sync
         a_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
@@ -115,7 +123,9 @@ class DDPMPolicySampler:
             sample: (B, Ta, Da) x_t.
             prev_sample: (B, Ta, Da) x_{t-1} to evaluate; drawn if None.
             generator / noise: randomness for drawing x_{t-1} (noise ~ N(0, I) given directly).
-            deterministic: std 0 (the mean path, for evaluation); the log-prob is then NaN.
+            deterministic: std 0 (the mean path, for evaluation); the log-prob is then NaN. The
+                step's noise is drawn all the same, so a seeded run's later draws do not depend
+                on which steps were deterministic.
         """
         eps, sample = model_output.float(), sample.float()
         # 1. beta_t, a_t and a_{t-1} (a_{-1} = 1), per sample
@@ -146,51 +156,32 @@ class DDPMPolicySampler:
             log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
-    # ------------------------------------------------------------------ whole chain
-    @torch.no_grad()
-    def sample(
+    # ------------------------------------------------------------------ the chain
+    def predict(self, adapter, x, k, cond, guidance_scale=1.0, reference=False, stochastic=True, net=None):
+        """eps at step k: the fine-tuned network on the last K steps; on the first T - K the frozen
+        pre-trained one (when the policy keeps a frozen copy; else its own network, so a reward's
+        gradient flows through every step of a BC policy)."""
+        t = self.timesteps[k.cpu()].to(x.device, non_blocking=True)
+        frozen = k.cpu() < self.recorded_from
+        if bool(frozen.any()):
+            if not bool(frozen.all()):
+                raise ValueError("a DDPM prediction mixes fine-tuned and frozen steps in one batch")
+            reference = reference or adapter.has_reference
+        if reference:
+            return adapter.reference_forward(x, t, cond)
+        return adapter(x, t, cond)
+
+    def transition(
         self,
-        policy,
-        obs: Tensor,
-        generator: torch.Generator | None = None,
-        deterministic: bool = False,
-    ) -> Chain:
-        """Denoise one action chunk per observation history ``obs`` (B, To, Do) from x_T ~ N(0, I).
-
-        Records the last K transitions: ``latents`` (B, K+1, Ta, Da) with ``latents[:, -1]`` the
-        chunk (normalized; clip it to [-1, 1] before executing), ``timesteps`` (B, K) = K-1..0,
-        ``log_probs`` (B, K) (NaN when ``deterministic``), ``cond = {"obs": obs}``.
-        """
-        B = obs.shape[0]
-        x = randn((B, *policy.action_shape), generator, obs.device)
-        states, log_probs = [], []
-        for t in self.timesteps.tolist():
-            t_b = torch.full((B,), t, device=obs.device, dtype=torch.long)
-            finetuned = t < self.ft_steps
-            if t == self.ft_steps - 1:
-                states.append(x)
-            eps = policy(x, t_b, obs) if finetuned else policy.reference_forward(x, t_b, obs)
-            step = self.step(eps, t_b, x, generator=generator, deterministic=deterministic)
-            x = step.prev_sample
-            if finetuned:
-                states.append(x)
-                log_probs.append(step.log_prob)
-        timesteps = torch.arange(self.ft_steps - 1, -1, -1, device=obs.device)
-        return Chain(
-            latents=torch.stack(states, dim=1),  # (B, K+1, Ta, Da)
-            timesteps=timesteps.expand(B, -1).clone(),  # (B, K)
-            next_timesteps=(timesteps - 1).expand(B, -1).clone(),  # (B, K)
-            log_probs=torch.stack(log_probs, dim=1),  # (B, K)
-            cond={"obs": obs},
-            prompts=[""] * B,
-        )
-
-    def log_prob(self, policy, chain: Chain, step_index: Tensor) -> StepOutput:
-        """Re-evaluate transition ``step_index[b]`` (B,) of each trajectory under the policy's
-        current parameters, differentiably."""
-        b = torch.arange(len(chain), device=chain.latents.device)
-        step_index = step_index.to(chain.latents.device)
-        x_t = chain.latents[b, step_index]  # (B, Ta, Da)
-        x_prev = chain.latents[b, step_index + 1]  # (B, Ta, Da)
-        t = chain.timesteps[b, step_index]  # (B,)
-        return self.step(policy(x_t, t, chain.cond["obs"]), t, x_t, prev_sample=x_prev)
+        k,
+        model_output,
+        sample,
+        cond=None,
+        prev_sample=None,
+        generator=None,
+        noise=None,
+        stochastic=True,
+    ) -> StepOutput:
+        """Step k (B,): the DDPM step at t = T - 1 - k; with ``stochastic=False`` its mean."""
+        t = self.timesteps[k.cpu()]
+        return self.step(model_output, t, sample, prev_sample, generator, noise, deterministic=not stochastic)

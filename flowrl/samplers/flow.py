@@ -35,14 +35,9 @@ import math
 import torch
 from torch import Tensor
 
-from flowrl.samplers.base import (
-    LOGPROB_REDUCTIONS,
-    ChainSampler,
-    StepOutput,
-    draw_device,
-    gaussian_log_prob,
-    randn,
-)
+from flowrl.core.gaussian import gaussian_log_prob
+from flowrl.core.seeding import draw_device, randn
+from flowrl.samplers.base import ChainSampler, StepOutput, check_reduction
 
 FLOW_SAMPLERS = ("flow_sde", "flow_cps")
 
@@ -91,10 +86,7 @@ class FlowSampler(ChainSampler):
             raise ValueError(f"sampler.noise_level must be >= 0 (and <= 1 for CPS), got {noise_level}")
         if not 0 <= sde_window <= num_steps:
             raise ValueError(f"sampler.sde_window must be in [0, num_steps={num_steps}], got {sde_window}")
-        if logprob_reduction not in LOGPROB_REDUCTIONS:
-            raise ValueError(
-                f"logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}"
-            )
+        check_reduction(logprob_reduction)
         sigma_schedule = sigma_schedule or scheduler_config.get("_sigma_schedule") or "timesteps"
         if sigma_schedule not in ("timesteps", "flux"):
             raise ValueError(
@@ -122,6 +114,7 @@ class FlowSampler(ChainSampler):
         self.num_steps = num_steps
         self.noise_level = noise_level
         self.kind = kind
+        self.name = f"flow_{kind}"
         self.sde_window = sde_window
         self.window_max_start = num_steps // 2 if window_max_start is None else window_max_start
         self.logprob_reduction = logprob_reduction
@@ -191,7 +184,15 @@ class FlowSampler(ChainSampler):
         return set(range(start, start + self.sde_window))
 
     def transition(
-        self, k, model_output, sample, prev_sample=None, generator=None, noise=None, stochastic=True
+        self,
+        k,
+        model_output,
+        sample,
+        cond=None,
+        prev_sample=None,
+        generator=None,
+        noise=None,
+        stochastic=True,
     ) -> StepOutput:
         """Step k (B,): SDE/CPS with the sampler's noise level, or the ODE step when not stochastic."""
         s, s_next = self.sigmas[k], self.sigmas[k + 1]

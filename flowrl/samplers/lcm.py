@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, ChainSampler, StepOutput, gaussian_log_prob, randn
+from flowrl.core.gaussian import gaussian_log_prob
+from flowrl.core.seeding import randn
+from flowrl.samplers.base import ChainSampler, StepOutput, check_reduction
 
 
 class LCMSampler(ChainSampler):
@@ -29,6 +31,8 @@ class LCMSampler(ChainSampler):
         logprob_reduction: ``"mean"`` or ``"sum"``.
     """
 
+    name = "lcm"
+
     def __init__(self, scheduler_config: dict, num_steps: int = 4, logprob_reduction: str = "mean"):
         from diffusers import LCMScheduler
 
@@ -36,10 +40,7 @@ class LCMSampler(ChainSampler):
             raise ValueError(
                 f"sampler.num_steps must be >= 2 for LCM (one step has no stochastic transition), got {num_steps}"
             )
-        if logprob_reduction not in LOGPROB_REDUCTIONS:
-            raise ValueError(
-                f"logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}"
-            )
+        check_reduction(logprob_reduction)
         scheduler = LCMScheduler.from_config(dict(scheduler_config))
         if scheduler.config.thresholding:
             raise ValueError("LCM with dynamic thresholding has no Gaussian step; set thresholding=False")
@@ -108,7 +109,15 @@ class LCMSampler(ChainSampler):
         return StepOutput(prev_sample, mean, std, log_prob, denoised)
 
     def transition(
-        self, k, model_output, sample, prev_sample=None, generator=None, noise=None, stochastic=True
+        self,
+        k,
+        model_output,
+        sample,
+        cond=None,
+        prev_sample=None,
+        generator=None,
+        noise=None,
+        stochastic=True,
     ) -> StepOutput:
         """Step k (B,) of the consistency chain (re-noising always; the last step is deterministic)."""
         return self.step(

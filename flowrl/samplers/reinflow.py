@@ -20,6 +20,11 @@ the noise network's std makes it a Gaussian transition (ReinFlow's noise-injecte
 so the chain x_0 -> x_1 is a Markov chain whose log-likelihood is a sum of Gaussian log-densities
 (log p(x_0) = log N(x_0; 0, I) does not depend on the parameters and is left out). With the noise
 off (std 0) it is the plain K-step Euler sampler, used for evaluation.
+
+The std is part of the model's prediction: :meth:`ReinFlowSampler.predict` asks the policy for
+its velocity and its noise network's std at (x_t, t, s), so the learned std is the one used
+wherever the sampler runs (training, evaluation, guidance). A policy without a noise network (a
+BC policy, stochastically guided) takes the fixed ``fixed_std``.
 """
 
 from __future__ import annotations
@@ -27,29 +32,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowrl.chain import Chain
-from flowrl.samplers.base import LOGPROB_REDUCTIONS, StepOutput, gaussian_log_prob, randn
+from flowrl.core.gaussian import gaussian_log_prob
+from flowrl.core.seeding import randn
+from flowrl.samplers.base import ChainSampler, StepOutput, check_reduction
 
 
-class ReinFlowSampler:
+class ReinFlowSampler(ChainSampler):
     """K Euler steps of a flow policy from noise (t = 0) to the action chunk (t = 1), each a
     Gaussian with the std of the policy's noise network.
 
     Args:
         num_steps: K, flow steps per action chunk (ReinFlow: 1 to 4).
         logprob_reduction: ``"mean"`` or ``"sum"`` over the (Ta, Da) chunk (see ``reduce_event``).
+        fixed_std: the std of every stochastic step for a policy without a noise network.
     """
 
-    def __init__(self, num_steps: int = 4, logprob_reduction: str = "mean"):
+    name = "reinflow"
+    prediction_type = "velocity"
+
+    def __init__(self, num_steps: int = 4, logprob_reduction: str = "mean", fixed_std: float = 0.1):
         if num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {num_steps}")
-        if logprob_reduction not in LOGPROB_REDUCTIONS:
-            raise ValueError(
-                f"logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {logprob_reduction!r}"
-            )
+        check_reduction(logprob_reduction)
         self.num_steps = num_steps
         self.logprob_reduction = logprob_reduction
+        self.fixed_std = fixed_std
         self.timesteps = torch.arange(num_steps + 1, dtype=torch.float32) / num_steps  # (K+1,) 0 .. 1
+        self.model_timesteps, self.next_timesteps = self.timesteps[:-1], self.timesteps[1:]  # (K,) each
 
     # ------------------------------------------------------------------ one step
     def step(
@@ -68,7 +77,7 @@ class ReinFlowSampler:
         Args:
             velocity: (B, Ta, Da) v_theta(x_t, t, s).
             std: (B, Ta, Da) or broadcastable, the step's std; all zeros for the deterministic step
-                (its log-prob is then NaN).
+                (its log-prob is then NaN; its noise is drawn all the same).
             t, next_t: (B,) the flow times t_k and t_{k+1}.
             sample: (B, Ta, Da) x_{t_k}.
             prev_sample: (B, Ta, Da) x_{t_{k+1}} to evaluate (the state the step lands on); drawn if None.
@@ -79,7 +88,7 @@ class ReinFlowSampler:
         t, dt = t.float().view(shape), (next_t - t).float().view(shape)
         # 1. the Euler step of the flow ODE is the mean
         mean = sample + dt * velocity
-        # 2. the one-step estimate of the action chunk x_1 from here (for inspection)
+        # 2. the one-step estimate of the action chunk x_1 from here (for inspection and guidance)
         pred_original = sample + (1 - t) * velocity
         # 3. draw x_{t_{k+1}} ~ N(mu, sigma^2 I) unless given
         if prev_sample is None:
@@ -94,48 +103,33 @@ class ReinFlowSampler:
             log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
-    # ------------------------------------------------------------------ whole chain
-    @torch.no_grad()
-    def sample(
-        self,
-        policy,
-        obs: Tensor,
-        generator: torch.Generator | None = None,
-        deterministic: bool = False,
-    ) -> Chain:
-        """One action chunk per observation history ``obs`` (B, To, Do), every step recorded:
-        ``latents`` (B, K+1, Ta, Da) with ``latents[:, -1]`` the chunk (normalized; clip it to
-        [-1, 1] before executing), ``timesteps`` / ``next_timesteps`` (B, K) the flow times t_k and
-        t_{k+1}, ``log_probs`` (B, K) (NaN when ``deterministic``), ``cond = {"obs": obs}``."""
-        B = obs.shape[0]
-        x = randn((B, *policy.action_shape), generator, obs.device)
-        times = self.timesteps.to(obs.device)
-        states, log_probs = [x], []
-        for k in range(self.num_steps):
-            t, next_t = times[k].expand(B), times[k + 1].expand(B)
-            v = policy(x, t, obs)
-            std = torch.zeros_like(x) if deterministic else policy.noise_std(t, obs)
-            step = self.step(v, std, t, next_t, x, generator=generator)
-            x = step.prev_sample
-            states.append(x)
-            log_probs.append(step.log_prob)
-        return Chain(
-            latents=torch.stack(states, dim=1),  # (B, K+1, Ta, Da)
-            timesteps=times[:-1].expand(B, -1).clone(),  # (B, K)
-            next_timesteps=times[1:].expand(B, -1).clone(),  # (B, K)
-            log_probs=torch.stack(log_probs, dim=1),  # (B, K)
-            cond={"obs": obs},
-            prompts=[""] * B,
-        )
+    # ------------------------------------------------------------------ the chain
+    def predict(self, adapter, x, k, cond, guidance_scale=1.0, reference=False, stochastic=True, net=None):
+        """(velocity, std) at step k: the policy's velocity and, for a stochastic step, its noise
+        network's std (``fixed_std`` without one); None on a mean-path step."""
+        t = self.model_timesteps[k.cpu()].to(x.device, non_blocking=True)
+        v = adapter.reference_forward(x, t, cond) if reference else adapter(x, t, cond)
+        if not stochastic:
+            return v, None
+        if getattr(adapter, "noise_net", None) is None:
+            return v, torch.full_like(v, self.fixed_std)
+        return v, adapter.noise_std(t, cond)
 
-    def log_prob(self, policy, chain: Chain, step_index: Tensor) -> StepOutput:
-        """Re-evaluate transition ``step_index[b]`` (B,) of each trajectory under the policy's
-        current velocity and noise networks, differentiably."""
-        b = torch.arange(len(chain), device=chain.latents.device)
-        step_index = step_index.to(chain.latents.device)
-        x_t = chain.latents[b, step_index]  # (B, Ta, Da)
-        x_next = chain.latents[b, step_index + 1]  # (B, Ta, Da)
-        t = chain.timesteps[b, step_index]  # (B,)
-        next_t = chain.next_timesteps[b, step_index]  # (B,)
-        obs = chain.cond["obs"]
-        return self.step(policy(x_t, t, obs), policy.noise_std(t, obs), t, next_t, x_t, prev_sample=x_next)
+    def transition(
+        self,
+        k,
+        model_output,
+        sample,
+        cond=None,
+        prev_sample=None,
+        generator=None,
+        noise=None,
+        stochastic=True,
+    ) -> StepOutput:
+        """Step k (B,): the Euler step from t_k to t_{k+1} with the predicted std (0 when not stochastic)."""
+        velocity, std = model_output
+        if std is None or not stochastic:
+            std = torch.zeros_like(velocity)
+        t = self.model_timesteps[k.cpu()].to(sample.device)
+        next_t = self.next_timesteps[k.cpu()].to(sample.device)
+        return self.step(velocity, std, t, next_t, sample, prev_sample, generator, noise)

@@ -1,17 +1,25 @@
-"""Diffusion and flow-matching policies over action chunks, and the value network.
+"""Robot policies as model adapters: diffusion and flow-matching policies over action chunks,
+and the value network of GAE.
 
     B   batch                 To  observation history   Do  observation dim
     Ta  action horizon        Da  action dim            T   diffusion steps of the DDPM policy
 
+A policy is an adapter like the text-to-image ones (:mod:`flowrl.models.base`), with the same
+protocol: ``condition(obs)`` (observation histories in the env's units -> ``{"obs": normalized}``),
+``forward(x, t, cond)`` (the network's prediction), ``reference_forward``, the trainable
+parameters and their state, ``decode`` (a normalized chunk -> actions in the env's units) and
+``save_pretrained_weights``. The samplers and guidance methods run it like any adapter.
+
 Both policies see normalized observations and produce normalized actions in [-1, 1]; the
 ``Normalizer`` they carry (saved with their weights) maps to and from the environment's units.
 
-- :class:`DiffusionPolicy` predicts the noise eps (DDPM, Ho et al. 2020), sampled by
-  :class:`~flowrl.samplers.ddpm_policy.DDPMPolicySampler` (DPPO). For fine-tuning it keeps a
-  frozen copy of the pre-trained network (``reference_forward``) for the steps that are not tuned.
-- :class:`FlowPolicy` predicts the rectified-flow velocity (Liu et al. 2022), sampled by
-  :class:`~flowrl.samplers.reinflow.ReinFlowSampler`; for fine-tuning it gains a small noise
-  network whose std is squashed into [min_std, max_std] (ReinFlow).
+- :class:`DiffusionPolicy` (family ``diffusion_policy``) predicts the noise eps (DDPM, Ho et al.
+  2020), sampled by :class:`~flowrl.samplers.ddpm_policy.DDPMPolicySampler` (DPPO). For
+  fine-tuning it keeps a frozen copy of the pre-trained network (``reference_forward``) for the
+  steps that are not tuned.
+- :class:`FlowPolicy` (family ``flow_policy``) predicts the rectified-flow velocity (Liu et al.
+  2022), sampled by :class:`~flowrl.samplers.reinflow.ReinFlowSampler`; for fine-tuning it gains
+  a small noise network whose std is squashed into [min_std, max_std] (ReinFlow).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flowrl.samplers.base import draw_device, randn
+from flowrl.core.seeding import draw_device, randn
 from flowrl.samplers.ddpm_policy import cosine_beta_schedule
 
 
@@ -146,11 +154,16 @@ class NoiseStdNet(nn.Module):
 
 
 class ChunkPolicy(nn.Module):
-    """What both policy families share: shapes, the normalizer, saving and loading.
+    """What both policy families share: the adapter protocol, shapes, the normalizer, saving and
+    loading.
 
-    Subclasses set ``kind`` and implement ``forward(x, t, obs)`` and ``bc_loss(obs, actions)``."""
+    Subclasses set ``kind`` (their name in policy.json), ``family`` and ``compatible_samplers``,
+    and implement ``forward(x, t, cond)`` and ``bc_loss(obs, actions)``."""
 
     kind: str = ""
+    family: str = ""
+    compatible_samplers: tuple[str, ...] = ()
+    uses_cfg = False  # no classifier-free guidance: a guidance scale is ignored
 
     def __init__(self, **arch):
         super().__init__()
@@ -159,6 +172,7 @@ class ChunkPolicy(nn.Module):
         self.obs_horizon, self.action_horizon = arch["obs_horizon"], arch["action_horizon"]
         self.action_shape = (self.action_horizon, self.action_dim)
         self.normalizer = Normalizer(self.obs_dim, self.action_dim)
+        self.reference: nn.Module | None = None  # the frozen pre-trained network (freeze_reference)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -166,6 +180,64 @@ class ChunkPolicy(nn.Module):
             raise TypeError(f"{cls.__name__} must set a class attribute `kind` (its name in policy.json)")
         POLICIES[cls.kind] = cls
 
+    # ------------------------------------------------------------------ the adapter protocol
+    @property
+    def device(self) -> torch.device:
+        return self.normalizer.obs_mean.device
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return tuple(self.action_shape)
+
+    def condition(self, obs, guidance_scale: float = 1.0) -> dict[str, Tensor]:
+        """``{"obs": (B, To, Do)}`` normalized, from observation histories in the env's units (a
+        (B, To, Do) tensor or array, or a list of (To, Do))."""
+        if isinstance(obs, (list, tuple)):
+            obs = torch.stack([torch.as_tensor(o) for o in obs])
+        return {"obs": self.normalizer.normalize_obs(torch.as_tensor(obs, device=self.device))}
+
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0) -> Tensor:
+        """The network's prediction (eps or velocity) at x_t (B, Ta, Da), t (B,), ``cond["obs"]``."""
+        return self.net(x, t, cond["obs"])
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether a frozen copy of the pre-trained network is kept (``freeze_reference``)."""
+        return self.reference is not None
+
+    @torch.no_grad()
+    def reference_forward(
+        self, x: Tensor, t: Tensor, cond: dict[str, Tensor], guidance_scale: float = 1.0
+    ) -> Tensor:
+        """The frozen pre-trained network's prediction (the trained one until :meth:`freeze_reference`)."""
+        return (self.net if self.reference is None else self.reference)(x, t, cond["obs"])
+
+    def freeze_reference(self) -> None:
+        """Keep a frozen copy of the current network: the reference policy (KL, RL guidance's
+        base, the steps DPPO does not fine-tune)."""
+        self.reference = copy.deepcopy(self.net).requires_grad_(False)
+        self.arch["reference"] = True
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Everything that restores the policy: weights, the normalizer, the frozen copy, the noise network."""
+        return self.state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.load_state_dict(state)
+
+    def decode_latents(self, x: Tensor) -> Tensor:
+        """A normalized chunk (B, Ta, Da) -> actions in the env's units, clipped to its bounds (differentiable)."""
+        return self.normalizer.unnormalize_action(x)
+
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        return self.decode_latents(x)
+
+    def save_pretrained_weights(self, folder: str | os.PathLike) -> None:
+        """A checkpoint's policy files: ``policy.safetensors`` + ``policy.json``, loadable by :func:`load_policy`."""
+        self.save(folder)
+
+    # ------------------------------------------------------------------ saving
     def save(self, folder: str | os.PathLike) -> None:
         """``policy.safetensors`` (all weights and normalizer) and ``policy.json`` (kind and shapes)."""
         folder = Path(folder)
@@ -207,6 +279,8 @@ class DiffusionPolicy(ChunkPolicy):
     ||eps - eps_theta(sqrt(a_t) x_0 + sqrt(1 - a_t) eps, t, s)||^2 (Ho et al. 2020, eq. 14)."""
 
     kind = "diffusion"
+    family = "diffusion_policy"
+    compatible_samplers = ("ddpm",)
 
     def __init__(
         self,
@@ -232,21 +306,6 @@ class DiffusionPolicy(ChunkPolicy):
         self.register_buffer(
             "alphas_cumprod", torch.cumprod(1 - cosine_beta_schedule(num_train_steps), 0).float()
         )
-        self.reference: ChunkDenoiser | None = None
-
-    def forward(self, x: Tensor, t: Tensor, obs: Tensor) -> Tensor:
-        """eps_theta(x_t, t, s) of the trained network."""
-        return self.net(x, t, obs)
-
-    @torch.no_grad()
-    def reference_forward(self, x: Tensor, t: Tensor, obs: Tensor) -> Tensor:
-        """eps of the frozen pre-trained network (the trained one until :meth:`freeze_reference`)."""
-        return (self.net if self.reference is None else self.reference)(x, t, obs)
-
-    def freeze_reference(self) -> None:
-        """Keep a frozen copy of the current network for the steps that are not fine-tuned."""
-        self.reference = copy.deepcopy(self.net).requires_grad_(False)
-        self.arch["reference"] = True
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters())
@@ -267,6 +326,8 @@ class FlowPolicy(ChunkPolicy):
     for x_0 ~ N(0, I), x_1 the demonstrated chunk, t ~ U(0, 1) (Liu et al. 2022, eq. 1)."""
 
     kind = "flow"
+    family = "flow_policy"
+    compatible_samplers = ("reinflow",)
 
     def __init__(
         self,
@@ -290,10 +351,6 @@ class FlowPolicy(ChunkPolicy):
         )
         self.noise_net: NoiseStdNet | None = None
 
-    def forward(self, x: Tensor, t: Tensor, obs: Tensor) -> Tensor:
-        """v_theta(x_t, t, s), t in [0, 1]."""
-        return self.net(x, t, obs)
-
     def add_noise_net(self, min_std: float, max_std: float, hidden_dims: list[int]) -> None:
         """Give the policy ReinFlow's noise network (before fine-tuning)."""
         self.noise_net = NoiseStdNet(
@@ -307,13 +364,13 @@ class FlowPolicy(ChunkPolicy):
         ).to(self.normalizer.obs_mean.device)
         self.arch["noise_net"] = {"min_std": min_std, "max_std": max_std, "hidden_dims": list(hidden_dims)}
 
-    def noise_std(self, t: Tensor, obs: Tensor) -> Tensor:
+    def noise_std(self, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """sigma_theta'(t, s), (B, Ta, Da), from the noise network."""
         if self.noise_net is None:
             raise RuntimeError(
                 "this flow policy has no noise network; call add_noise_net(min_std, max_std, hidden)"
             )
-        return self.noise_net(t, obs)
+        return self.noise_net(t, cond["obs"])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters()) + (list(self.noise_net.parameters()) if self.noise_net else [])

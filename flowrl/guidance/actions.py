@@ -1,0 +1,104 @@
+"""Action rewards: guidance targets for robot policies, scored on a whole action chunk.
+
+    B  chunks   To, Do  observation history   Ta, Da  action chunk (env units)
+
+An action reward is ``reward(obs, actions) -> (B,)``: ``obs`` (B, To, Do) the observation history
+in the env's units, ``actions`` (B, Ta, Da) the decoded chunk. A reward without gradients (a
+simulator, a lookup) says so with ``differentiable = False``. :class:`ChunkReward` puts one behind
+the ``(samples, inputs, metadata)`` signature the guidance methods score with, where the inputs
+are the observation histories the policy was conditioned on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class ChunkReward:
+    """An action reward ``reward(obs, actions)`` as a guidance reward ``(actions, obs, metadata)``."""
+
+    def __init__(self, reward):
+        self.reward = reward
+        self.differentiable = getattr(reward, "differentiable", True)
+
+    def __call__(self, actions: Tensor, obs, metadata=None) -> Tensor:
+        if isinstance(obs, (list, tuple)):
+            obs = torch.stack([torch.as_tensor(o) for o in obs])
+        return self.reward(torch.as_tensor(obs).to(actions.device), actions)
+
+
+def target_reward(target: list[float]):
+    """-mean ||a - target||^2 over the chunk: pull every action toward ``target`` (env units)."""
+
+    def reward(obs: Tensor, actions: Tensor) -> Tensor:
+        goal = torch.as_tensor(target, dtype=actions.dtype, device=actions.device)
+        return -((actions - goal) ** 2).sum(-1).mean(-1)
+
+    return reward
+
+
+def smoothness_reward():
+    """-mean ||a_{i+1} - a_i||^2 over the chunk: penalize jerky chunks."""
+
+    def reward(obs: Tensor, actions: Tensor) -> Tensor:
+        return -(actions.diff(dim=1) ** 2).sum(-1).mean(-1)
+
+    return reward
+
+
+class SimulatedReturn:
+    """The env's own return of the chunk, simulated from the state in the last observation: a
+    one-chunk model-predictive lookahead (not differentiable). Only for MuJoCo envs whose
+    observation is the full state (qpos, qvel), e.g. InvertedPendulum-v5. A termination inside
+    the chunk costs ``termination_penalty``; ``state_cost`` (nq + nv weights q) subtracts the
+    quadratic cost sum_i q_i s_i^2 of the state s the chunk ends in (an LQR-like shaping: a short
+    lookahead's returns often tie)."""
+
+    differentiable = False
+
+    def __init__(
+        self,
+        env_id: str,
+        termination_penalty: float = 0.0,
+        state_cost: list[float] | None = None,
+        env_kwargs: dict | None = None,
+    ):
+        import gymnasium as gym
+
+        self.env = gym.make(env_id, **(env_kwargs or {})).unwrapped
+        self.env.reset(seed=0)
+        nq, nv = self.env.model.nq, self.env.model.nv
+        if self.env.observation_space.shape != (nq + nv,):
+            raise ValueError(
+                f"{env_id}: its observation is not the full state (qpos, qvel), so a chunk cannot be "
+                "simulated from it; use a learned reward"
+            )
+        if state_cost is not None and len(state_cost) != nq + nv:
+            raise ValueError(f"state_cost needs {nq + nv} weights (qpos, qvel), got {len(state_cost)}")
+        self.nq, self.penalty = nq, termination_penalty
+        self.state_cost = None if state_cost is None else np.asarray(state_cost, dtype=np.float64)
+
+    def __call__(self, obs: Tensor, actions: Tensor) -> Tensor:
+        state, acts = obs[:, -1].double().cpu().numpy(), actions.double().cpu().numpy()
+        out = torch.zeros(len(state))
+        for i in range(len(state)):
+            self.env.set_state(state[i, : self.nq], state[i, self.nq :])
+            for a in acts[i]:
+                _, r, terminated, _, _ = self.env.step(a)
+                out[i] += float(r)
+                if terminated:
+                    out[i] -= self.penalty
+                    break
+            if self.state_cost is not None:
+                s = np.concatenate([self.env.data.qpos, self.env.data.qvel])
+                out[i] -= float((self.state_cost * s**2).sum())
+        return out.to(actions.device)
+
+
+ACTION_REWARDS = {
+    "target": target_reward,
+    "smoothness": smoothness_reward,
+    "simulated_return": SimulatedReturn,
+}
