@@ -234,21 +234,22 @@ def robot_table(kind: str, obs: torch.Tensor, reward, target: list[float], seeds
 def pendulum(episodes: int = 8) -> None:
     import tempfile
 
+    from flowrl.collectors.env import evaluate
+    from flowrl.config import load_config
     from flowrl.guidance import ChunkReward, GuidedSampler
     from flowrl.guidance.actions import SimulatedReturn
     from flowrl.models.policy import load_policy
-    from flowrl.robot.config import load_robot_config
-    from flowrl.robot.evaluate import build_policy_sampler, evaluate
-    from flowrl.robot.pretrain import pretrain
+    from flowrl.pretrain import pretrain
+    from flowrl.samplers import sampler_for
 
     reward = ChunkReward(
         SimulatedReturn("InvertedPendulum-v5", termination_penalty=10.0, state_cost=[0, 10, 0, 1])
     )
     with tempfile.TemporaryDirectory() as root:
         for task in ("robot_inverted_pendulum_dppo", "robot_inverted_pendulum_reinflow"):
-            cfg = load_robot_config(task, [f"train.output_dir={root}", "pretrain.eval_episodes=0"])
+            cfg = load_config(task, [f"train.output_dir={root}", "pretrain.eval_episodes=0"])
             policy = load_policy(pretrain(cfg, task, progress=False)["folder"])
-            sampler = build_policy_sampler(cfg, policy)
+            sampler = sampler_for(cfg, policy)
             print(f"\n{task}: BC policy, {episodes} evaluation episodes (seeds 0..{episodes - 1}), cap 1000")
             for name, s in (
                 ("unguided", sampler),

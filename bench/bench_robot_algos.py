@@ -9,12 +9,12 @@ them explicitly. Then:
 
 1. the demonstrations are generated once (the ReinFlow task's ``demos`` section, the scripted
    expert) and both tasks clone them (``demos.path``), so both BC policies see the same data;
-2. per algorithm, ``flowrl.robot.pretrain.pretrain`` (timed on its own, evaluation excluded) and
-   ``flowrl.robot.trainer.RobotTrainer.train`` for ``--iterations`` iterations with the
-   deterministic evaluation (``train.eval_episodes`` episodes on the fixed seeds
-   ``train.eval_seed + i``) every ``--eval-every`` iterations and at iteration 0 (the BC policy);
+2. per algorithm, ``flowrl.pretrain.pretrain`` (timed on its own, evaluation excluded) and
+   ``flowrl.run.Run.train`` for ``--iterations`` epochs with the deterministic evaluation
+   (``env.eval_episodes`` episodes on the fixed seeds ``train.eval_seed + i``) every
+   ``--eval-every`` epochs and at epoch 0 (the BC policy);
 3. from the trainer's metrics rows: cumulative env steps and cumulative training seconds
-   (rollout + PPO update: ``time_rollout + time_update``; evaluation, plotting and checkpoints
+   (rollout + PPO update: ``time_collect + time_update``; evaluation, plotting and checkpoints
    are excluded), and the first evaluation reaching the target return (default 90% of the task's
    ``env.success_return``, the episode cap on the pendulum; or ``--target``).
 
@@ -27,8 +27,8 @@ The seconds-to-target is only as fine as ``--eval-every``. One torch thread (``-
     python bench/bench_robot_algos.py --iterations 15 --seed 1
     python bench/bench_robot_algos.py --task-pair robot_double_pendulum_reinflow my_double_pendulum_dppo.yaml
     python bench/bench_robot_algos.py --task-pair robot_double_pendulum_reinflow robot_double_pendulum_reinflow \\
-        --set-dppo policy.kind=diffusion algorithm.name=dppo algorithm.logprob_scope=step \\
-        algorithm.denoising_discount=0.99 algorithm.minibatch_size=2000
+        --set-dppo model.family=diffusion_policy algorithm.name=dppo algorithm.ratio_scope=step \\
+        algorithm.denoising_discount=0.99 train.minibatch_size=2000
 
 Writes ``--out`` (default bench/out): ``robot_algos_<env>.md`` (the table), ``.json`` (the curves)
 and ``.png`` (evaluation return against env steps and against training seconds, both
@@ -66,7 +66,7 @@ def find_task_pair(env_id: str) -> tuple[str, str]:
         raise SystemExit(
             f"no {' or '.join(missing)} task file in {ROOT / 'tasks'} has env.id {env_id} "
             f"(found: {found or 'none'}); pass --task-pair REINFLOW_TASK DPPO_TASK, e.g. the ReinFlow file "
-            "twice with --set-dppo policy.kind=diffusion algorithm.name=dppo algorithm.logprob_scope=step ..."
+            "twice with --set-dppo model.family=diffusion_policy algorithm.name=dppo algorithm.ratio_scope=step ..."
         )
     return found["reinflow"], found["dppo"]
 
@@ -81,15 +81,15 @@ def first_reach(rows: list[dict], target: float) -> dict | None:
 
 def run_algo(algo: str, task: str, overrides: list[str], work: Path) -> dict:
     """BC-pretrain then fine-tune one algorithm through the library; its curve and timings."""
-    from flowrl.robot.config import load_robot_config
-    from flowrl.robot.pretrain import pretrain
-    from flowrl.robot.trainer import RobotTrainer
+    from flowrl.config import load_config
+    from flowrl.pretrain import pretrain
+    from flowrl.run import Run
 
-    cfg = load_robot_config(
+    cfg = load_config(
         task,
         [
             f"pretrain.output_dir={work / f'bc_{algo}'}",
-            "pretrain.eval_episodes=0",  # the BC policy is evaluated as the trainer's iteration 0
+            "pretrain.eval_episodes=0",  # the BC policy is evaluated as the run's epoch 0
             f"train.output_dir={work / 'runs'}",
             f"train.run_name={algo}",
             *overrides,
@@ -102,19 +102,19 @@ def run_algo(algo: str, task: str, overrides: list[str], work: Path) -> dict:
     bc = pretrain(cfg, task, progress=False)
     bc_wall = time.perf_counter() - t0
     shutil.rmtree(work / "runs" / algo, ignore_errors=True)  # this script's own previous run
-    print(f"[{algo}] fine-tuning {cfg.train.num_iterations} iterations ...", flush=True)
-    trainer = RobotTrainer(cfg, task, progress=False)
+    print(f"[{algo}] fine-tuning {cfg.train.num_epochs} epochs ...", flush=True)
+    trainer = Run(cfg, task, progress=False)
     t0 = time.perf_counter()
     rows = trainer.train()
     total_wall = time.perf_counter() - t0
     seconds, curve = 0.0, []
     for r in rows:
-        seconds += r.get("time_rollout", 0.0) + r.get("time_update", 0.0)
+        seconds += r.get("time_collect", 0.0) + r.get("time_update", 0.0)
         r["train_seconds"] = seconds
         if r.get("eval_return_mean") is not None:
             curve.append(
                 {
-                    "iteration": r["iteration"],
+                    "iteration": r["epoch"],
                     "env_steps": r["env_steps"],
                     "train_seconds": seconds,
                     "eval_return_mean": r["eval_return_mean"],
@@ -123,24 +123,24 @@ def run_algo(algo: str, task: str, overrides: list[str], work: Path) -> dict:
                 }
             )
         print(
-            f"[{algo}] it {r['iteration']:>3}  env steps {r['env_steps']:>7}  train s {seconds:7.1f}  "
+            f"[{algo}] it {r['epoch']:>3}  env steps {r['env_steps']:>7}  train s {seconds:7.1f}  "
             f"eval {r.get('eval_return_mean', float('nan')):8.1f}",
             flush=True,
         )
     env_steps = rows[-1]["env_steps"]
-    rollout_s = sum(r.get("time_rollout", 0.0) for r in rows)
-    c = cfg.train
+    rollout_s = sum(r.get("time_collect", 0.0) for r in rows)
+    c = cfg.env
     return {
         "algorithm": algo,
         "task": task,
         "env": cfg.env.id,
         "success_return": cfg.env.success_return,
         "sampler": (
-            f"DDPM T={cfg.policy.num_train_steps} (K={cfg.sampler.ft_steps} fine-tuned)"
-            if cfg.policy.kind == "diffusion"
+            f"DDPM T={cfg.model.num_train_steps} (K={cfg.sampler.ft_steps} fine-tuned)"
+            if cfg.model.family == "diffusion_policy"
             else f"flow K={cfg.sampler.num_steps}"
         ),
-        "hidden_dims": cfg.policy.hidden_dims,
+        "hidden_dims": cfg.model.hidden_dims,
         "steps_per_iteration": c.num_envs * c.n_steps * cfg.env.action_steps,
         "bc_steps": cfg.pretrain.steps,
         "bc_seconds": bc["train_seconds"],
@@ -149,7 +149,7 @@ def run_algo(algo: str, task: str, overrides: list[str], work: Path) -> dict:
         "bc_return": rows[0]["eval_return_mean"],
         "best_return": max(p["eval_return_mean"] for p in curve),
         "final_return": curve[-1]["eval_return_mean"],
-        "iterations": rows[-1]["iteration"],
+        "iterations": rows[-1]["epoch"],
         "env_steps": env_steps,
         "train_seconds": rows[-1]["train_seconds"],
         "rollout_seconds": rollout_s,
@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument(
         "--eval-every", type=int, default=1, help="evaluate every N iterations (and at 0 and the end)"
     )
-    ap.add_argument("--eval-episodes", type=int, default=None, help="default: the task's train.eval_episodes")
+    ap.add_argument("--eval-episodes", type=int, default=None, help="default: the task's env.eval_episodes")
     ap.add_argument(
         "--target", type=float, default=None, help="target return (default: --target-frac x success_return)"
     )
@@ -250,33 +250,33 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from flowrl.robot.config import load_robot_config
-    from flowrl.robot.pretrain import resolve_demonstrations
+    from flowrl.config import load_config
+    from flowrl.pretrain import resolve_demonstrations
 
     tasks = dict(zip(ALGOS, args.task_pair or find_task_pair(args.env)))
     common = [
         f"train.seed={args.seed}",
-        f"train.num_iterations={args.iterations}",
+        f"train.num_epochs={args.iterations}",
         f"train.eval_every={args.eval_every}",
         "train.save_every=0",
         f"train.torch_threads={args.threads}",
-        *([f"train.eval_episodes={args.eval_episodes}"] if args.eval_episodes else []),
+        *([f"env.eval_episodes={args.eval_episodes}"] if args.eval_episodes else []),
         *([f"pretrain.steps={args.bc_steps}"] if args.bc_steps else []),
         *args.set,
     ]
     per_algo = {"reinflow": common + args.set_reinflow, "dppo": common + args.set_dppo}
-    cfgs = {a: load_robot_config(tasks[a], per_algo[a]) for a in ALGOS}
+    cfgs = {a: load_config(tasks[a], per_algo[a]) for a in ALGOS}
     ref = cfgs["reinflow"]
     env_id = ref.env.id
     for key in ("id", "action_steps", "obs_horizon", "kwargs", "max_episode_steps"):
         if getattr(ref.env, key) != getattr(cfgs["dppo"].env, key):
             raise SystemExit(f"the two tasks differ in env.{key}: {tasks}")
     if (
-        ref.train.eval_episodes != cfgs["dppo"].train.eval_episodes
+        ref.env.eval_episodes != cfgs["dppo"].env.eval_episodes
         or ref.train.eval_seed != cfgs["dppo"].train.eval_seed
     ):
         raise SystemExit(
-            "the two tasks evaluate on different episodes: set train.eval_episodes/eval_seed with --set"
+            "the two tasks evaluate on different episodes: set env.eval_episodes/train.eval_seed with --set"
         )
     if ref.demos != cfgs["dppo"].demos:
         print(f"note: the tasks' demos sections differ; both clone the ReinFlow task's ({tasks['reinflow']})")
@@ -322,7 +322,7 @@ def main() -> None:
     # 3. report
     title = (
         f"{env_id}: ReinFlow ({tasks['reinflow']}) vs DPPO ({tasks['dppo']}), seed {args.seed}, "
-        f"{args.threads} torch thread(s), eval {ref.train.eval_episodes} fixed-seed episodes"
+        f"{args.threads} torch thread(s), eval {ref.env.eval_episodes} fixed-seed episodes"
     )
     md = "\n".join(
         [

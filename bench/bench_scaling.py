@@ -53,7 +53,8 @@ def one(point: dict, threads: int, epochs: int = 2) -> dict:
 
     torch.set_num_threads(threads)
     from flowrl.config import load_config, tasks_dir
-    from flowrl.trainer import Trainer
+    from flowrl.run import Run
+    from flowrl.train import update
 
     overrides = [
         f"model.finetune={'lora' if point['rank'] else 'full'}",
@@ -62,27 +63,27 @@ def one(point: dict, threads: int, epochs: int = 2) -> dict:
         f"sampler.num_steps={point['steps']}",
         f"train.sample_batch_size={point['batch']}",
         "train.num_batches_per_epoch=1",
-        f"train.train_batch_size={min(8, point['batch'])}",
+        f"train.minibatch_size={min(8, point['batch'])}",
         f"train.timestep_batch={point['timestep_batch']}",
         f"train.gradient_checkpointing={str(point['ckpt']).lower()}",
         f"train.output_dir={tempfile.mkdtemp(prefix='flowrl-scaling-')}",
         "train.async_reward=false",
     ]
-    trainer = Trainer(load_config(str(tasks_dir() / "jpeg_tiny.yaml"), overrides), "scaling")
+    trainer = Run(load_config(str(tasks_dir() / "jpeg_tiny.yaml"), overrides), "scaling")
     cuda = trainer.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def epoch(e: int) -> tuple[float, float]:
         sync()
         t0 = time.perf_counter()
-        chain = trainer.sample_epoch(e)
-        chain.advantages, _ = trainer.compute_advantages(chain)
+        chain = trainer.collector.collect(e)[0]
+        chain.advantages, _ = trainer.collector.advantages(chain)
         sync()
         t1 = time.perf_counter()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
-        trainer.train_epoch(e, chain)
+        update(trainer, chain, e)
         sync()
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
         return t1 - t0, time.perf_counter() - t1, peak - before

@@ -2,7 +2,7 @@
 forward+backward for the same (trajectory, step) pairs.
 
 One fixed sampled epoch (tiny SD, 32x32, DDIM eta 1, K steps, DDPO, JPEG reward) is trained by
-``Trainer.train_epoch`` in three ways, alternating A B C A B C ... after warmup:
+``flowrl.train.update`` in three ways, alternating A B C A B C ... after warmup:
 
     per-step   train.timestep_batch=1: one forward+backward per denoising step, as DDPO and trl
                do (each forward carries train_batch_size pairs)
@@ -18,7 +18,7 @@ timestep batching itself.
 
 With ``--compile`` a fourth trainer runs with ``train.compile=true`` (the denoiser compiled in
 place by torch.compile; compile time is spent in the warmup and reported) and the sampling phase
-(``Trainer.sample_epoch``) is timed too, eager vs compiled.
+(the collector's ``collect``) is timed too, eager vs compiled.
 
     python bench/bench_train_step.py [--steps 10] [--samples 32] [--train-batch 8] [--lora 4] [--compile]
 """
@@ -51,7 +51,8 @@ def main() -> None:
     import tempfile
 
     from flowrl.config import load_config, tasks_dir
-    from flowrl.trainer import Trainer
+    from flowrl.run import Run
+    from flowrl.train import update
 
     out = tempfile.mkdtemp(prefix="flowrl-bench-")
     finetune = f"model.finetune={'lora' if args.lora else 'full'}"
@@ -62,26 +63,26 @@ def main() -> None:
         f"sampler.guidance_scale={args.cfg}",
         f"train.sample_batch_size={args.samples}",
         "train.num_batches_per_epoch=1",
-        f"train.train_batch_size={args.train_batch}",
+        f"train.minibatch_size={args.train_batch}",
         f"train.output_dir={out}",
         "train.async_reward=false",
     ]
     trainers = {
-        name: Trainer(
+        name: Run(
             load_config(str(tasks_dir() / "jpeg_tiny.yaml"), common + [f"train.timestep_batch={j}"]), name
         )
         for name, j in (("per-step", 1), ("batched", 0))
     }
     if args.compile:
-        trainers["compiled"] = Trainer(
+        trainers["compiled"] = Run(
             load_config(
                 str(tasks_dir() / "jpeg_tiny.yaml"), common + ["train.timestep_batch=0", "train.compile=true"]
             ),
             "compiled",
         )
     ref = trainers["batched"]
-    chain = ref.sample_epoch(0)
-    chain.advantages, _ = ref.compute_advantages(chain)
+    chain = ref.collector.collect(0)[0]
+    chain.advantages, _ = ref.collector.advantages(chain)
     B, K, Bm = len(chain), chain.num_steps, args.train_batch
 
     # the bare network on the same inputs: minibatch by minibatch, Bm x K pairs per forward
@@ -103,14 +104,14 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
 
     runs = {
-        "per-step": lambda: trainers["per-step"].train_epoch(0, chain),
-        "batched": lambda: trainers["batched"].train_epoch(0, chain),
+        "per-step": lambda: update(trainers["per-step"], chain, 0),
+        "batched": lambda: update(trainers["batched"], chain, 0),
         "limit": limit,
     }
     if args.compile:
-        runs["compiled"] = lambda: trainers["compiled"].train_epoch(0, chain)
-        runs["sample eager"] = lambda: ref.sample_epoch(1)
-        runs["sample compiled"] = lambda: trainers["compiled"].sample_epoch(1)
+        runs["compiled"] = lambda: update(trainers["compiled"], chain, 0)
+        runs["sample eager"] = lambda: ref.collector.collect(1)[0]
+        runs["sample compiled"] = lambda: trainers["compiled"].collector.collect(1)[0]
     warm: dict[str, float] = {}
     for _ in range(args.warmup):
         for name, fn in runs.items():

@@ -12,8 +12,8 @@ accumulation 1, PPO clip 1e-4, advantage clip 5, per-prompt stat tracking (buffe
 AdamW lr 1e-3, rewards computed synchronously, fp32, CPU, 2 torch threads, no checkpoints or
 evaluation inside the timed epochs.
 
-    flowrl: flowrl.trainer.Trainer on tasks/jpeg_tiny.yaml with overrides, in this venv;
-            per-epoch time from its history rows (time_sample + time_train).
+    flowrl: flowrl.run.Run on tasks/jpeg_tiny.yaml with overrides, in this venv;
+            per-epoch time from its history rows (time_collect + time_update).
     trl:    bench/_trl_ddpo_worker.py with /work/main/.venv-trl/bin/python (make it with
             bench/setup_trl_env.sh); each trainer.step(epoch, global_step) call timed.
 
@@ -95,7 +95,7 @@ def flowrl_worker(args: dict) -> None:
     import diffusers
 
     from flowrl.config import load_config
-    from flowrl.trainer import Trainer
+    from flowrl.run import Run
 
     s = SETTINGS
     cfg = load_config(
@@ -110,7 +110,7 @@ def flowrl_worker(args: dict) -> None:
             f"train.num_epochs={args['num_epochs']}",
             f"train.sample_batch_size={s['sample_batch_size']}",
             f"train.num_batches_per_epoch={s['num_batches_per_epoch']}",
-            f"train.train_batch_size={s['train_batch_size']}",
+            f"train.minibatch_size={s['train_batch_size']}",
             "train.prompts=colors",
             "train.async_reward=false",  # trl scores synchronously by default
             "train.eval_every=0",
@@ -125,23 +125,24 @@ def flowrl_worker(args: dict) -> None:
             f"algorithm.stat_buffer_size={s['stat_buffer_size']}",
             f"algorithm.stat_min_count={s['stat_min_count']}",
             "algorithm.timestep_fraction=1.0",
-            "algorithm.inner_epochs=1",
+            "train.update_epochs=1",
             "train.timestep_batch=0",  # all steps of a minibatch per forward (the same gradient as trl's loop)
         ],
     )
-    trainer = Trainer(cfg)
+    trainer = Run(cfg)
     n_trainable = sum(p.numel() for p in trainer.adapter.trainable_parameters())
     history = trainer.train()
     rows = [
         {
             "epoch": r["epoch"],
             "samples": r["samples"],
-            "time": r["time_sample"] + r["time_train"],
-            "time_sample": r["time_sample"],
-            "time_train": r["time_train"],
+            "time": r["time_collect"] + r["time_update"],
+            "time_sample": r["time_collect"],
+            "time_train": r["time_update"],
             "samples_per_s": r["samples_per_s"],
         }
         for r in history
+        if "samples" in r  # the epochs' rows (row 0 is the evaluation before training)
     ]
     out = {
         "rows": rows,

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from flowrl.config import load_config, tasks_dir  # noqa: E402
 from flowrl.demo.quickstart import measure_alignment  # noqa: E402
-from flowrl.trainer import Trainer  # noqa: E402
+from flowrl.run import Run  # noqa: E402
 
 ALGORITHMS = {
     "ddpo": ["algorithm.name=ddpo"],
@@ -51,13 +51,13 @@ if __name__ == "__main__":
             "train.save_every=0",
         ]
         cfg = load_config(str(tasks_dir() / "digits.yaml"), overrides)
-        trainer = Trainer(cfg, task_name=name)
+        trainer = Run(cfg, task_name=name)
         if not rows:  # the shared starting point, measured once
             before = measure_alignment(
                 trainer.adapter, trainer.adapter.scheduler_config, cfg.sampler.num_steps, 0.0
             )
         start = time.perf_counter()
-        history = trainer.train()
+        history = [r for r in trainer.train() if "reward_mean" in r]  # the epochs' rows
         seconds = time.perf_counter() - start
         after = measure_alignment(
             trainer.adapter, trainer.adapter.scheduler_config, cfg.sampler.num_steps, 0.0

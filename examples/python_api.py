@@ -12,8 +12,8 @@ from flowrl.config import load_config
 from flowrl.core import PerPromptStatTracker, policy_loss
 from flowrl.models import StableDiffusionAdapter, build_tiny_sd_pipeline
 from flowrl.rewards import Reward
+from flowrl.run import Run
 from flowrl.samplers import DDIMSampler
-from flowrl.trainer import Trainer
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,7 +37,7 @@ if __name__ == "__main__":
     overrides = ["train.num_epochs=2", "train.eval_every=0", f"train.output_dir={args.out}"]
     name = f"python_api-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = load_config("tasks/jpeg_tiny.yaml", overrides + [f"train.run_name={name}"])
-    trainer = Trainer(cfg, task_name="python_api")
-    history = trainer.train()
-    print("rewards per epoch:", [round(r["reward_mean"], 4) for r in history])
-    print(f"run folder: {trainer.run_dir}")
+    run = Run(cfg, task_name="python_api")
+    history = run.train()  # one metrics row per epoch, after row 0 (the evaluation before training)
+    print("rewards per epoch:", [round(r["reward_mean"], 4) for r in history if "reward_mean" in r])
+    print(f"run folder: {run.run_dir}")

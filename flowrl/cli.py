@@ -1,8 +1,14 @@
-"""``flowrl train``, ``flowrl sample`` and, for robot tasks, ``flowrl pretrain`` / ``flowrl evaluate``.
+"""The ``flowrl`` command: one CLI for every task kind.
 
-flowrl train tasks/jpeg_tiny.yaml train.num_epochs=40 model.pretrained=./my-sd15
-flowrl sample --model tiny --lora runs/jpeg_tiny/checkpoints/epoch_000020 --prompt "a cat" -n 4
-accelerate launch --num_processes 2 -m flowrl.cli train tasks/jpeg_tiny.yaml
+    flowrl train TASK [key=value ...] [--resume auto]     any task (text-to-image or environment)
+    flowrl pretrain TASK [key=value ...]                  behavior-clone a policy (kind: env)
+    flowrl evaluate TASK [--policy DIR] [--guide ...]     evaluation rollouts of a policy (kind: env)
+    flowrl sample --model tiny --prompt "a cat" [...]     images from a model, optionally guided
+    flowrl quickstart                                     the digits demo, minutes on a CPU
+
+    torchrun --nproc_per_node 2 -m flowrl.cli train TASK  (or accelerate launch) for several processes
+
+A user's mistake is one ``flowrl: error:`` line naming the cause and the fix, exit code 2.
 """
 
 from __future__ import annotations
@@ -10,62 +16,163 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 
+# ---------------------------------------------------------------------- train / pretrain / evaluate
 
-def _is_robot_task(task: str) -> bool:
-    """A task file with ``kind: robot`` at the top goes to the robot trainer (flowrl.robot)."""
-    import yaml
 
-    from flowrl.config import resolve_task_path
+def _task_config(args: argparse.Namespace, extra: list[str] | None = None):
+    from flowrl.config import load_config, resolve_task_path
 
-    try:
-        data = yaml.safe_load(resolve_task_path(task).read_text())
-    except yaml.YAMLError:
-        return False  # load_config reports it
-    return isinstance(data, dict) and data.get("kind") == "robot"
+    cfg = load_config(args.task, [*args.overrides, *(extra or [])])
+    return cfg, resolve_task_path(args.task).stem
 
 
 def _train(args: argparse.Namespace) -> int:
-    if _is_robot_task(args.task):
-        from flowrl.robot.cli import train_robot
+    from flowrl.run import Run
 
-        return train_robot(args)
-    from flowrl.config import load_config, resolve_task_path
-    from flowrl.trainer import Trainer
-
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    cfg = load_config(args.task, overrides)
-    trainer = Trainer(cfg, task_name=resolve_task_path(args.task).stem)
-    history = trainer.train()
-    if trainer.accelerator.is_main_process and history:
-        first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
-        print(f"reward: epoch {history[0]['epoch']} {first:.4f} -> epoch {history[-1]['epoch']} {last:.4f}")
-        print(f"run folder: {trainer.run_dir} (metrics.jsonl, reward_curve.png, samples/, checkpoints/)")
+    cfg, name = _task_config(args, [f"train.resume={args.resume}"] if args.resume else [])
+    run = Run(cfg, task_name=name)
+    history = run.train()
+    if run.accelerator.is_main_process:
+        for line in run.collector.summary(history):
+            print(line)
     return 0
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    from flowrl.robot.cli import pretrain_robot
+def _need_env(cfg, command: str) -> None:
+    from flowrl.errors import ConfigError
 
-    return pretrain_robot(args)
+    if cfg.kind != "env":
+        raise ConfigError(
+            f"flowrl {command} is for kind: env tasks (policies in environments); this task is kind: {cfg.kind}"
+        )
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import torch
+
+    from flowrl.collectors.env import format_return
+    from flowrl.pretrain import pretrain
+
+    cfg, name = _task_config(args)
+    _need_env(cfg, "pretrain")
+    if cfg.train.torch_threads is not None:
+        torch.set_num_threads(cfg.train.torch_threads)
+    summary = pretrain(cfg, task_name=name)
+    print(
+        f"BC loss {summary['bc_loss_first']:.4f} -> {summary['bc_loss_last']:.4f} on {summary['demo_episodes']} demonstrations"
+    )
+    if "eval_return_mean" in summary:
+        n = len(summary["eval_returns"])
+        print(f"BC policy, {n} evaluation episodes: return {format_return(summary)}")
+    print(f"policy folder: {summary['folder']} (policy.safetensors, policy.json, eval.json, metrics.jsonl)")
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from flowrl.robot.cli import evaluate_robot
+    """Evaluation rollouts of a saved policy (``--policy``, default the BC policy), optionally
+    guided: ``rlg`` mixes it with the BC policy (``--base``), ``reward-grad`` / ``best-of-n`` /
+    ``smc`` steer every chunk with an action reward from ``ACTION_REWARDS``."""
+    import torch
 
-    return evaluate_robot(args)
+    from flowrl.collectors.env import evaluate, format_return
+    from flowrl.errors import ConfigError
+    from flowrl.guidance import ACTION_REWARDS, ChunkReward, GuidedSampler, RLGuidedAdapter
+    from flowrl.models.policy import load_policy
+    from flowrl.samplers import sampler_for
 
+    cfg, name = _task_config(args)
+    _need_env(cfg, "evaluate")
+    if cfg.train.torch_threads is not None:
+        torch.set_num_threads(cfg.train.torch_threads)
+    d = cfg.train.device
+    device = "cuda" if d == "cuda" or (d == "auto" and torch.cuda.is_available()) else "cpu"
+    bc_dir = cfg.bc_dir(name)
+    policy = load_policy(Path(args.policy) if args.policy else bc_dir, device)
+    sampler = sampler_for(cfg, policy)
+    if args.guide == "rlg":
+        base = None
+        if args.base or not policy.has_reference:
+            base = load_policy(Path(args.base) if args.base else bc_dir, device)
+        policy = RLGuidedAdapter(policy, args.rlg_weight, base=base)
+    elif args.guide != "none":
+        if args.reward not in ACTION_REWARDS:
+            raise ConfigError(
+                f"flowrl evaluate: --guide {args.guide} needs --reward, one of {sorted(ACTION_REWARDS)}"
+            )
+        kwargs = reward_kwargs(args)
+        if args.reward == "simulated_return":
+            kwargs.setdefault("env_id", cfg.env.id)
+        reward = ACTION_REWARDS[args.reward](**kwargs)
+        options = {
+            "reward-grad": {"scale": args.guide_scale},
+            "best-of-n": {"n": args.particles},
+            "smc": {"num_particles": args.particles, "lam": args.smc_lambda},
+        }[args.guide]
+        sampler = GuidedSampler(
+            sampler, args.guide, ChunkReward(reward), stochastic=args.stochastic, **options
+        )
+    n = args.episodes or cfg.env.eval_episodes
+    seed = cfg.eval_seed if args.seed is None else args.seed  # default: training's evaluation starts
+    result = evaluate(policy, sampler, cfg, n, seed)
+    print(
+        f"{args.guide}: {n} evaluation episodes (seeds {seed}..{seed + n - 1}): return {format_return(result, '')}"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps({"guide": args.guide, **result}, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------- sample
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+
+# flowrl sample's model and sampler options: each is a field of the task schema, with its type,
+# help and default from the dataclass (a default given here is sample's own, and says why)
+SAMPLE_OPTIONS = {
+    "--model": ("model", "pretrained", {}),
+    "--family": ("model", "family", {}),
+    "--tiny-image-size": ("model", "tiny_image_size", {}),
+    "--sampler": ("sampler", "name", {}),
+    "--num-steps": ("sampler", "num_steps", {}),
+    "--eta": (
+        "sampler",
+        "eta",
+        {"default": 0.0, "why": "default 0: deterministic DDIM, as evaluation samples"},
+    ),
+    "--noise-level": (
+        "sampler",
+        "noise_level",
+        {"default": 0.0, "why": "default 0: the ODE, as evaluation samples"},
+    ),
+    "--guidance-scale": ("sampler", "guidance_scale", {}),
+}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, options: dict) -> None:
+    """Add ``--flag`` options derived from config dataclass fields (type, help and default)."""
+    import dataclasses
+
+    from flowrl import config as C
+
+    sections = {"model": C.ModelConfig, "sampler": C.SamplerConfig}
+    for flag, (section, name, extra) in options.items():
+        cls = sections[section]
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        hint = typing.get_type_hints(cls)[name]
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        default = extra.get("default", f.default)
+        doc = C.field_docs(cls)[name]
+        help = f"{doc} [{section}.{name}; {extra['why'] if 'why' in extra else f'default {default}'}]"
+        parser.add_argument(flag, type=base, default=default, help=help, dest=f"{section}_{name}")
 
 
 def _checked_sample_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of ``flowrl sample``, each repeated --num-per-prompt times, after checking
     every option that needs no weights (so a mistake costs no model load)."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -114,7 +221,7 @@ def _load_finetuned(pipe, family: str, path: Path) -> str:
     """Put a flowrl checkpoint's weights into the pipeline: a LoRA (``pytorch_lora_weights.
     safetensors`` in the folder, or that file itself) or, for a full fine-tune, the denoiser's
     diffusers folder (``unet/`` or ``transformer/``). Returns ``"lora"`` or ``"full"``."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
     from flowrl.models import adapter_class
 
     sub = adapter_class(family).denoiser_subfolder  # the pipeline attribute and checkpoint subfolder
@@ -149,16 +256,18 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
     from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
     from flowrl.report import save_image_grid
     from flowrl.samplers import build_sampler
 
     prompts = _checked_sample_prompts(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    family = detect_family(args.model, args.family)
-    sampler_name = args.sampler or FAMILIES[family][1][0]
-    pipe = load_pipeline(args.model, family, image_size=args.tiny_image_size)
+    family = detect_family(args.model_pretrained, args.model_family)
+    if FAMILIES[family].kind != "text_to_image":
+        raise ConfigError(f"flowrl sample draws images; --family {family} is a policy (use flowrl evaluate)")
+    sampler_name = args.sampler_name or FAMILIES[family].samplers[0]
+    pipe = load_pipeline(args.model_pretrained, family, image_size=args.model_tiny_image_size)
     kind = _load_finetuned(pipe, family, Path(args.lora)) if args.lora else None
     if args.guide == "rlg" and kind == "full":
         raise ConfigError(
@@ -166,25 +275,26 @@ def _sample(args: argparse.Namespace) -> int:
             f"{args.lora} is a full fine-tune"
         )
     adapter = build_adapter(pipe, family, finetune="frozen").to(device)
-    noise = args.eta if sampler_name == "ddim" else args.noise_level
+    eta, noise = args.sampler_eta, args.sampler_noise_level
     sampler = build_sampler(
         sampler_name,
         adapter.scheduler_config,
-        args.num_steps,
-        eta=args.eta,
+        args.sampler_num_steps,
+        eta=eta,
         noise_level=noise,
-        deterministic=noise == 0,
+        deterministic=(eta if sampler_name == "ddim" else noise) == 0,
     )
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chain = None
+    g = args.sampler_guidance_scale
     if args.guide in ("none", "rlg"):
         if args.guide == "rlg":
             from flowrl.guidance import RLGuidedAdapter
 
             adapter = RLGuidedAdapter(adapter, args.rlg_weight)
-        chain = sampler.sample(adapter, prompts, args.guidance_scale, generator=gen, progress=True)
+        chain = sampler.sample(adapter, prompts, g, generator=gen, progress=True)
         images = adapter.decode(chain.latents[:, -1])
     else:
         images = _guided(args, sampler, adapter, prompts, gen)
@@ -197,12 +307,12 @@ def _sample(args: argparse.Namespace) -> int:
     if args.save_trajectory:
         meta = {
             "prompts": json.dumps(prompts),
-            "guidance_scale": str(args.guidance_scale),
-            "eta": str(args.eta),
-            "noise_level": str(args.noise_level),
+            "guidance_scale": str(g),
+            "eta": str(eta),
+            "noise_level": str(noise),
             "sampler": sampler_name,
             "family": family,
-            "num_steps": str(args.num_steps),
+            "num_steps": str(args.sampler_num_steps),
             "prediction_type": sampler.prediction_type,
             "logprob_reduction": sampler.logprob_reduction,
             "scheduler_config": json.dumps(dict(sampler.config)),
@@ -221,30 +331,17 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen):
     """Images from reward-gradient guidance, best-of-N or SMC, with the reward --reward names."""
-    from flowrl.guidance import best_of_n, reward_gradient_guidance, smc_guidance
+    from flowrl.guidance import GuidedSampler
     from flowrl.rewards import Reward
 
     reward = Reward([{"name": args.reward, "kwargs": reward_kwargs(args)}], device=adapter.device)
-    g = args.guidance_scale
-    if args.guide == "reward-grad":
-        result = reward_gradient_guidance(
-            sampler, adapter, reward, prompts, scale=args.guide_scale, guidance_scale=g, generator=gen
-        )
-    elif args.guide == "best-of-n":
-        result = best_of_n(
-            sampler, adapter, reward, prompts, n=args.particles, guidance_scale=g, generator=gen
-        )
-    else:
-        result = smc_guidance(
-            sampler,
-            adapter,
-            reward,
-            prompts,
-            num_particles=args.particles,
-            lam=args.smc_lambda,
-            guidance_scale=g,
-            generator=gen,
-        )
+    options = {
+        "reward-grad": {"scale": args.guide_scale},
+        "best-of-n": {"n": args.particles},
+        "smc": {"num_particles": args.particles, "lam": args.smc_lambda},
+    }[args.guide]
+    guide = GuidedSampler(sampler, args.guide, reward, stochastic=True, **options)
+    result = guide.guide(adapter, prompts, gen, args.sampler_guidance_scale)
     print(
         f"{args.guide}: mean reward {result.rewards.mean().item():.4f} at {result.nfe:.0f} network evaluations per image"
     )
@@ -264,7 +361,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def reward_kwargs(args: argparse.Namespace) -> dict:
     """--reward-kwargs parsed as a JSON object, or one error naming the option and the fix."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     try:
         kwargs = json.loads(args.reward_kwargs)
@@ -306,26 +403,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tr = sub.add_parser("train", help="fine-tune a model on a task file")
+    tr = sub.add_parser("train", help="fine-tune a model on a task file (text-to-image or environment)")
     tr.add_argument("task", help="task file (tasks/<name>.yaml) or the name of a built-in task")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_epochs=5")
     tr.add_argument("--resume", help="checkpoint folder, or 'auto' for the run's latest complete checkpoint")
     tr.set_defaults(func=_train)
 
-    pt = sub.add_parser(
-        "pretrain", help="behavior-clone a robot policy on demonstrations (kind: robot tasks)"
-    )
-    pt.add_argument("task", help="robot task file (tasks/robot_*.yaml) or its name")
+    pt = sub.add_parser("pretrain", help="behavior-clone a policy on demonstrations (kind: env tasks)")
+    pt.add_argument("task", help="environment task file (tasks/robot_*.yaml) or its name")
     pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.steps=1000")
     pt.set_defaults(func=_pretrain)
 
     ev = sub.add_parser(
-        "evaluate", help="evaluation rollouts of a robot policy, optionally reward-guided (kind: robot tasks)"
+        "evaluate", help="evaluation rollouts of a policy, optionally reward-guided (kind: env tasks)"
     )
-    ev.add_argument("task", help="robot task file (tasks/robot_*.yaml) or its name")
+    ev.add_argument("task", help="environment task file (tasks/robot_*.yaml) or its name")
     ev.add_argument("overrides", nargs="*", help="key=value overrides, e.g. env.max_episode_steps=200")
     ev.add_argument("--policy", help="policy folder (policy.json): a checkpoint; default: the BC policy")
-    ev.add_argument("--episodes", type=int, help="evaluation episodes (default: train.eval_episodes)")
+    ev.add_argument("--episodes", type=int, help="evaluation episodes (default: env.eval_episodes)")
     ev.add_argument(
         "--seed",
         type=int,
@@ -351,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_evaluate)
 
     sa = sub.add_parser("sample", help="generate images from a base model plus an optional trained LoRA")
-    sa.add_argument("--model", default="tiny", help="diffusers pipeline: hub id, local folder, or 'tiny'")
+    _add_config_options(sa, SAMPLE_OPTIONS)
     sa.add_argument(
         "--lora",
         help="fine-tuned weights: a flowrl checkpoint folder (LoRA or full fine-tune) or a pytorch_lora_weights.safetensors file",
@@ -359,14 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     sa.add_argument("--prompts-file", help="a file with one prompt per line")
     sa.add_argument("-n", "--num-per-prompt", type=int, default=1)
-    sa.add_argument("--num-steps", type=int, default=20)
-    sa.add_argument("--family", default="auto", help="model family: auto | sd | sdxl | sd3 | lcm | flux")
-    sa.add_argument("--sampler", help="ddim | flow_sde | flow_cps | lcm (default: the family's)")
-    sa.add_argument("--eta", type=float, default=0.0, help="DDIM eta; 0 = deterministic DDIM (evaluation)")
-    sa.add_argument("--noise-level", type=float, default=0.0, help="flow samplers' noise level; 0 = the ODE")
-    sa.add_argument("--guidance-scale", type=float, default=1.0)
     sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--tiny-image-size", type=int, default=32)
     sa.add_argument("--device")
     sa.add_argument("--out", default="samples")
     _add_guidance_arguments(
@@ -386,14 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     qs = sub.add_parser(
         "quickstart",
-        help="pre-train a tiny text-to-image model of digits, fine-tune it with DDPO and report (CPU, minutes)",
+        help="fine-tune a tiny text-to-image model of digits with DDPO and report (CPU, minutes)",
     )
     add_arguments(qs).set_defaults(func=_quickstart)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
     from flowrl.rewards import RewardError
 
     args = build_parser().parse_args(argv)

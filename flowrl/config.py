@@ -1,15 +1,31 @@
-"""Task configuration: nested dataclasses, loaded from YAML with ``key=value`` overrides.
+"""One task schema for every run: nested dataclasses, loaded from YAML with ``key=value`` overrides.
 
-Every field has a one-line docstring (the comment above it); unknown keys are rejected with a
-suggestion, types are checked, and ``validate()`` names the field and the fix for bad values
-before any model is loaded.
+A task file picks a collector (``kind``: ``text_to_image`` or ``env``), a model family, a sampler,
+a method (``algorithm.name``) and hyper-parameters. The shared settings (run, optimizer, update
+loop) have one name for both kinds; a section only one kind uses (``rewards`` for text-to-image,
+``env`` / ``demos`` / ``pretrain`` / ``clip_reward`` for environments) is refused in the other.
+
+Defaults come in layers, lowest first: the dataclass defaults below (text-to-image's, DDPO's),
+the collector's (``env`` tasks get DPPO's and ReinFlow's, :data:`flowrl.collectors.env.DEFAULTS`),
+the method's (:data:`flowrl.objectives.METHODS`), then the task file, then the overrides; last,
+what a method fixes (REINFORCE's null clip range). The written ``config.yaml`` of a run holds the
+result, every key resolved.
+
+Every field has a one-line comment (it is also the ``--help`` of the CLI options derived from
+it); unknown keys are refused with a suggestion (renamed ones with their new name), types are
+checked, and :meth:`TaskConfig.validate` names the field and the fix for bad values before any
+model is loaded. Choice lists come from the registries (collectors, families, samplers,
+methods, advantage estimators), not from lists beside them.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
 import difflib
-import math
+import functools
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,23 +34,23 @@ from pathlib import Path
 import yaml
 
 from flowrl.core.schedule import LR_SCHEDULES
+from flowrl.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A task file or override is wrong; the message names the key and the fix."""
+__all__ = ["ConfigError", "TaskConfig", "load_config", "config_to_dict", "field_docs"]
 
 
 @dataclass
 class ModelConfig:
-    # diffusers pipeline: a hub id, a local folder with model_index.json, "tiny" (random, from config) or "digits"
-    pretrained: str = "tiny"
-    # auto (read model_index.json) | sd | sdxl | sd3 | lcm | flux; with pretrained=tiny it picks the tiny family
+    # text_to_image: a diffusers pipeline (hub id, or a local folder with model_index.json), "tiny" (random,
+    # from config) or "digits" (the demo's); env: the pre-trained policy folder (null: where `flowrl pretrain` writes)
+    pretrained: str | None = "tiny"
+    # auto (a pipeline's model_index.json, a policy's policy.json) | sd | sdxl | sd3 | lcm | flux | diffusion_policy | flow_policy
     family: str = "auto"
     # hub revision (branch, tag or commit) when `pretrained` is a hub id
     revision: str | None = None
     # override the scheduler's prediction type: epsilon | v_prediction | sample (null: as the pipeline says)
     prediction_type: str | None = None
-    # lora (peft adapter, the reference policy is the adapter disabled) or full fine-tuning
+    # lora (peft adapter, the reference policy is the adapter disabled) or full fine-tuning (policies: full)
     finetune: str = "lora"
     # LoRA rank r
     lora_rank: int = 4
@@ -44,19 +60,31 @@ class ModelConfig:
     tiny_image_size: int = 32
     # seed used to initialize the tiny pipeline's random weights
     tiny_seed: int = 0
+    # policy families: Ta, actions per predicted chunk (>= env.action_steps; DPPO/ReinFlow gym: 4)
+    action_horizon: int = 4
+    # policy families: widths of the denoiser MLP's hidden layers (DPPO/ReinFlow gym: [512, 512, 512])
+    hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 256])
+    # policy families: width of the sinusoidal time embedding (DPPO/ReinFlow: 16)
+    time_dim: int = 16
+    # diffusion_policy: T, the DDPM steps of pre-training (DPPO: 20)
+    num_train_steps: int = 20
+    # hidden widths of the value network of GAE advantages (DPPO/ReinFlow: [256, 256, 256])
+    value_hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 256])
 
 
 @dataclass
 class SamplerConfig:
-    # ddim (SD/SDXL, DDPO) | flow_sde (SD3/Flux, Flow-GRPO) | flow_cps (SD3/Flux, coefficient-preserving) | lcm (RLCM)
-    name: str = "ddim"
-    # K, denoising steps per training sample
+    # ddim (SD/SDXL, DDPO) | flow_sde (SD3/Flux, Flow-GRPO) | flow_cps (coefficient-preserving) | lcm (RLCM) |
+    # ddpm (diffusion policies, DPPO) | reinflow (flow policies, learned noise) | euler (flow policies, ODE);
+    # null: the model family's first
+    name: str | None = None
+    # K, denoising steps per training sample (ReinFlow: flow steps per chunk)
     num_steps: int = 20
     # denoising steps for evaluation images (null: num_steps); Flow-GRPO trains on fewer steps than it evaluates
     eval_num_steps: int | None = None
     # DDIM eta during training samples (0 would be deterministic and have no log-prob)
     eta: float = 1.0
-    # flow samplers' noise level a (null: Flow-GRPO's 0.7 for flow_sde, 0.8 for flow_cps)
+    # flow samplers' noise level a (null: Flow-GRPO's 0.7 for flow_sde, 0.8 for flow_cps; 0 = the ODE)
     noise_level: float | None = None
     # flow samplers: 0 = every step stochastic; w > 0 = a window of w SDE steps per batch (Flow-GRPO-Fast), only those trained
     sde_window: int = 0
@@ -64,6 +92,18 @@ class SamplerConfig:
     window_max_start: int | None = None
     # classifier-free guidance scale, used for sampling and for re-evaluating log-probs (1 = off)
     guidance_scale: float = 5.0
+    # how per-step log-probs reduce over the sample's dims: mean (DDPO, Flow-GRPO; clip range per dimension) or sum
+    logprob_reduction: str = "mean"
+    # ddpm: K, the last DDPM steps fine-tuned (DPPO: 10 of 20)
+    ft_steps: int = 10
+    # ddpm: floor on every step's std while fine-tuning (DPPO: 0.1)
+    min_std: float = 0.1
+    # reinflow: lower bound of the noise network's std (ReinFlow hopper: 0.10)
+    noise_min_std: float = 0.1
+    # reinflow: upper bound of the noise network's std (ReinFlow hopper: 0.24)
+    noise_max_std: float = 0.24
+    # reinflow: hidden widths of the noise network (ReinFlow: [64, 64])
+    noise_hidden_dims: list[int] = field(default_factory=lambda: [64, 64])
 
 
 @dataclass
@@ -77,37 +117,141 @@ class RewardConfig:
 
 
 @dataclass
+class EnvConfig:
+    # gymnasium id (MuJoCo: InvertedPendulum-v5, Reacher-v5, InvertedDoublePendulum-v5, Hopper-v5, ...)
+    id: str = "InvertedPendulum-v5"
+    # keyword arguments for gymnasium.make
+    kwargs: dict = field(default_factory=dict)
+    # episode cap in env steps (null: the env's own)
+    max_episode_steps: int | None = None
+    # To, the observation history the policy conditions on (DPPO and ReinFlow gym: 1)
+    obs_horizon: int = 1
+    # Te, actions of each chunk executed before the policy is queried again (DPPO gym: 4)
+    action_steps: int = 4
+    # an evaluation episode with at least this return is a success (null: success rate not logged)
+    success_return: float | None = None
+    # parallel environments in rollouts, per process (DPPO/ReinFlow gym: 40)
+    num_envs: int = 8
+    # chunk steps per environment per epoch; envs reset at every epoch, so make n_steps x
+    # action_steps at least one episode (DPPO/ReinFlow gym: 500 x 4)
+    n_steps: int = 250
+    # evaluation episodes, deterministic sampling, reset seeds train.eval_seed, +1, ... (>= 10 for a stated result)
+    eval_episodes: int = 10
+    # render one evaluation episode to <run>/videos/*.gif at the end (needs a MuJoCo renderer)
+    video: bool = False
+
+
+@dataclass
+class ClipRewardConfig:
+    # add a CLIP reward on rendered frames (VLM-RM); needs a MuJoCo renderer (MUJOCO_GL=egl headless)
+    enabled: bool = False
+    # OpenCLIP architecture ("ViT-B-32", ...) or "flowrl-tiny" (random, for tests)
+    model: str = "ViT-B-32"
+    # OpenCLIP weights tag or local file; null = random weights
+    pretrained: str | None = "openai"
+    # the goal the frame should match, e.g. "a pole balanced upright on a cart"
+    goal_prompt: str = ""
+    # baseline prompt whose direction is projected out (VLM-RM); empty = none
+    baseline_prompt: str = ""
+    # VLM-RM's alpha: 0 = plain cosine similarity, 1 = full projection onto goal - baseline
+    alpha: float = 0.5
+    # weight of the CLIP term added to the env reward (the env reward keeps weight env_weight)
+    weight: float = 1.0
+    # weight of the environment's own reward
+    env_weight: float = 1.0
+    # rendered frame size in pixels
+    render_size: int = 224
+    # where CLIP runs: cpu | cuda | auto (cuda when available)
+    device: str = "auto"
+
+
+@dataclass
+class DemoConfig:
+    # demonstrations file; null: generate them with `expert` into the pre-training folder
+    path: str | None = None
+    # npz (flowrl's format) | d4rl | robomimic | minari (HDF5, needs h5py); see flowrl.data.demos
+    format: str = "npz"
+    # robomimic: observation keys to concatenate (null: all, sorted)
+    obs_keys: list | None = None
+    # scripted expert that generates demonstrations when `path` is null: lqr | reacher_ik_pd
+    expert: str | None = None
+    # the expert's options (gains, weakening, noise_std), see flowrl.data.experts
+    expert_kwargs: dict = field(default_factory=dict)
+    # episodes to generate
+    num_episodes: int = 50
+    # seed of the first generated episode (then +1 per episode) and of the expert's noise
+    seed: int = 1000
+
+
+@dataclass
+class PretrainConfig:
+    # folder of the BC policy (null: <train.output_dir>/<task name>_bc); fine-tuning starts from it
+    output_dir: str | None = None
+    # optimizer steps of behavior cloning
+    steps: int = 3000
+    # windows per BC minibatch
+    batch_size: int = 256
+    # AdamW learning rate
+    learning_rate: float = 1e-3
+    # AdamW weight decay
+    weight_decay: float = 1e-6
+    # log the BC loss every this many steps
+    log_every: int = 100
+    # evaluation episodes of the BC policy at the end (null: env.eval_episodes, the same fixed seeds
+    # as fine-tuning's evaluations, so the numbers compare; 0: no evaluation)
+    eval_episodes: int | None = None
+
+
+@dataclass
 class AlgorithmConfig:
-    # ddpo (PPO-clip, per-prompt statistics) | grpo (group-relative) | loop (leave-one-out) | reinforce
+    # the method: ddpo | grpo | loop | reinforce (text_to_image) | dppo | reinflow (env) | fpo (both);
+    # each is an objective with its paper's defaults (flowrl.objectives.METHODS). The objective's own
+    # options are keys of this section too (e.g. ratio_scope and kl_coef for the PPO family)
     name: str = "ddpo"
-    # PPO clip range on per-step ratios (DDPO: 1e-4 with mean-reduced log-probs); null = no clipping
+    # advantage estimator (null: the method's): per_prompt (DDPO) | group (GRPO) | leave_one_out (LOOP) |
+    # batch_mean | none (REINFORCE) | gae (with a value function; env)
+    advantage: str | None = None
+    # PPO clip range on the ratios (DDPO: 1e-4 with mean-reduced log-probs; DPPO/ReinFlow gym: 0.01); null = no clipping
     clip_range: float | None = 1e-4
-    # advantages are clipped to [-adv_clip_max, adv_clip_max]
+    # text_to_image: advantages are clipped to [-adv_clip_max, adv_clip_max]
     adv_clip_max: float = 5.0
-    # samples per prompt in each batch (grpo and loop need >= 2)
+    # samples per prompt in each batch (group and leave_one_out advantages need >= 2)
     group_size: int = 1
-    # grpo: divide by the group's std, the batch's std, or none
+    # group advantages: divide by the group's std, the batch's std, or none
     std_scope: str = "group"
-    # reinforce: subtract the batch-mean reward as a baseline
-    reinforce_baseline: bool = True
-    # ddpo: rewards kept per prompt for its statistics
+    # per_prompt advantages: rewards kept per prompt for its statistics
     stat_buffer_size: int = 16
-    # ddpo: rewards a prompt needs before its own statistics are used (else batch statistics)
+    # per_prompt advantages: rewards a prompt needs before its own statistics are used (else batch statistics)
     stat_min_count: int = 16
-    # coefficient beta of the closed-form KL to the reference policy (0 = off)
-    kl_coef: float = 0.0
-    # how per-step log-probs reduce over latent dims: mean (DDPO, Flow-GRPO) or sum
-    logprob_reduction: str = "mean"
-    # fraction of the K denoising steps trained per sample (DDPO's timestep_fraction)
-    timestep_fraction: float = 1.0
-    # passes over each epoch's samples
-    inner_epochs: int = 1
+    # gae: discount per chunk step (DPPO/ReinFlow gym: 0.99)
+    gamma: float = 0.99
+    # gae: GAE lambda (DPPO/ReinFlow gym: 0.95)
+    gae_lambda: float = 0.95
+    # gae: divide rewards by the running std of the discounted return (DPPO/ReinFlow: reward_scale_running)
+    reward_scaling: bool = True
+    # gae: value loss weight (DPPO/ReinFlow: 0.5)
+    vf_coef: float = 0.5
+    # gae: first epochs that train only the value function
+    critic_warmup_epochs: int = 0
+    # normalize advantages within each minibatch (DPPO/ReinFlow/FPO do; text-to-image advantages are normalized when estimated)
+    normalize_advantages: bool = False
+    # stop an epoch's updates once the approximate KL of a minibatch exceeds this (DPPO/ReinFlow: 1.0; null: never)
+    target_kl: float | None = None
+    # weight of a behavior-cloning loss on the demonstrations added to every policy update (env;
+    # DPPO's optional BC regularization; 0 = off)
+    bc_coef: float = 0.0
+    # demonstration windows per BC-regularization minibatch
+    bc_batch_size: int = 256
+    # the chosen objective's own options, parsed into its Options dataclass (written flat in the section)
+    options: typing.Any = field(default=None, metadata={"hidden": True})
 
 
 @dataclass
 class OptimConfig:
-    # AdamW learning rate
+    # AdamW learning rate of the policy (DPPO hopper: 1e-4; ReinFlow hopper: 4.5e-5)
     learning_rate: float = 3e-4
+    # AdamW learning rate of the value network, when there is one (DPPO hopper: 1e-3; ReinFlow hopper: 6.5e-4)
+    value_learning_rate: float = 1e-3
     # AdamW beta1
     beta1: float = 0.9
     # AdamW beta2
@@ -116,16 +260,19 @@ class OptimConfig:
     weight_decay: float = 1e-4
     # AdamW epsilon
     eps: float = 1e-8
-    # gradient-norm clip
+    # gradient-norm clip, applied to the policy's and the value network's parameters separately
     max_grad_norm: float = 1.0
-    # minibatches accumulated per optimizer step (each over all trained timesteps)
+    # minibatches accumulated per optimizer step
     gradient_accumulation_steps: int = 1
-    # learning rate after warmup, per optimizer step: constant | linear | cosine (both decay to
-    # lr_final_ratio x learning_rate at the run's last optimizer step)
+    # learning rate after warmup: constant | linear | cosine (both decay to lr_final_ratio x the base
+    # rate at the run's last schedule step)
     lr_schedule: str = "constant"
-    # optimizer steps of linear warmup from learning_rate / lr_warmup_steps up to learning_rate (0 = none)
-    lr_warmup_steps: int = 0
-    # linear / cosine: the learning rate of the last optimizer step, as a fraction of learning_rate
+    # what one schedule step is: step (an optimizer step; diffusers' trainers) | epoch (DPPO and ReinFlow
+    # step their schedulers once per iteration); null: step for text_to_image, epoch for env
+    lr_schedule_unit: str | None = None
+    # schedule steps of linear warmup from the base rate / lr_warmup up to the base rate (0 = none)
+    lr_warmup: int = 0
+    # linear / cosine: the learning rate of the last schedule step, as a fraction of the base rate
     lr_final_ratio: float = 0.0
 
 
@@ -135,21 +282,53 @@ class TrainConfig:
     run_name: str | None = None
     # where run folders are written
     output_dir: str = "runs"
-    # global seed: sampling noise, prompt choice, shuffling all derive from (seed, epoch, rank)
+    # global seed: sampling noise, prompt draws, env resets, shuffling all derive from (seed, epoch, rank)
     seed: int = 0
-    # training epochs (each: sample, score, update)
+    # training epochs (each: collect, advantages, update)
     num_epochs: int = 20
-    # samples per sampling batch, per process
-    sample_batch_size: int = 8
-    # sampling batches per epoch, per process
-    num_batches_per_epoch: int = 2
-    # trajectories per training minibatch, per process
-    train_batch_size: int = 8
-    # denoising steps per training forward: each forward carries train_batch_size x this many
+    # passes over each epoch's data (DDPO: num_inner_epochs 1; DPPO/ReinFlow gym: update_epochs 5)
+    update_epochs: int = 1
+    # what one minibatch holds, in minibatch_unit, per process
+    minibatch_size: int = 8
+    # trajectory: whole trajectories with their trained steps (DDPO, ReinFlow); pair: (trajectory, denoising
+    # step) pairs shuffled across trajectories (DPPO)
+    minibatch_unit: str = "trajectory"
+    # denoising steps per training forward: each forward carries minibatch_size x this many
     # (trajectory, step) pairs, with the same gradient for any value. 1 = one step per forward as
     # DDPO / trl do (least activation memory: the default, safe for full-size models);
     # 0 = all trained steps of a minibatch in one forward (fastest for small models and CPUs)
     timestep_batch: int = 1
+    # text_to_image: samples per sampling batch, per process
+    sample_batch_size: int = 8
+    # text_to_image: sampling batches per epoch, per process
+    num_batches_per_epoch: int = 2
+    # text_to_image: prompts: a list, a named set (see flowrl.data.prompts), or a text file with one prompt per line
+    prompts: typing.Any = "simple_animals"
+    # text_to_image: prompts rendered into the evaluation image grid (deterministic sampler, fixed seed)
+    eval_prompts: list | None = None
+    # text_to_image: score rewards in a background thread while the next batch samples
+    async_reward: bool = True
+    # evaluate every this many epochs, and before and after training (0 = only before and after)
+    eval_every: int = 5
+    # seed of the evaluation noise and env resets, the same at every evaluation (null: train.seed + 12345)
+    eval_seed: int | None = None
+    # write a checkpoint every this many epochs (0 = only at the end)
+    save_every: int = 5
+    # keep at most this many checkpoints (oldest deleted)
+    keep_checkpoints: int = 3
+    # resume from a checkpoint folder, or "auto" for the latest complete one in the run folder
+    resume: str | None = None
+    # no | fp16 | bf16 (through accelerate)
+    mixed_precision: str = field(default="no", metadata={"choices": ("no", "fp16", "bf16")})
+    # null | tensorboard | wandb (through accelerate), besides the JSONL metrics always written
+    log_with: str | None = None
+    # a non-finite sample, reward, advantage, log-prob, loss or gradient: stop (naming the epoch, step and
+    # inputs) or skip (no update from that batch or epoch; counted as skipped_updates)
+    on_nonfinite: str = "stop"
+    # keep an exponential moving average of the trained weights (used for evaluation and saving)
+    ema: bool = False
+    # EMA decay per optimizer step
+    ema_decay: float = 0.99
     # recompute activations in the backward pass (less memory, more time)
     gradient_checkpointing: bool = False
     # torch.compile the denoiser in place, static shapes (sampling, training and the LoRA-disabled
@@ -157,64 +336,91 @@ class TrainConfig:
     # the compile: ~110 s for the tiny CPU model, which then samples 1.2x and trains 1.09x faster
     # (LoRA, CFG; full fine-tuning 1.00x). For long runs; bench/bench_train_step.py --compile
     compile: bool = False
-    # a non-finite reward, advantage, log-prob, loss or gradient: stop (raise, naming the epoch,
-    # step and prompts) or skip (no update from that batch or epoch; counted as skipped_updates)
-    on_nonfinite: str = "stop"
-    # prompts: a list, a named set (see flowrl.data.prompts), or a text file with one prompt per line
-    prompts: typing.Any = "simple_animals"
-    # prompts rendered into the evaluation image grid (deterministic DDIM, fixed seed)
-    eval_prompts: list | None = None
-    # write an evaluation grid every this many epochs (0 = never)
-    eval_every: int = 5
-    # write a checkpoint every this many epochs (0 = only at the end)
-    save_every: int = 5
-    # keep at most this many checkpoints (oldest deleted)
-    keep_checkpoints: int = 3
-    # no | fp16 | bf16 (through accelerate)
-    mixed_precision: str = field(default="no", metadata={"choices": ("no", "fp16", "bf16")})
-    # null | tensorboard | wandb (through accelerate), besides the JSONL metrics always written
-    log_with: str | None = None
-    # keep an exponential moving average of the trained weights (used for evaluation and saving)
-    ema: bool = False
-    # EMA decay per optimizer step
-    ema_decay: float = 0.99
-    # score rewards in a background thread while the next batch samples
-    async_reward: bool = True
-    # resume from a checkpoint folder, or "auto" for the latest complete one in the run folder
-    resume: str | None = None
+    # auto (CUDA when there is one) | cpu | cuda
+    device: str = "auto"
+    # torch threads of the run (null: torch's default; 1 is fastest for small policy networks)
+    torch_threads: int | None = None
 
 
 @dataclass
 class TaskConfig:
+    # the collector: text_to_image (prompts -> samples -> rewards) | env (vector envs -> action chunks -> GAE)
+    kind: str = "text_to_image"
     # one-line description of the task
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    env: EnvConfig = field(default_factory=EnvConfig)
+    clip_reward: ClipRewardConfig = field(default_factory=ClipRewardConfig)
+    demos: DemoConfig = field(default_factory=DemoConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    # ------------------------------------------------------------------ derived
+    @property
+    def method(self):
+        """The :class:`~flowrl.objectives.Method` ``algorithm.name`` names."""
+        from flowrl.objectives import METHODS
+
+        return METHODS[self.algorithm.name]
+
+    @property
+    def advantage(self) -> str:
+        """The advantage estimator: ``algorithm.advantage``, else the method's, else the collector's."""
+        from flowrl.collectors import collector_class
+
+        return self.algorithm.advantage or self.method.advantage or collector_class(self.kind).ADVANTAGES[0]
+
+    @property
+    def eval_seed(self) -> int:
+        return self.train.seed + 12345 if self.train.eval_seed is None else self.train.eval_seed
+
+    @property
+    def lr_schedule_unit(self) -> str:
+        return self.optim.lr_schedule_unit or ("epoch" if self.kind == "env" else "step")
+
+    def bc_dir(self, task_name: str) -> Path:
+        """Where ``flowrl pretrain`` writes the BC policy and fine-tuning reads it."""
+        if self.pretrain.output_dir is not None:
+            return Path(self.pretrain.output_dir)
+        return Path(self.train.output_dir) / f"{task_name}_bc"
+
+    # ------------------------------------------------------------------ validation
     def validate(self) -> TaskConfig:
-        """Check values that are well-typed but wrong; raise ConfigError naming field and fix."""
-        a, s, t, m, o = self.algorithm, self.sampler, self.train, self.model, self.optim
+        """Check values that are well-typed but wrong; raise ConfigError naming field and fix. The
+        shared settings here, then the collector's, the sampler's and the objective's own checks."""
+        from flowrl.collectors import COLLECTORS, collector_class
+        from flowrl.objectives import METHODS
 
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
+        a, t, o, m = self.algorithm, self.train, self.optim, self.model
         need(
-            a.name in ALGORITHMS,
-            f"algorithm.name: unknown algorithm {a.name!r}{_suggest(a.name, ALGORITHMS)}; choose one of {ALGORITHMS}",
+            self.kind in COLLECTORS,
+            f"kind: unknown task kind {self.kind!r}{_suggest(self.kind, COLLECTORS)}; choose one of {list(COLLECTORS)}",
+        )
+        need(
+            a.name in METHODS,
+            f"algorithm.name: unknown algorithm {a.name!r}{_suggest(a.name, METHODS)}; choose one of {list(METHODS)}",
+        )
+        method = METHODS[a.name]
+        need(
+            self.kind in method.kinds,
+            f"algorithm.name={a.name!r} is a method for kind: {' or '.join(method.kinds)} tasks, and this task "
+            f"is kind: {self.kind}; use one of "
+            f"{[n for n, mm in METHODS.items() if self.kind in mm.kinds]}",
+        )
+        collector = collector_class(self.kind)
+        need(
+            self.advantage in collector.ADVANTAGES,
+            f"algorithm.advantage: {self.advantage!r} does not fit kind: {self.kind} tasks; choose one of "
+            f"{list(collector.ADVANTAGES)}",
         )
         need(
             m.finetune in ("lora", "full"),
             f"model.finetune: unknown mode {m.finetune!r}{_suggest(m.finetune, ('lora', 'full'))}; "
             "set model.finetune=lora (an adapter) or model.finetune=full (all weights)",
-        )
-        need(
-            m.family in FAMILY_NAMES,
-            f"model.family: unknown family {m.family!r}{_suggest(m.family, FAMILY_NAMES)}; choose one of {FAMILY_NAMES}",
         )
         need(
             m.finetune != "lora" or m.lora_rank >= 1,
@@ -225,44 +431,11 @@ class TaskConfig:
             m.lora_alpha is None or m.lora_alpha > 0,
             f"model.lora_alpha must be > 0 or null, got {m.lora_alpha}; set model.lora_alpha=null for alpha = rank",
         )
+        # optimizer
         need(
-            s.name in SAMPLER_NAMES,
-            f"sampler.name: unknown sampler {s.name!r}{_suggest(s.name, SAMPLER_NAMES)}; choose one of {SAMPLER_NAMES}",
-        )
-        need(
-            s.num_steps >= 1,
-            f"sampler.num_steps must be >= 1, got {s.num_steps}: a chain needs at least one denoising step; "
-            "set e.g. sampler.num_steps=20",
-        )
-        need(
-            s.eval_num_steps is None or s.eval_num_steps >= 1,
-            f"sampler.eval_num_steps must be >= 1 or null, got {s.eval_num_steps}; "
-            "set sampler.eval_num_steps=null to evaluate with sampler.num_steps",
-        )
-        need(
-            s.noise_level is None or s.noise_level > 0,
-            f"sampler.noise_level must be > 0 or null, got {s.noise_level}: noise level 0 is the ODE and has no "
-            "log-prob; set sampler.noise_level=null for Flow-GRPO's default",
-        )
-        need(
-            0 <= s.sde_window <= s.num_steps,
-            f"sampler.sde_window must be in [0, sampler.num_steps={s.num_steps}], got {s.sde_window}; "
-            "set 0 for every step stochastic, or a window of a few steps",
-        )
-        need(
-            s.name != "ddim" or s.eta > 0,
-            f"sampler.eta must be > 0 for training, got {s.eta}: eta=0 is deterministic DDIM and has no "
-            "log-prob; set sampler.eta=1.0 (DDPO)",
-        )
-        need(
-            s.guidance_scale >= 1.0,
-            f"sampler.guidance_scale must be >= 1, got {s.guidance_scale}; set sampler.guidance_scale=1 "
-            "for no classifier-free guidance",
-        )
-        need(
-            o.learning_rate > 0,
-            f"optim.learning_rate must be > 0, got {o.learning_rate}: the optimizer would not descend; "
-            "set e.g. optim.learning_rate=3e-4",
+            o.learning_rate > 0 and o.value_learning_rate > 0,
+            f"optim.learning_rate and optim.value_learning_rate must be > 0, got {o.learning_rate} and "
+            f"{o.value_learning_rate}: the optimizer would not descend; set e.g. optim.learning_rate=3e-4",
         )
         need(
             o.max_grad_norm > 0,
@@ -278,27 +451,28 @@ class TaskConfig:
             f"optim.gradient_accumulation_steps must be >= 1, got {o.gradient_accumulation_steps}; "
             "set 1 for one optimizer step per minibatch",
         )
-        problem = lr_schedule_problem(o.lr_schedule, o.lr_warmup_steps, o.lr_final_ratio, "lr_warmup_steps")
+        need(
+            o.lr_schedule_unit in (None, "step", "epoch"),
+            f"optim.lr_schedule_unit must be step, epoch or null, got {o.lr_schedule_unit!r}",
+        )
+        problem = lr_schedule_problem(o.lr_schedule, o.lr_warmup, o.lr_final_ratio)
         need(problem is None, problem or "")
+        # the shared algorithm knobs
         need(
             a.clip_range is None or a.clip_range > 0,
             f"algorithm.clip_range must be > 0 or null, got {a.clip_range}: a clip range <= 0 leaves no "
-            "trust region; set e.g. algorithm.clip_range=1e-4, or null for no clipping",
+            "trust region; set e.g. "
+            + (
+                "algorithm.clip_range=0.01 (DPPO / ReinFlow gym)"
+                if self.kind == "env"
+                else "algorithm.clip_range=1e-4"
+            )
+            + ", or null for no clipping",
         )
         need(
             a.adv_clip_max > 0,
             f"algorithm.adv_clip_max must be > 0, got {a.adv_clip_max}: it would zero every advantage; "
             "set e.g. algorithm.adv_clip_max=5",
-        )
-        need(
-            0 < a.timestep_fraction <= 1,
-            f"algorithm.timestep_fraction must be in (0, 1], got {a.timestep_fraction}; "
-            "set 1.0 to train every denoising step",
-        )
-        need(
-            a.logprob_reduction in ("mean", "sum"),
-            f"algorithm.logprob_reduction: unknown reduction {a.logprob_reduction!r}; "
-            "set algorithm.logprob_reduction=mean (DDPO, Flow-GRPO) or sum",
         )
         need(
             a.std_scope in ("group", "batch", "none"),
@@ -309,46 +483,42 @@ class TaskConfig:
             f"algorithm.group_size must be >= 1, got {a.group_size}; set 1 for one sample per prompt",
         )
         need(
-            a.kl_coef >= 0,
-            f"algorithm.kl_coef must be >= 0, got {a.kl_coef}: a negative KL weight pushes away from the "
-            "reference; set 0 (off) or a small positive value such as 0.04",
-        )
-        need(
-            a.inner_epochs >= 1,
-            f"algorithm.inner_epochs must be >= 1, got {a.inner_epochs}; set 1 for one pass over each epoch's samples",
-        )
-        need(
             a.stat_buffer_size >= 1 and a.stat_min_count >= 1,
             f"algorithm.stat_buffer_size and stat_min_count must be >= 1, got {a.stat_buffer_size}, "
             f"{a.stat_min_count}; DDPO uses 16 and 16",
         )
-        if a.name in ("grpo", "loop"):
+        if self.advantage in ("group", "leave_one_out"):
             need(
                 a.group_size >= 2,
-                f"algorithm.group_size must be >= 2 for {a.name}, got {a.group_size}: its advantages are "
-                "relative within a group of samples of one prompt; set e.g. algorithm.group_size=4",
+                f"algorithm.group_size must be >= 2 for {a.name}, got {a.group_size}: its {self.advantage} "
+                "advantages are relative within a group of samples of one prompt; set e.g. algorithm.group_size=4",
             )
-        for key in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "num_epochs"):
+        need(0 < a.gamma <= 1, f"algorithm.gamma must be in (0, 1], got {a.gamma}")
+        need(0 <= a.gae_lambda <= 1, f"algorithm.gae_lambda must be in [0, 1], got {a.gae_lambda}")
+        need(a.vf_coef >= 0, f"algorithm.vf_coef must be >= 0, got {a.vf_coef}")
+        need(
+            a.critic_warmup_epochs >= 0,
+            f"algorithm.critic_warmup_epochs must be >= 0, got {a.critic_warmup_epochs}",
+        )
+        need(a.bc_coef >= 0, f"algorithm.bc_coef must be >= 0, got {a.bc_coef}")
+        need(a.bc_batch_size >= 1, f"algorithm.bc_batch_size must be >= 1, got {a.bc_batch_size}")
+        need(
+            a.target_kl is None or a.target_kl > 0,
+            f"algorithm.target_kl must be > 0 or null, got {a.target_kl}",
+        )
+        # the run and the update loop
+        for key in ("num_epochs", "update_epochs", "minibatch_size"):
             need(
                 getattr(t, key) >= 1,
                 f"train.{key} must be >= 1, got {getattr(t, key)}; set a positive count, e.g. train.{key}=4",
             )
         need(
-            t.sample_batch_size % a.group_size == 0,
-            f"train.sample_batch_size ({t.sample_batch_size}) must be divisible by algorithm.group_size "
-            f"({a.group_size}): each batch holds whole groups; set train.sample_batch_size to a "
-            f"multiple of {a.group_size}",
-        )
-        total = t.sample_batch_size * t.num_batches_per_epoch
-        need(
-            total % t.train_batch_size == 0,
-            f"train.train_batch_size ({t.train_batch_size}) must divide the samples per epoch "
-            f"(sample_batch_size x num_batches_per_epoch = {total}); set train.train_batch_size to a divisor of {total}",
+            t.minibatch_unit in ("trajectory", "pair"),
+            f"train.minibatch_unit must be trajectory or pair, got {t.minibatch_unit!r}",
         )
         for key in ("eval_every", "save_every", "keep_checkpoints"):
             need(
-                getattr(t, key) >= 0,
-                f"train.{key} must be >= 0, got {getattr(t, key)}; set 0 to turn it off",
+                getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}; set 0 to turn it off"
             )
         need(
             t.mixed_precision in ("no", "fp16", "bf16"),
@@ -370,26 +540,23 @@ class TaskConfig:
             0 < t.ema_decay < 1,
             f"train.ema_decay must be in (0, 1), got {t.ema_decay}; set e.g. train.ema_decay=0.99",
         )
+        need(t.device in ("cpu", "cuda", "auto"), f"train.device must be cpu, cuda or auto, got {t.device!r}")
         need(
-            len(self.rewards) >= 1,
-            "rewards: the list is empty, so there is nothing to optimize; give at least one, "
-            "e.g. rewards=[{name: jpeg_compressibility}]",
+            t.torch_threads is None or t.torch_threads >= 1,
+            f"train.torch_threads must be >= 1 or null, got {t.torch_threads}",
         )
-        for i, r in enumerate(self.rewards):
-            need(
-                r.name.strip() != "",
-                f"rewards[{i}].name is empty; give a registered reward name or a path to a reward script",
-            )
-            need(
-                math.isfinite(r.weight),
-                f"rewards[{i}].weight must be a finite number, got {r.weight}; set e.g. rewards.{i}.weight=1.0",
-            )
+        collector.validate(self)
+        from flowrl.samplers import validate_sampler
+
+        validate_sampler(self)
+        method.objective_class().validate(self)
         return self
 
 
-ALGORITHMS = ["ddpo", "grpo", "loop", "reinforce"]
-SAMPLER_NAMES = ["ddim", "flow_sde", "flow_cps", "lcm"]
-FAMILY_NAMES = ["auto", "sd", "sdxl", "sd3", "lcm", "flux"]
+def need(cond: bool, msg: str) -> None:
+    """Raise a ConfigError with ``msg`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(msg)
 
 
 def _suggest(key: str, options) -> str:
@@ -397,15 +564,18 @@ def _suggest(key: str, options) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def lr_schedule_problem(schedule: str, warmup: int, final_ratio: float, warmup_key: str) -> str | None:
-    """What is wrong with ``optim``'s learning-rate schedule fields, or None (shared by robot tasks)."""
+suggest = _suggest
+
+
+def lr_schedule_problem(schedule: str, warmup: int, final_ratio: float) -> str | None:
+    """What is wrong with ``optim``'s learning-rate schedule fields, or None."""
     if schedule not in LR_SCHEDULES:
         return (
             f"optim.lr_schedule: unknown schedule {schedule!r}{_suggest(schedule, LR_SCHEDULES)}; "
             f"choose one of {list(LR_SCHEDULES)}"
         )
     if warmup < 0:
-        return f"optim.{warmup_key} must be >= 0, got {warmup}; set 0 for no warmup"
+        return f"optim.lr_warmup must be >= 0, got {warmup}; set 0 for no warmup"
     if not 0 <= final_ratio <= 1:
         return (
             f"optim.lr_final_ratio must be in [0, 1], got {final_ratio}: it is the last step's learning rate "
@@ -414,6 +584,54 @@ def lr_schedule_problem(schedule: str, warmup: int, final_ratio: float, warmup_k
     return None
 
 
+# keys of earlier flowrl versions (and of the separate robot schema) -> their names now
+RENAMED = {
+    "train.train_batch_size": "train.minibatch_size",
+    "algorithm.inner_epochs": "train.update_epochs",
+    "algorithm.update_epochs": "train.update_epochs",
+    "algorithm.minibatch_size": "train.minibatch_size",
+    "algorithm.logprob_reduction": "sampler.logprob_reduction",
+    "algorithm.logprob_scope": "algorithm.ratio_scope",
+    "algorithm.critic_warmup_iterations": "algorithm.critic_warmup_epochs",
+    "algorithm.reinforce_baseline": "algorithm.advantage (batch_mean: the baseline; none: without)",
+    "optim.actor_lr": "optim.learning_rate",
+    "optim.critic_lr": "optim.value_learning_rate",
+    "optim.critic_hidden_dims": "model.value_hidden_dims",
+    "optim.lr_warmup_steps": "optim.lr_warmup (with optim.lr_schedule_unit=step)",
+    "optim.lr_warmup_iterations": "optim.lr_warmup (with optim.lr_schedule_unit=epoch)",
+    "train.num_iterations": "train.num_epochs",
+    "train.init_from": "model.pretrained",
+    "train.num_envs": "env.num_envs",
+    "train.n_steps": "env.n_steps",
+    "train.eval_episodes": "env.eval_episodes",
+    "train.video": "env.video",
+    "policy": "model (policy.kind: diffusion -> model.family: diffusion_policy, flow -> flow_policy)",
+    "policy.kind": "model.family (diffusion -> diffusion_policy, flow -> flow_policy)",
+    "policy.action_horizon": "model.action_horizon",
+    "policy.hidden_dims": "model.hidden_dims",
+    "policy.time_dim": "model.time_dim",
+    "policy.num_train_steps": "model.num_train_steps",
+}
+
+
+# ---------------------------------------------------------------------- field documentation
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """``{field: its one-line comment}`` of a config dataclass (the comment lines above the field)."""
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    docs: dict[str, str] = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            comment, i = [], node.lineno - 2
+            while i >= 0 and lines[i].strip().startswith("#"):
+                comment.insert(0, lines[i].strip().lstrip("#").strip())
+                i -= 1
+            docs[node.target.id] = " ".join(comment)
+    return docs
+
+
+# ---------------------------------------------------------------------- parsing
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
@@ -497,18 +715,35 @@ def _coerce(value, tp, where: str, choices: tuple | None = None):
     raise _type_error(where, _type_name(tp), value, _EXAMPLES.get(tp))
 
 
-def _from_dict(cls, data: dict, where: str = ""):
+def _unknown_key(path: str, key, names: list[str]) -> ConfigError:
+    if path in RENAMED:
+        return ConfigError(
+            f"config key {path!r} is now {RENAMED[path]}; rename it in the task file or override"
+        )
+    return ConfigError(
+        f"unknown config key {path!r}{_suggest(str(key), names)}; valid keys here: {', '.join(names)}"
+    )
+
+
+def _from_dict(cls, data: dict, where: str = "", extra: type | None = None):
+    """Build dataclass ``cls`` from ``data``; keys that are fields of ``extra`` (another dataclass)
+    are parsed into it and returned as the ``options`` field (the algorithm section's objective
+    options)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    names = list(fields)
-    kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("hidden")}
+    extra_fields = {f.name: f for f in dataclasses.fields(extra)} if extra is not None else {}
+    names = list(fields) + list(extra_fields)
+    kwargs, extra_data = {}, {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
-        if not isinstance(key, str) or key not in names:
-            raise ConfigError(
-                f"unknown config key {path!r}{_suggest(str(key), names)}; valid keys here: {', '.join(names)}"
-            )
+        if isinstance(key, str) and key in extra_fields and key not in fields:
+            extra_data[key] = value
+            continue
+        if not isinstance(key, str) or key not in fields:
+            raise _unknown_key(path, key, names)
         kwargs[key] = _coerce(value, hints[key], path, fields[key].metadata.get("choices"))
+    if extra is not None:
+        kwargs["options"] = _from_dict(extra, extra_data, where)
     return cls(**kwargs)
 
 
@@ -580,8 +815,19 @@ def resolve_task_path(task: str) -> Path:
     )
 
 
-def load_config(task: str | None = None, overrides: list[str] | None = None) -> TaskConfig:
-    """Load a task file (or the defaults when None), apply overrides, type-check and validate."""
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, section by section (lists and values replaced whole)."""
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_task(task: str | None, overrides: list[str] | None = None) -> dict:
+    """The task file's mapping with the overrides applied (nothing resolved or checked yet)."""
     data: dict = {}
     if task is not None:
         path = resolve_task_path(task)
@@ -592,9 +838,76 @@ def load_config(task: str | None = None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise ConfigError(f"task file {path} must be a mapping of sections (model, sampler, ...)")
     for key, value in parse_overrides(overrides or []):
+        if key in RENAMED:
+            raise ConfigError(f"config key {key!r} is now {RENAMED[key]}; rename it in the override")
         _set_path(data, key, value)
-    return _from_dict(TaskConfig, data).validate()
+    return data
+
+
+def from_dict(data: dict) -> TaskConfig:
+    """A validated TaskConfig from a task mapping: the collector's and the method's defaults under
+    the mapping's own values (see the module docstring)."""
+    from flowrl.collectors import COLLECTORS, collector_class
+    from flowrl.objectives import METHODS
+
+    kind = data.get("kind", "text_to_image")
+    if kind == "robot":
+        raise ConfigError(
+            "kind: robot is now kind: env (the environment collector); rename it in the task file"
+        )
+    if not isinstance(kind, str) or kind not in COLLECTORS:
+        raise ConfigError(
+            f"kind: unknown task kind {kind!r}{_suggest(str(kind), COLLECTORS)}; choose one of {list(COLLECTORS)}"
+        )
+    collector = collector_class(kind)
+    for section in data:
+        if section in SECTION_KINDS and kind not in SECTION_KINDS[section]:
+            raise ConfigError(
+                f"{section}: this section is for kind: {' or '.join(SECTION_KINDS[section])} tasks, and this task is "
+                f"kind: {kind}; remove it{' (an environment task takes its reward from the env and clip_reward)' if section == 'rewards' else ''}"
+            )
+    merged = _merge(collector.DEFAULTS, data)
+    name = (merged.get("algorithm") or {}).get("name", AlgorithmConfig.name)
+    if isinstance(name, str) and name in METHODS:
+        merged = _merge(_merge(_merge(collector.DEFAULTS, METHODS[name].defaults), data), METHODS[name].fixed)
+        options = METHODS[name].objective_class().Options
+    else:
+        options = None
+    algo = merged.get("algorithm") or {}
+    if not isinstance(algo, dict):
+        raise _type_error("algorithm", "section", algo, None)
+    sections = {k: v for k, v in merged.items() if k != "algorithm"}
+    cfg = _from_dict(TaskConfig, sections)
+    cfg.algorithm = _from_dict(AlgorithmConfig, algo, "algorithm", extra=options)
+    return cfg.validate()
+
+
+# which kinds take which kind-only sections (every other section is shared)
+SECTION_KINDS = {
+    "rewards": ("text_to_image",),
+    "env": ("env",),
+    "clip_reward": ("env",),
+    "demos": ("env",),
+    "pretrain": ("env",),
+}
+
+
+def load_config(task: str | None = None, overrides: list[str] | None = None) -> TaskConfig:
+    """Load a task file (or the defaults when None), apply overrides, resolve defaults, type-check
+    and validate."""
+    return from_dict(read_task(task, overrides))
 
 
 def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, every key resolved (the objective's options flat in ``algorithm``,
+    the kind-only sections of other kinds left out): a task file that reproduces the run."""
+    out = dataclasses.asdict(cfg)
+    if isinstance(cfg, TaskConfig):
+        algo = out["algorithm"]
+        options = algo.pop("options", None)
+        if options:
+            algo.update(options)
+        for section, kinds in SECTION_KINDS.items():
+            if cfg.kind not in kinds:
+                out.pop(section, None)
+    return out

@@ -5,7 +5,7 @@
 1. Every family's tiny pipeline on the device, in float32 and in the low precisions: sample a
    chain with per-step log-probs, re-evaluate every transition (the on-policy ratio must be 1),
    decode (finite images). CFG on where the family uses it.
-2. The Trainer on the device for 2 epochs of the tiny JPEG task under train.mixed_precision no,
+2. The run shell on the device for 2 epochs of the tiny JPEG task under train.mixed_precision no,
    bf16 and fp16 (fp16 runs behind accelerate's GradScaler on CUDA): finite metrics, a
    checkpoint, and a resume that continues it.
 3. The digits quickstart's before-measurement on the device against the README's CPU numbers
@@ -56,7 +56,7 @@ def main() -> int:
     def sampler_check(family: str, dtype: torch.dtype) -> str:
         adapter = build_adapter(load_pipeline("tiny", family), family, "lora", 4, weight_dtype=dtype)
         adapter = adapter.to(device)
-        sampler = build_sampler(FAMILIES[family][1][0], adapter.scheduler_config, 4, eta=1.0)
+        sampler = build_sampler(FAMILIES[family].samplers[0], adapter.scheduler_config, 4, eta=1.0)
         cfg = 1.0 if family in ("lcm", "flux") else 3.0
         prompts = ["a red square", "a cat"]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -78,23 +78,24 @@ def main() -> int:
 
     if not args.skip_train:
         from flowrl.config import load_config, tasks_dir
-        from flowrl.trainer import Trainer
+        from flowrl.run import Run
 
         out = tempfile.mkdtemp(prefix="flowrl-cuda-check-")
-        small = ["sampler.num_steps=4", "train.sample_batch_size=8", "train.train_batch_size=8"]
+        small = ["sampler.num_steps=4", "train.sample_batch_size=8", "train.minibatch_size=8"]
         small += ["train.eval_every=1", "train.save_every=1", f"train.output_dir={out}"]
         task = str(tasks_dir() / "jpeg_tiny.yaml")
 
         def trainer_check(precision: str) -> str:
             run = [*small, f"train.mixed_precision={precision}", f"train.run_name=precision-{precision}"]
-            history = Trainer(load_config(task, [*run, "train.num_epochs=2"]), precision).train()
-            resumed = Trainer(load_config(task, [*run, "train.num_epochs=3", "train.resume=auto"]), precision)
+            history = Run(load_config(task, [*run, "train.num_epochs=2"]), precision).train()
+            resumed = Run(load_config(task, [*run, "train.num_epochs=3", "train.resume=auto"]), precision)
             assert resumed.start_epoch == 2 and resumed.device.type == device.type
             history += resumed.train()
             floats = [v for r in history for v in r.values() if isinstance(v, float)]
             assert all(v == v for v in floats), "NaN in the metrics"
             overflow = sum(r.get("fp16_overflow_steps", 0) for r in history)
-            return f"rewards {[round(r['reward_mean'], 4) for r in history]}, fp16 overflow steps {overflow}"
+            rewards = [round(r["reward_mean"], 4) for r in history if "reward_mean" in r]
+            return f"rewards {rewards}, fp16 overflow steps {overflow}"
 
         for precision in ("no", "bf16", "fp16"):
             run_check(f"trainer jpeg_tiny mixed_precision={precision}", trainer_check, precision)

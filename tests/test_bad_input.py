@@ -11,7 +11,6 @@ import torch
 from flowrl.cli import main as cli_main
 from flowrl.config import ConfigError, load_config
 from flowrl.rewards import Reward, RewardError
-from flowrl.robot.config import load_robot_config
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = str(REPO / "tasks/jpeg_tiny.yaml")
@@ -46,7 +45,11 @@ CONFIG_CASES = {
         "optim.learning_rate=0.001",
     ),
     "bool-gets-text": (["train.ema=maybe"], "train.ema: expected bool", "train.ema=true"),
-    "str-gets-number": (["model.pretrained=123"], "model.pretrained: expected str, got 123", "quote it"),
+    "str-gets-number": (
+        ["model.pretrained=123"],
+        "model.pretrained: expected str or null, got 123",
+        "quote it",
+    ),
     "optional-gets-text": (
         ["sampler.eval_num_steps=few"],
         "expected int or null",
@@ -92,7 +95,7 @@ CONFIG_CASES = {
         "multiple of 3",
     ),
     "train-batch-not-divisor": (
-        ["train.train_batch_size=5"],
+        ["train.minibatch_size=5"],
         "must divide the samples per epoch",
         "a divisor of 32",
     ),
@@ -137,9 +140,9 @@ CONFIG_CASES = {
     ),
     "kl-negative": (["algorithm.kl_coef=-0.1"], "kl_coef must be >= 0", "0.04"),
     "logprob-reduction": (
-        ["algorithm.logprob_reduction=max"],
+        ["sampler.logprob_reduction=max"],
         "unknown reduction 'max'",
-        "algorithm.logprob_reduction=mean",
+        "sampler.logprob_reduction=mean",
     ),
     "std-scope": (["algorithm.std_scope=global"], "unknown scope 'global'", "group, batch or none"),
     "num-epochs-0": (["train.num_epochs=0"], "train.num_epochs must be >= 1, got 0", "train.num_epochs=4"),
@@ -197,7 +200,7 @@ def test_bad_task_file(tmp_path, task, cause, fix):
     assert cause in str(err.value) and fix in str(err.value)
 
 
-# ------------------------------------------------------------------ caught by the Trainer before loading
+# ------------------------------------------------------------------ caught by the run before loading
 def _reward_script(tmp_path, body: str, name: str = "my_reward.py") -> str:
     path = tmp_path / name
     path.write_text(body)
@@ -264,18 +267,6 @@ TRAINER_CASES = {
         "neither a local folder nor a reachable hub pipeline",
         "give a local diffusers pipeline folder",
     ),
-    "flow-sampler-on-sd": (
-        lambda tp: ["sampler.name=flow_sde"],
-        ConfigError,
-        "sampler.name 'flow_sde' does not fit model family 'sd'",
-        "use sampler.name=ddim",
-    ),
-    "ddim-on-sd3": (
-        lambda tp: ["model.family=sd3", "sampler.name=ddim"],
-        ConfigError,
-        "does not fit model family 'sd3'",
-        "use sampler.name=flow_sde",
-    ),
     "resume-without-checkpoint": (
         lambda tp: ["train.resume=auto"],
         ConfigError,
@@ -292,17 +283,18 @@ TRAINER_CASES = {
 
 
 @pytest.mark.parametrize("make, exc, cause, fix", TRAINER_CASES.values(), ids=TRAINER_CASES.keys())
-def test_bad_input_stops_the_trainer_before_loading(tmp_path, monkeypatch, make, exc, cause, fix):
-    import flowrl.trainer as trainer_mod
+def test_bad_input_stops_the_run_before_loading(tmp_path, monkeypatch, make, exc, cause, fix):
+    import flowrl.models
+    from flowrl.run import Run
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(trainer_mod, "load_pipeline", no_loading)
+    monkeypatch.setattr(flowrl.models, "load_pipeline", no_loading)
     out = tmp_path / "out"
     cfg = load_config(TASK, [f"train.output_dir={out}", "train.run_name=run", *make(tmp_path)])
     with pytest.raises(exc) as err:
-        trainer_mod.Trainer(cfg)
+        Run(cfg)
     msg = str(err.value)
     assert cause in msg, msg
     assert fix in msg, msg
@@ -473,13 +465,13 @@ ROBOT_CONFIG_CASES = {
     ),
     "algorithm-policy-mismatch": (
         ["algorithm.name=dppo"],
-        "fine-tunes a diffusion policy but policy.kind='flow'",
+        "fine-tunes a diffusion_policy but model.family='flow_policy'",
         "use algorithm.name=reinflow",
     ),
-    "negative-lr": (["optim.actor_lr=-1e-4"], "must be > 0, got -0.0001", "optim.actor_lr=1e-4"),
+    "negative-lr": (["optim.learning_rate=-1e-4"], "must be > 0, got -0.0001", "optim.learning_rate=3e-4"),
     "clip-range-0": (["algorithm.clip_range=0"], "clip_range must be > 0", "algorithm.clip_range=0.01"),
     "num-steps-0": (["sampler.num_steps=0"], "num_steps must be >= 1", "sampler.num_steps=4"),
-    "num-envs-0": (["train.num_envs=0"], "train.num_envs must be >= 1", "train.num_envs=8"),
+    "num-envs-0": (["env.num_envs=0"], "env.num_envs must be >= 1", "env.num_envs=8"),
     "demo-format": (["demos.format=hdf"], "unknown format 'hdf'", "choose one of"),
 }
 
@@ -487,7 +479,7 @@ ROBOT_CONFIG_CASES = {
 @pytest.mark.parametrize("overrides, cause, fix", ROBOT_CONFIG_CASES.values(), ids=ROBOT_CONFIG_CASES.keys())
 def test_bad_robot_config_is_rejected_at_load(overrides, cause, fix):
     with pytest.raises(ConfigError) as err:
-        load_robot_config(ROBOT_TASK, overrides)
+        load_config(ROBOT_TASK, overrides)
     msg = str(err.value)
     assert cause in msg and fix in msg, msg
 
@@ -537,11 +529,9 @@ DEMO_CASES = {
 
 @pytest.mark.parametrize("make, cause, fix", DEMO_CASES.values(), ids=DEMO_CASES.keys())
 def test_bad_demonstrations_stop_pretraining(tmp_path, make, cause, fix):
-    from flowrl.robot.pretrain import pretrain
+    from flowrl.pretrain import pretrain
 
-    cfg = load_robot_config(
-        ROBOT_TASK, [f"train.output_dir={tmp_path / 'out'}", f"demos.path={make(tmp_path)}"]
-    )
+    cfg = load_config(ROBOT_TASK, [f"train.output_dir={tmp_path / 'out'}", f"demos.path={make(tmp_path)}"])
     with pytest.raises((ConfigError, FileNotFoundError)) as err:
         pretrain(cfg, "robot", progress=False)
     msg = str(err.value)

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from flowrl.checkpoint import checkpoint_dirs, latest_checkpoint
-from flowrl.robot.config import load_robot_config
-from flowrl.robot.pretrain import pretrain
+from flowrl.config import load_config
+from flowrl.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 KILLED = -signal.SIGKILL
@@ -34,7 +34,7 @@ T2I = [
     "sampler.num_steps=3",
     "train.sample_batch_size=4",
     "train.num_batches_per_epoch=1",
-    "train.train_batch_size=4",
+    "train.minibatch_size=4",
     "train.eval_every=0",
     "train.save_every=1",
     "train.num_epochs=4",
@@ -47,13 +47,13 @@ ROBOT = [
     "pretrain.steps=30",
     "pretrain.eval_episodes=0",
     "demos.num_episodes=2",
-    "train.num_iterations=4",
-    "train.n_steps=8",
-    "train.num_envs=2",
+    "train.num_epochs=4",
+    "env.n_steps=8",
+    "env.num_envs=2",
     "train.eval_every=0",
-    "train.eval_episodes=1",
+    "env.eval_episodes=1",
     "train.save_every=1",
-    "algorithm.minibatch_size=16",
+    "train.minibatch_size=16",
 ]
 
 
@@ -151,7 +151,7 @@ def test_text_to_image_run_survives_kills(tmp_path):
 
     _assert_same_weights(tmp_path / "straight/checkpoints/epoch_000004", run / "checkpoints/epoch_000004")
     ref_rows, rows = _metrics(tmp_path / "straight"), _metrics(run)
-    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]  # the evaluation before training, then 4 epochs
     assert rows == ref_rows  # rewards, losses, KL, grad norms: the same run
 
 
@@ -159,7 +159,7 @@ def test_text_to_image_run_survives_kills(tmp_path):
 def test_robot_run_survives_kills(tmp_path):
     common = [*ROBOT, f"train.output_dir={tmp_path}"]
     # the BC policy, in this process: both runs below start from the same file
-    pretrain(load_robot_config(ROBOT_TASK, common), Path(ROBOT_TASK).stem, progress=False)
+    pretrain(load_config(ROBOT_TASK, common), Path(ROBOT_TASK).stem, progress=False)
     ref = _run(ROBOT_TASK, [*common, "train.run_name=straight"])
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -173,7 +173,7 @@ def test_robot_run_survives_kills(tmp_path):
 
     rc, out = _run_and_kill_after(ROBOT_TASK, [*flags, "train.resume=auto"], run / "checkpoints/epoch_000003")
     assert rc in (KILLED, 0), out[-3000:]  # an iteration takes a fraction of a second: it may finish
-    assert "at iteration 1" in out
+    assert "at epoch 1" in out
 
     p = _run(ROBOT_TASK, [*flags, "train.resume=auto"])
     assert p.returncode == 0, p.stderr[-3000:]

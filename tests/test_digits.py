@@ -111,13 +111,13 @@ def test_ddpo_raises_prompt_alignment_on_fixed_seeds(tmp_path):
     mean gain > 0.08 (about 4 of those) and a gain on every seed."""
     from flowrl.config import load_config, tasks_dir
     from flowrl.demo.quickstart import measure_alignment
-    from flowrl.trainer import Trainer
+    from flowrl.run import Run
 
     cfg = load_config(
         str(tasks_dir() / "digits.yaml"),
         ["train.num_epochs=15", f"train.output_dir={tmp_path}", "train.eval_every=0", "train.save_every=0"],
     )
-    trainer = Trainer(cfg, "digits")
+    trainer = Run(cfg, "digits")
     seeds = range(1000, 1004)
 
     def alignment() -> list[float]:
@@ -178,7 +178,7 @@ def test_quickstart_command_writes_its_report(tmp_path):
         assert (out / name).stat().st_size > 200, name
     assert sorted(p.name for p in (out / "digits").iterdir()) == [f"digit_{d}.png" for d in range(10)]
     rows = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0]
+    assert [r["epoch"] for r in rows] == [0, 1]  # the evaluation before training, the one epoch
     report = json.loads((out / "report.json").read_text())
     # README: before, eta 0 0.713 (accuracy 0.705); before, eta 1 0.878
     tol = 0.0005 if report["device"] == "cpu" else 0.02

@@ -13,8 +13,8 @@ import torch
 from flowrl.config import ConfigError, load_config
 from flowrl.core import gaussian_kl
 from flowrl.models import build_adapter
+from flowrl.run import Run
 from flowrl.samplers import build_sampler
-from flowrl.trainer import Trainer
 from tests.conftest import perturb_lora
 
 PROMPTS = ["a cat", "a dog", "a red square"]
@@ -199,11 +199,10 @@ def test_on_policy_ratio_is_one_and_kl_zero_at_start(pipes, family, sampler_name
 
 
 def test_incompatible_sampler_is_rejected_before_loading(tmp_path):
-    cfg = load_config(
-        "tasks/jpeg_tiny.yaml", ["model.family=sd3", "sampler.name=ddim", f"train.output_dir={tmp_path}"]
-    )
-    with pytest.raises(ConfigError, match="does not fit model family 'sd3'"):
-        Trainer(cfg)
+    with pytest.raises(ConfigError, match="does not fit model family 'sd3'"):  # at config load
+        load_config(
+            "tasks/jpeg_tiny.yaml", ["model.family=sd3", "sampler.name=ddim", f"train.output_dir={tmp_path}"]
+        )
 
 
 # ------------------------------------------------------------------ training and LoRA export
@@ -213,7 +212,7 @@ TRAIN = [
     "sampler.num_steps=4",
     "train.sample_batch_size=4",
     "train.num_batches_per_epoch=1",
-    "train.train_batch_size=4",
+    "train.minibatch_size=4",
     "train.num_epochs=2",
     "train.eval_every=2",
     "train.save_every=2",
@@ -241,17 +240,17 @@ def test_family_trains_and_its_lora_loads_into_the_plain_pipeline(tmp_path, fami
 
     from flowrl.models import FAMILIES, load_pipeline
 
-    trainer = Trainer(
+    trainer = Run(
         load_config("tasks/jpeg_tiny.yaml", TRAIN + FAMILY_TASKS[family] + [f"train.output_dir={tmp_path}"])
     )
-    history = trainer.train()
+    history = [r for r in trainer.train() if "loss" in r]  # the epochs' rows
     assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)
     if family == "sd3":
         assert history[-1]["kl_ref"] > 0
     folder = tmp_path / "task" / "checkpoints" / "epoch_000002"
     plain = load_pipeline("tiny", family)
-    assert type(plain).__name__ == FAMILIES[family][0]
-    assert isinstance(plain, getattr(diffusers, FAMILIES[family][0]))
+    assert type(plain).__name__ == FAMILIES[family].pipeline
+    assert isinstance(plain, getattr(diffusers, FAMILIES[family].pipeline))
     plain.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
     ours = trainer.adapter
     x = torch.randn(2, *ours.latent_shape, generator=torch.Generator().manual_seed(0))
@@ -285,7 +284,7 @@ JPEG_RUN = [
     "sampler.num_steps=4",
     "train.sample_batch_size=16",
     "train.num_batches_per_epoch=1",
-    "train.train_batch_size=4",  # 4 optimizer steps per epoch
+    "train.minibatch_size=4",  # 4 optimizer steps per epoch
     "train.timestep_batch=4",  # all 4 steps of a trajectory in one forward
     "train.num_epochs=8",
     "train.eval_every=0",
@@ -326,10 +325,10 @@ def test_short_run_raises_jpeg_reward(tmp_path, family):
     cfg = load_config(
         "tasks/jpeg_tiny.yaml", JPEG_RUN + JPEG_FAMILY[family] + [f"train.output_dir={tmp_path}"]
     )
-    trainer = Trainer(cfg)
+    trainer = Run(cfg)
 
     def reward() -> float:
-        return float(torch.stack([trainer.sample_epoch(1000 + e).rewards for e in range(4)]).mean())
+        return float(torch.stack([trainer.collector.collect(1000 + e)[0].rewards for e in range(4)]).mean())
 
     before = reward()
     trainer.train()

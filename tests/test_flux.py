@@ -13,8 +13,8 @@ import torch
 from flowrl.config import load_config
 from flowrl.core import gaussian_kl
 from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
+from flowrl.run import Run
 from flowrl.samplers import build_sampler
-from flowrl.trainer import Trainer
 from tests.conftest import perturb_lora
 
 PROMPTS = ["a cat", "a dog", "a red square"]
@@ -132,7 +132,7 @@ def test_flux_family_is_detected_from_a_saved_pipeline(pipes, tmp_path):
     pipes["schnell"].save_pretrained(tmp_path / "flux")
     assert detect_family(str(tmp_path / "flux")) == "flux"
     loaded = load_pipeline(str(tmp_path / "flux"), "flux")
-    assert type(loaded).__name__ == FAMILIES["flux"][0]
+    assert type(loaded).__name__ == FAMILIES["flux"].pipeline
     ours = build_adapter(copy.deepcopy(pipes["schnell"]), "flux", "frozen")
     theirs = build_adapter(loaded, "flux", "frozen", image_size=32)
     x = torch.randn(2, *ours.latent_shape, generator=torch.Generator().manual_seed(0))
@@ -164,15 +164,15 @@ def test_flux_trains_and_its_lora_loads_into_the_plain_pipeline(tmp_path):
             "optim.learning_rate=1e-2",
             "train.sample_batch_size=4",
             "train.num_batches_per_epoch=1",
-            "train.train_batch_size=4",
+            "train.minibatch_size=4",
             "train.num_epochs=2",
             "train.eval_every=2",
             "train.save_every=2",
             f"train.output_dir={tmp_path}",
         ],
     )
-    trainer = Trainer(cfg)
-    history = trainer.train()
+    trainer = Run(cfg)
+    history = [r for r in trainer.train() if "loss" in r]  # the epochs' rows
     assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)
     assert history[-1]["kl_ref"] > 0
     folder = tmp_path / "task" / "checkpoints" / "epoch_000002"
@@ -204,4 +204,4 @@ def test_flux_trains_and_its_lora_loads_into_the_plain_pipeline(tmp_path):
 
 def test_flux_task_file_loads():
     cfg = load_config("tasks/flow_grpo_flux.yaml")
-    assert cfg.description and cfg.model.family == "flux" and cfg.sampler.name in FAMILIES["flux"][1]
+    assert cfg.description and cfg.model.family == "flux" and cfg.sampler.name in FAMILIES["flux"].samplers

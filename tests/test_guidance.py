@@ -197,9 +197,9 @@ def test_systematic_resampling_follows_the_weights():
 def test_cli_guided_sampling(tmp_path):
     from flowrl.cli import main as cli_main
     from flowrl.config import load_config
-    from flowrl.trainer import Trainer
+    from flowrl.run import Run
 
-    Trainer(
+    Run(
         load_config(
             "tasks/jpeg_tiny.yaml",
             [
@@ -207,7 +207,7 @@ def test_cli_guided_sampling(tmp_path):
                 "sampler.num_steps=3",
                 "train.sample_batch_size=4",
                 "train.num_batches_per_epoch=1",
-                "train.train_batch_size=4",
+                "train.minibatch_size=4",
                 "train.num_epochs=1",
                 "train.eval_every=0",
                 f"train.output_dir={tmp_path}",

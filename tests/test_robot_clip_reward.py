@@ -39,7 +39,7 @@ def test_vlm_rm_reward_matches_its_definition():
 def test_clip_reward_wrapper_on_rendered_frames(monkeypatch):
     if "MUJOCO_GL" not in os.environ:
         monkeypatch.setenv("MUJOCO_GL", "egl")
-    from flowrl.robot.evaluate import render_available
+    from flowrl.collectors.env import render_available
 
     if not render_available():
         pytest.skip("no headless MuJoCo renderer here (MUJOCO_GL=egl or osmesa)")
@@ -64,13 +64,13 @@ def test_clip_reward_wrapper_on_rendered_frames(monkeypatch):
 def test_task_config_turns_the_clip_reward_on(monkeypatch):
     if "MUJOCO_GL" not in os.environ:
         monkeypatch.setenv("MUJOCO_GL", "egl")
+    from flowrl.collectors.env import env_kwargs, render_available
+    from flowrl.config import load_config
     from flowrl.envs.wrappers import make_env
-    from flowrl.robot.config import load_robot_config
-    from flowrl.robot.evaluate import env_kwargs, render_available
 
     if not render_available():
         pytest.skip("no headless MuJoCo renderer here (MUJOCO_GL=egl or osmesa)")
-    cfg = load_robot_config(
+    cfg = load_config(
         "robot_inverted_pendulum_reinflow",
         [
             "clip_reward.enabled=true",

@@ -195,7 +195,7 @@ def test_bc_loss_decreases_and_policy_round_trips(cls, tmp_path):
 
 
 def test_reward_scaler_tracks_the_std_of_discounted_returns():
-    from flowrl.robot.trainer import RewardScaler
+    from flowrl.collectors.env import RewardScaler
 
     rng = np.random.default_rng(0)
     scaler, all_returns = RewardScaler(gamma=0.9), []

@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from flowrl.cli import main
-from flowrl.config import ConfigError
+from flowrl.config import ConfigError, load_config
 from flowrl.models.policy import load_policy
-from flowrl.robot.config import load_robot_config
-from flowrl.robot.pretrain import pretrain
-from flowrl.robot.trainer import RobotTrainer
+from flowrl.pretrain import pretrain
+from flowrl.run import Run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,7 +44,7 @@ def bc(tmp_path_factory):
         ("flow", "robot_inverted_pendulum_reinflow"),
         ("diffusion", "robot_inverted_pendulum_dppo"),
     ):
-        cfg = load_robot_config(task, [f"train.output_dir={root}"])
+        cfg = load_config(task, [f"train.output_dir={root}"])
         out[name] = (task, root, pretrain(cfg, task, progress=False))
     return out
 
@@ -59,15 +58,15 @@ def keep_threads():
 
 
 def _finetune(task, root, run, overrides):
-    cfg = load_robot_config(task, [f"train.output_dir={root}", f"train.run_name={run}", *overrides])
-    trainer = RobotTrainer(cfg, task, progress=False)
+    cfg = load_config(task, [f"train.output_dir={root}", f"train.run_name={run}", *overrides])
+    trainer = Run(cfg, task, progress=False)
     return trainer, trainer.train()
 
 
 @pytest.mark.slow
 def test_reinflow_finetuning_beats_bc(bc):
     task, root, summary = bc["flow"]
-    trainer, history = _finetune(task, root, "reinflow", ["train.num_iterations=8", "train.eval_every=0"])
+    trainer, history = _finetune(task, root, "reinflow", ["train.num_epochs=8", "train.eval_every=0"])
     before, after = history[0], history[-1]
     assert before["eval_return_mean"] == pytest.approx(summary["eval_return_mean"])  # the BC policy
     assert after["eval_return_mean"] >= before["eval_return_mean"] + MARGIN, (before, after)
@@ -79,7 +78,7 @@ def test_reinflow_finetuning_beats_bc(bc):
 @pytest.mark.slow
 def test_dppo_finetuning_beats_bc(bc):
     task, root, summary = bc["diffusion"]
-    trainer, history = _finetune(task, root, "dppo", ["train.num_iterations=5", "train.eval_every=0"])
+    trainer, history = _finetune(task, root, "dppo", ["train.num_epochs=5", "train.eval_every=0"])
     before, after = history[0], history[-1]
     assert after["eval_return_mean"] >= before["eval_return_mean"] + MARGIN, (before, after)
     assert {"loss_pg", "approx_kl", "clipfrac", "loss_value", "explained_variance"} <= set(history[1])
@@ -89,19 +88,19 @@ def test_dppo_finetuning_beats_bc(bc):
 def test_resume_is_exact(bc, family):
     task, root, _ = bc[family]
     tiny = [
-        "train.n_steps=16",
-        "train.num_envs=2",
+        "env.n_steps=16",
+        "env.num_envs=2",
         "train.eval_every=0",
-        "train.eval_episodes=1",
+        "env.eval_episodes=1",
         "train.save_every=2",
-        "algorithm.minibatch_size=64",
+        "train.minibatch_size=64",
         "algorithm.bc_coef=0.1",  # DPPO's optional BC regularization on the demonstrations, resumed too
-        "optim.lr_warmup_iterations=3",  # a learning-rate warmup across the resume
+        "optim.lr_warmup=3",  # a learning-rate warmup across the resume
     ]
-    straight, rows = _finetune(task, root, f"straight_{family}", [*tiny, "train.num_iterations=4"])
-    _finetune(task, root, f"resumed_{family}", [*tiny, "train.num_iterations=2"])
+    straight, rows = _finetune(task, root, f"straight_{family}", [*tiny, "train.num_epochs=4"])
+    _finetune(task, root, f"resumed_{family}", [*tiny, "train.num_epochs=2"])
     resumed, rows_b = _finetune(
-        task, root, f"resumed_{family}", [*tiny, "train.num_iterations=4", "train.resume=auto"]
+        task, root, f"resumed_{family}", [*tiny, "train.num_epochs=4", "train.resume=auto"]
     )
     a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
     assert a.keys() == b.keys()
@@ -111,19 +110,21 @@ def test_resume_is_exact(bc, family):
     assert rows[-1]["loss_bc"] > 0
     o = straight.cfg.optim
     warm = [(i + 1) / 3 if i < 3 else 1.0 for i in range(4)]
-    assert [r["actor_lr"] for r in rows[1:]] == pytest.approx([o.actor_lr * w for w in warm])
-    assert [r["critic_lr"] for r in rows_b[-2:]] == pytest.approx([o.critic_lr * w for w in warm[2:]])
+    assert [r["lr"] for r in rows[1:]] == pytest.approx([o.learning_rate * w for w in warm])
+    assert [r["lr_value"] for r in rows_b[-2:]] == pytest.approx(
+        [o.value_learning_rate * w for w in warm[2:]]
+    )
     # a checkpoint folder is also a policy folder: the fine-tuned policy loads on its own
     policy = load_policy(resumed.run_dir / "checkpoints" / "epoch_000004")
     obs, sampler = torch.randn(3, 1, 4), resumed.sampler
-    chain = sampler.sample(resumed.policy, obs, generator=torch.Generator().manual_seed(0))
+    chain = sampler.sample(resumed.adapter, obs, generator=torch.Generator().manual_seed(0))
     for k in range(chain.num_steps):
         new = sampler.log_prob(policy, chain, torch.full((3,), k)).log_prob
         torch.testing.assert_close(new, chain.log_probs[:, k], rtol=0, atol=1e-5)
     lines = [json.loads(x) for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in lines] == [0, 1, 2, 3, 4]
+    assert [r["epoch"] for r in lines] == [0, 1, 2, 3, 4]
     with pytest.raises(ConfigError, match="resume=auto"):  # a finished run is not overwritten silently
-        _finetune(task, root, f"straight_{family}", [*tiny, "train.num_iterations=4"])
+        _finetune(task, root, f"straight_{family}", [*tiny, "train.num_epochs=4"])
 
 
 def test_cli_pretrain_and_train(tmp_path, capsys, keep_threads):
@@ -138,10 +139,10 @@ def test_cli_pretrain_and_train(tmp_path, capsys, keep_threads):
     assert (tmp_path / "robot_inverted_pendulum_reinflow_bc" / "policy.safetensors").is_file()
     train = [
         *common,
-        "train.num_iterations=1",
-        "train.n_steps=8",
-        "train.num_envs=2",
-        "train.eval_episodes=1",
+        "train.num_epochs=1",
+        "env.n_steps=8",
+        "env.num_envs=2",
+        "env.eval_episodes=1",
     ]
     assert main(["train", task, *train]) == 0
     out = capsys.readouterr().out
@@ -154,8 +155,8 @@ def test_bad_robot_input_stops_with_a_clear_message(tmp_path, capsys, keep_threa
     assert main(["train", task, "algorithm.clip_rnage=0.1"]) == 2
     assert "did you mean 'clip_range'" in capsys.readouterr().err
     assert main(["train", task, "algorithm.name=dppo"]) == 2
-    assert "policy.kind='flow'" in capsys.readouterr().err
+    assert "model.family='flow_policy'" in capsys.readouterr().err
     assert main(["train", task, f"train.output_dir={tmp_path}"]) == 2  # no BC policy yet
     assert "flowrl pretrain" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="action_horizon"):
-        load_robot_config(task, ["env.action_steps=8"])
+        load_config(task, ["env.action_steps=8"])

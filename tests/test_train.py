@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from flowrl.cli import main as cli_main
 from flowrl.config import ConfigError, load_config
-from flowrl.trainer import Trainer
+from flowrl.run import Run
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -21,7 +21,7 @@ SMALL = [
     "sampler.num_steps=3",
     "train.sample_batch_size=4",
     "train.num_batches_per_epoch=2",
-    "train.train_batch_size=4",
+    "train.minibatch_size=4",
     "train.eval_every=2",
     "train.save_every=2",
     "optim.learning_rate=1e-2",
@@ -37,11 +37,13 @@ def _cfg(tmp_path, *extra, name="run"):
 
 
 def test_training_writes_the_run_folder(tmp_path):
-    trainer = Trainer(_cfg(tmp_path, "train.num_epochs=2"))
+    trainer = Run(_cfg(tmp_path, "train.num_epochs=2"))
     history = trainer.train()
     run = tmp_path / "run"
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1] and len(history) == 2
+    # row 0 is the evaluation before training; row e the e-th epoch (and the evaluation after it)
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and len(history) == 3
+    assert set(rows[0]) == {"epoch", "eval_reward_mean"}
     for key in (
         "reward_mean",
         "reward_std",
@@ -49,10 +51,10 @@ def test_training_writes_the_run_folder(tmp_path):
         "clipfrac",
         "ratio_mean",
         "grad_norm",
-        "time_sample",
+        "time_collect",
         "samples_per_s",
     ):
-        assert key in rows[0], key
+        assert key in rows[1], key
     assert (run / "reward_curve.png").stat().st_size > 1000
     assert (run / "samples" / "epoch_0000.png").is_file() and (run / "samples" / "epoch_0002.png").is_file()
     assert (run / "config.yaml").is_file()
@@ -62,7 +64,7 @@ def test_training_writes_the_run_folder(tmp_path):
     }
     assert not list((run / "checkpoints").glob(".tmp-*"))
     # first minibatch of each epoch is on-policy: ratio 1, so clipfrac < 1
-    assert rows[0]["ratio_min"] > 0.9
+    assert rows[1]["ratio_min"] > 0.9
 
 
 def test_lora_checkpoint_loads_into_plain_diffusers_pipeline(tmp_path):
@@ -70,7 +72,7 @@ def test_lora_checkpoint_loads_into_plain_diffusers_pipeline(tmp_path):
 
     from flowrl.models.sd import build_tiny_sd_pipeline
 
-    trainer = Trainer(_cfg(tmp_path, "train.num_epochs=2"))
+    trainer = Run(_cfg(tmp_path, "train.num_epochs=2"))
     trainer.train()
     pipe = build_tiny_sd_pipeline()  # the same base weights (seed 0), no adapter
     pipe.load_lora_weights(
@@ -94,9 +96,9 @@ def _final_weights(tmp_path, name):
 
 
 def test_resume_is_exact(tmp_path):
-    Trainer(_cfg(tmp_path, "train.num_epochs=4", name="straight")).train()
-    Trainer(_cfg(tmp_path, "train.num_epochs=2", name="split")).train()
-    resumed = Trainer(_cfg(tmp_path, "train.num_epochs=4", "train.resume=auto", name="split"))
+    Run(_cfg(tmp_path, "train.num_epochs=4", name="straight")).train()
+    Run(_cfg(tmp_path, "train.num_epochs=2", name="split")).train()
+    resumed = Run(_cfg(tmp_path, "train.num_epochs=4", "train.resume=auto", name="split"))
     assert resumed.start_epoch == 2
     resumed.train()
     a, b = _final_weights(tmp_path, "straight"), _final_weights(tmp_path, "split")
@@ -107,13 +109,13 @@ def test_resume_is_exact(tmp_path):
     sb = json.loads((tmp_path / "split/checkpoints/epoch_000004/state.json").read_text())
     assert sa == sb  # counters and reward-statistic buffers too
     rows = [json.loads(ln)["epoch"] for ln in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
-    assert rows == [0, 1, 2, 3]
+    assert rows == [0, 1, 2, 3, 4]
 
 
 def test_existing_run_needs_resume(tmp_path):
-    Trainer(_cfg(tmp_path, "train.num_epochs=2")).train()
+    Run(_cfg(tmp_path, "train.num_epochs=2")).train()
     with pytest.raises(ConfigError, match="resume=auto"):
-        Trainer(_cfg(tmp_path, "train.num_epochs=2"))
+        Run(_cfg(tmp_path, "train.num_epochs=2"))
 
 
 @pytest.mark.parametrize(
@@ -127,14 +129,14 @@ def test_existing_run_needs_resume(tmp_path):
             "sampler.guidance_scale=3.0",
             "train.ema=true",
             "optim.gradient_accumulation_steps=2",
-            "train.train_batch_size=2",
+            "train.minibatch_size=2",
         ],
         ["model.finetune=full", "algorithm.kl_coef=0.1", "model.prediction_type=v_prediction"],
         [
             "train.mixed_precision=bf16",
             "train.log_with=tensorboard",
-            "algorithm.logprob_reduction=sum",
-            "algorithm.inner_epochs=2",
+            "sampler.logprob_reduction=sum",
+            "train.update_epochs=2",
         ],
     ],
     ids=[
@@ -147,7 +149,8 @@ def test_existing_run_needs_resume(tmp_path):
     ],
 )
 def test_every_algorithm_trains(tmp_path, algo):
-    history = Trainer(_cfg(tmp_path, "train.num_epochs=2", "train.eval_every=0", *algo)).train()
+    history = Run(_cfg(tmp_path, "train.num_epochs=2", "train.eval_every=0", *algo)).train()
+    history = [r for r in history if "reward_mean" in r]  # the epochs' rows (not the evaluation before)
     assert len(history) == 2
     for row in history:
         assert all(v == v for v in row.values() if isinstance(v, float))  # no NaN
@@ -158,7 +161,7 @@ def test_every_algorithm_trains(tmp_path, algo):
 
 
 def test_cli_sample_saves_a_checkable_trajectory(tmp_path):
-    Trainer(_cfg(tmp_path, "train.num_epochs=2")).train()
+    Run(_cfg(tmp_path, "train.num_epochs=2")).train()
     out = tmp_path / "samples"
     ckpt = tmp_path / "run" / "checkpoints" / "epoch_000002"
     rc = cli_main(
@@ -174,6 +177,8 @@ def test_cli_sample_saves_a_checkable_trajectory(tmp_path):
             "2",
             "--eta",
             "1.0",
+            "--guidance-scale",
+            "1",  # the check below recomputes the UNet's output without CFG
             "--num-steps",
             "4",
             "--out",
@@ -225,10 +230,10 @@ def test_two_process_training_keeps_ranks_in_sync(tmp_path):
         "import sys, torch\n"
         "from safetensors.torch import save_file\n"
         "from flowrl.config import load_config\n"
-        "from flowrl.trainer import Trainer\n"
+        "from flowrl.run import Run\n"
         f"cfg = load_config({str(REPO / 'tasks/jpeg_tiny.yaml')!r}, {SMALL!r} + ['train.num_epochs=2', 'train.eval_every=0', "
         f"'train.output_dir={tmp_path}', 'train.run_name=ddp', 'algorithm.name=grpo', 'algorithm.group_size=2'])\n"
-        "tr = Trainer(cfg)\n"
+        "tr = Run(cfg)\n"
         "assert tr.world == 2, tr.world\n"
         "tr.train()\n"
         "save_file({k: v.contiguous() for k, v in tr.adapter.trainable_state_dict().items()}, "
@@ -249,10 +254,10 @@ def test_two_process_training_keeps_ranks_in_sync(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    init = Trainer(_cfg(tmp_path, "train.num_epochs=2", name="fresh")).adapter.trainable_state_dict()
+    init = Run(_cfg(tmp_path, "train.num_epochs=2", name="fresh")).adapter.trainable_state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a)  # and they did train
     rows = [json.loads(ln) for ln in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["samples"] == 16  # 2 processes x 2 batches x 4
+    assert rows[1]["samples"] == 16  # 2 processes x 2 batches x 4
 
 
 @pytest.mark.slow
@@ -260,16 +265,17 @@ def test_default_task_raises_jpeg_reward(tmp_path):
     """The README's main job, on its fixed seed: DDPO raises the JPEG-compressibility reward.
 
     Margin: the untrained model's batch-mean reward (32 samples) varies with the seed by
-    std 0.0008 kB (8 seeds, measured with Trainer.sample_epoch), so the difference of a 3-epoch
+    std 0.0008 kB (8 seeds, measured with the collector's collect), so the difference of a 3-epoch
     mean and a 5-epoch mean has noise std of about 0.0006. We ask for 0.004 (over 6 std); the
     run gains about 0.007.
     """
-    history = Trainer(
+    history = Run(
         load_config(
             str(REPO / "tasks/jpeg_tiny.yaml"),
             [f"train.output_dir={tmp_path}", "train.eval_every=0", "train.save_every=0"],
         )
     ).train()
+    history = [r for r in history if "reward_mean" in r]
     first = sum(r["reward_mean"] for r in history[:3]) / 3
     last = sum(r["reward_mean"] for r in history[-5:]) / 5
     assert last - first > 0.004, (first, last)
@@ -279,7 +285,7 @@ def test_cli_sample_loads_a_full_fine_tune_and_refuses_a_lora_of_another_family(
     """A full fine-tune's checkpoint (unet/, no LoRA file) samples with the trained UNet; a LoRA
     trained on an SD3 transformer given to an SD pipeline is an error naming --family, not a
     silent sample from the base model."""
-    Trainer(
+    Run(
         _cfg(tmp_path, "train.num_epochs=1", "model.finetune=full", "train.save_every=1", name="full")
     ).train()
     ckpt = tmp_path / "full" / "checkpoints" / "epoch_000001"
@@ -305,7 +311,7 @@ def test_cli_sample_loads_a_full_fine_tune_and_refuses_a_lora_of_another_family(
             "train.run_name=sd3",
         ],
     )
-    Trainer(cfg, "sd3").train()
+    Run(cfg, "sd3").train()
     sd3_ckpt = tmp_path / "sd3" / "checkpoints" / "epoch_000001"
     capsys.readouterr()
     assert cli_main([*common, "--lora", str(sd3_ckpt), "--out", str(tmp_path / "wrong")]) == 2
@@ -335,15 +341,15 @@ def test_trains_from_a_local_pipeline_folder(tmp_path):
     from flowrl.models.sd import build_tiny_sd_pipeline
 
     build_tiny_sd_pipeline(seed=3).save_pretrained(tmp_path / "sd")
-    history = Trainer(
+    history = Run(
         _cfg(tmp_path, "train.num_epochs=1", "train.eval_every=0", f"model.pretrained={tmp_path / 'sd'}")
     ).train()
-    assert len(history) == 1
+    assert [r["epoch"] for r in history] == [0, 1]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Trainer(_cfg(tmp_path, f"model.pretrained={tmp_path / 'nope'}", name="x"))
+        Run(_cfg(tmp_path, f"model.pretrained={tmp_path / 'nope'}", name="x"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model_index.json"):
-        Trainer(_cfg(tmp_path, f"model.pretrained={tmp_path / 'empty'}", name="y"))
+        Run(_cfg(tmp_path, f"model.pretrained={tmp_path / 'empty'}", name="y"))
 
 
 @pytest.mark.parametrize(
@@ -359,11 +365,11 @@ def test_trains_from_a_local_pipeline_folder(tmp_path):
 def test_bad_input_fails_before_training(tmp_path, override, match):
     extra = ["algorithm.name=grpo", "algorithm.group_size=4"] if "sample_batch_size" in override else []
     with pytest.raises((ConfigError, FileNotFoundError, KeyError), match=match):
-        Trainer(_cfg(tmp_path, override, *extra))
+        Run(_cfg(tmp_path, override, *extra))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_empty_prompt_file(tmp_path):
     (tmp_path / "p.txt").write_text("# only a comment\n\n")
     with pytest.raises(ValueError, match="has no prompts"):
-        Trainer(_cfg(tmp_path, f"train.prompts={tmp_path / 'p.txt'}"))
+        Run(_cfg(tmp_path, f"train.prompts={tmp_path / 'p.txt'}"))

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from flowrl.config import load_config
-from flowrl.trainer import NonFiniteError, Trainer
+from flowrl.errors import NonFiniteError
+from flowrl.run import Run
+from flowrl.train import update
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -15,7 +17,7 @@ SMALL = [
     "sampler.num_steps=4",
     "train.sample_batch_size=4",
     "train.num_batches_per_epoch=2",
-    "train.train_batch_size=4",
+    "train.minibatch_size=4",
     "train.eval_every=0",
     "train.save_every=0",
     "train.num_epochs=1",
@@ -30,18 +32,19 @@ def _trainer(tmp_path, *extra, name="run"):
         str(REPO / "tasks/jpeg_tiny.yaml"),
         SMALL + [f"train.output_dir={tmp_path}", f"train.run_name={name}", *extra],
     )
-    return Trainer(cfg, name)
+    return Run(cfg, name)
 
 
 def _epoch_gradients(trainer):
     """Sample epoch 0 and train on it with the optimizer step replaced by a recorder (so every
     minibatch sees the sampling weights): (chain, (optimizer steps, parameters) gradients, info)."""
-    chain = trainer.sample_epoch(0)
-    chain.advantages, _ = trainer.compute_advantages(chain)
+    chain = trainer.collector.collect(0)[0]
+    chain.advantages, _ = trainer.collector.advantages(chain)
     params = trainer.adapter.trainable_parameters()
     seen = []
     trainer.optimizer.step = lambda *a, **k: seen.append(torch.cat([p.grad.flatten() for p in params]))
-    info = trainer.train_epoch(0, chain)
+    trainer.modules.train()
+    info = update(trainer, chain, 0)
     return chain, torch.stack(seen), info
 
 
@@ -95,8 +98,8 @@ def test_nonfinite_skip_leaves_weights_alone_and_logs_it(tmp_path):
     )
     before = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
     history = trainer.train()
-    assert [r.get("skipped_updates") for r in history] == [1, 1] and trainer.global_step == 0
-    assert "rewards" in history[0]["nonfinite"]
+    assert [r.get("skipped_updates") for r in history] == [None, 1, 1] and trainer.global_step == 0
+    assert "rewards" in history[1]["nonfinite"]
     for a, b in zip(before, trainer.adapter.trainable_parameters()):
         assert torch.equal(a, b)
 
@@ -106,17 +109,17 @@ def test_nonfinite_gradient_is_never_applied(tmp_path, monkeypatch):
     optimizer step: stop raises, skip drops exactly those updates."""
     for mode in ("stop", "skip"):
         trainer = _trainer(tmp_path, f"train.on_nonfinite={mode}", name=mode)
-        chain = trainer.sample_epoch(0)
-        chain.advantages, _ = trainer.compute_advantages(chain)
+        chain = trainer.collector.collect(0)[0]
+        chain.advantages, _ = trainer.collector.advantages(chain)
         chain.advantages[0] = float("nan")  # poisons the first minibatch's loss only
         before = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
         if mode == "stop":
             with pytest.raises(NonFiniteError, match="non-finite loss at epoch 0"):
-                trainer.train_epoch(0, chain)
+                update(trainer, chain, 0)
             for a, b in zip(before, trainer.adapter.trainable_parameters()):
                 assert torch.equal(a, b)
         else:
-            info = trainer.train_epoch(0, chain)
+            info = update(trainer, chain, 0)
             assert info["skipped_updates"] == 1 and trainer.global_step == 1  # the other minibatch
             assert all(torch.isfinite(p).all() for p in trainer.adapter.trainable_parameters())
 
@@ -142,7 +145,7 @@ def test_fp16_gradient_overflow_lowers_the_loss_scale_and_goes_on(tmp_path):
     acc = trainer.accelerator
     start = [p.detach().clone() for p in trainer.adapter.trainable_parameters()]
     history = trainer.train()  # on_nonfinite=stop: an overflow is not an error
-    assert history[0]["fp16_overflow_steps"] == 1 and "fp16_overflow_steps" not in history[1]
+    assert history[1]["fp16_overflow_steps"] == 1 and "fp16_overflow_steps" not in history[2]
     assert trainer.global_step == 3  # 2 epochs x 2 optimizer steps, less the overflow
     assert acc.scaler.get_scale() == pytest.approx(300.0, rel=1e-5)
     params = trainer.adapter.trainable_parameters()

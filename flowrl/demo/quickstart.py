@@ -9,10 +9,10 @@
    "a handwritten digit d" from a fixed seed, scored by the ``digit_alignment`` reward
    p_classifier(d | image); once with deterministic DDIM (eta 0) and once with the stochastic
    sampler the policy is trained with (eta 1). No classifier-free guidance, as in training.
-3. Fine-tune with ``tasks/digits.yaml`` (DDPO) through :class:`flowrl.trainer.Trainer`.
+3. Fine-tune with ``tasks/digits.yaml`` (DDPO) through the run shell, :class:`flowrl.run.Run`.
 4. Measure again with the trained weights (the same noise, so before and after are paired), and
    write a report folder: ``report.md``, ``report.json``, ``before.png`` / ``after.png`` (one row
-   per digit) and ``digits/digit_<d>.png`` (before above after), and the Trainer's run folder
+   per digit) and ``digits/digit_<d>.png`` (before above after), and the training run's folder
    ``finetune/`` with ``metrics.jsonl`` and ``reward_curve.png``.
 
 Shapes: ``N`` = 10 x samples_per_digit images, (N, 1, 8, 8) in [0, 1].
@@ -138,7 +138,7 @@ def run(epochs: int | None = None, out: str | os.PathLike | None = None, seed: i
     from flowrl.config import load_config, tasks_dir
     from flowrl.demo.digits import load_digits_pipeline
     from flowrl.report import save_image_grid
-    from flowrl.trainer import Trainer
+    from flowrl.run import Run
 
     out = Path(out or f"runs/quickstart-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
@@ -146,12 +146,12 @@ def run(epochs: int | None = None, out: str | os.PathLike | None = None, seed: i
             f"quickstart: report folder {out} already exists and is not empty; pass another --out"
         )
     start = time.perf_counter()
-    load_digits_pipeline()  # pre-trains on first use (with a progress bar), so the Trainer only loads
+    load_digits_pipeline()  # pre-trains on first use (with a progress bar), so the run only loads
     overrides = [f"train.output_dir={out}", "train.run_name=finetune", f"train.seed={seed}"]
     if epochs is not None:
         overrides.append(f"train.num_epochs={epochs}")
     cfg = load_config(str(tasks_dir() / "digits.yaml"), overrides)
-    trainer = Trainer(cfg, task_name="digits")
+    trainer = Run(cfg, task_name="digits")
     adapter, s = trainer.adapter, cfg.sampler
     config = trainer.adapter.scheduler_config
 
@@ -164,7 +164,7 @@ def run(epochs: int | None = None, out: str | os.PathLike | None = None, seed: i
     print("measuring alignment before fine-tuning ...")
     before = measure()
     t0 = time.perf_counter()
-    history = trainer.train()
+    history = [r for r in trainer.train() if "reward_mean" in r]  # the training epochs' rows
     train_seconds = time.perf_counter() - t0
     with trainer.ema_weights():
         print("measuring alignment after fine-tuning ...")

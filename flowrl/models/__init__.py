@@ -1,34 +1,75 @@
 """Model adapters: wrap a network so a sampler can ask for its prediction at (x_t, t, c).
 
-Families (``model.family``; ``auto`` reads a pipeline folder's ``model_index.json``):
+Families (``model.family``; ``auto`` reads a pipeline folder's ``model_index.json`` or a policy
+folder's ``policy.json``):
 
-    sd    Stable Diffusion 1.x/2.x   UNet, DDIM(eta) chain          StableDiffusionAdapter
-    sdxl  SDXL                       UNet + micro-conditioning      SDXLAdapter
-    sd3   SD3-style flow transformer velocity, flow SDE/CPS chain   SD3Adapter
-    lcm   latent consistency model   UNet + w-conditioning, LCM     LCMAdapter
-    flux  Flux (dev / schnell)       packed-latent velocity, flow   FluxAdapter
+    sd                Stable Diffusion 1.x/2.x   UNet, DDIM(eta) chain            StableDiffusionAdapter
+    sdxl              SDXL                       UNet + micro-conditioning        SDXLAdapter
+    sd3               SD3-style flow transformer velocity, flow SDE/CPS chain     SD3Adapter
+    lcm               latent consistency model   UNet + w-conditioning, LCM       LCMAdapter
+    flux              Flux (dev / schnell)       packed-latent velocity, flow     FluxAdapter
+    diffusion_policy  DDPM policy, action chunks eps, DPPO's DDPM chain         DiffusionPolicy
+    flow_policy       flow policy, action chunks velocity, ReinFlow / Euler     FlowPolicy
+
+Every adapter answers the same protocol (:mod:`flowrl.models.base`): ``condition(inputs)``,
+``forward(x, t, cond)``, ``reference_forward``, ``trainable_parameters()`` and their state,
+``decode``, ``save_pretrained_weights``. A family is one module plus an entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flowrl.models.base import DenoiserAdapter
-from flowrl.models.sd import StableDiffusionAdapter, build_tiny_sd_pipeline, load_sd_pipeline
+from flowrl.errors import ConfigError
+from flowrl.models.sd import StableDiffusionAdapter, build_tiny_sd_pipeline
 
-# family -> (diffusers pipeline class name, samplers that fit its prediction)
-FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "sd": ("StableDiffusionPipeline", ("ddim",)),
-    "sdxl": ("StableDiffusionXLPipeline", ("ddim",)),
-    "sd3": ("StableDiffusion3Pipeline", ("flow_sde", "flow_cps")),
-    "lcm": ("LatentConsistencyModelPipeline", ("lcm",)),
-    "flux": ("FluxPipeline", ("flow_sde", "flow_cps")),
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its adapter, the samplers that fit its prediction, how to recognize it."""
+
+    # the collector (task kind) its models serve
+    kind: str
+    # "module:Class" of its adapter, imported on demand
+    adapter: str
+    # the samplers that fit its prediction; the first is the default
+    samplers: tuple[str, ...]
+    # text_to_image: the diffusers pipeline class; env: the policy.json kind
+    pipeline: str
+
+
+FAMILIES: dict[str, Family] = {
+    "sd": Family(
+        "text_to_image", "flowrl.models.sd:StableDiffusionAdapter", ("ddim",), "StableDiffusionPipeline"
+    ),
+    "sdxl": Family("text_to_image", "flowrl.models.sdxl:SDXLAdapter", ("ddim",), "StableDiffusionXLPipeline"),
+    "sd3": Family(
+        "text_to_image", "flowrl.models.sd3:SD3Adapter", ("flow_sde", "flow_cps"), "StableDiffusion3Pipeline"
+    ),
+    "lcm": Family(
+        "text_to_image", "flowrl.models.lcm:LCMAdapter", ("lcm",), "LatentConsistencyModelPipeline"
+    ),
+    "flux": Family(
+        "text_to_image", "flowrl.models.flux:FluxAdapter", ("flow_sde", "flow_cps"), "FluxPipeline"
+    ),
+    "diffusion_policy": Family("env", "flowrl.models.policy:DiffusionPolicy", ("ddpm",), "diffusion"),
+    "flow_policy": Family("env", "flowrl.models.policy:FlowPolicy", ("reinflow", "euler"), "flow"),
 }
 BUILTIN_MODELS = ("tiny", "digits")
+
+
+def adapter_class(family: str):
+    """The adapter class of a model family (its module imported on demand)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
+    module, _, cls = FAMILIES[family].adapter.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def _check_local(pretrained: str) -> Path | None:
@@ -50,15 +91,23 @@ def _check_local(pretrained: str) -> Path | None:
     return None
 
 
-def detect_family(pretrained: str, family: str = "auto") -> str:
+def detect_family(pretrained: str | None, family: str = "auto") -> str:
     """The model family, without loading weights (reads model_index.json for local folders and
-    hub ids)."""
+    hub ids, policy.json for policy folders)."""
     if family != "auto":
         if family not in FAMILIES:
             raise ValueError(f"model.family must be 'auto' or one of {sorted(FAMILIES)}, got {family!r}")
         return family
     if pretrained in BUILTIN_MODELS:
         return "sd"
+    if pretrained is not None and (Path(pretrained).expanduser() / "policy.json").is_file():
+        kind = json.loads((Path(pretrained).expanduser() / "policy.json").read_text()).get("kind")
+        for name, f in FAMILIES.items():
+            if f.kind == "env" and f.pipeline == kind:
+                return name
+        raise ValueError(f"model.pretrained: {pretrained}/policy.json names an unknown policy kind {kind!r}")
+    if pretrained is None:
+        raise ValueError("model.family=auto needs model.pretrained: set model.family (e.g. flow_policy)")
     path = _check_local(pretrained)
     if path is not None:
         class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
@@ -73,12 +122,13 @@ def detect_family(pretrained: str, family: str = "auto") -> str:
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give a local diffusers "
                 "pipeline folder (one with model_index.json), check the hub id, or 'tiny'"
             ) from e
-    for name, (cls, _) in FAMILIES.items():
-        if class_name == cls:
+    for name, f in FAMILIES.items():
+        if f.kind == "text_to_image" and class_name == f.pipeline:
             return name
+    supported = ", ".join(f.pipeline for f in FAMILIES.values() if f.kind == "text_to_image")
     raise ValueError(
         f"model.pretrained: {pretrained!r} is a {class_name or 'unknown'} pipeline; flowrl supports "
-        f"{', '.join(c for c, _ in FAMILIES.values())}. Set model.family if the folder is one of those under another name."
+        f"{supported}. Set model.family if the folder is one of those under another name."
     )
 
 
@@ -91,64 +141,21 @@ def load_pipeline(
     image_size: int = 32,
     seed: int = 0,
 ):
-    """A diffusers pipeline of the family, with the scheduler its sampler needs."""
-    if family == "sd":
-        tiny = {"image_size": image_size, "seed": seed} if pretrained == "tiny" else {}
-        return load_sd_pipeline(pretrained, revision=revision, prediction_type=prediction_type, **tiny)
+    """A diffusers pipeline of the family (``tiny``: random weights from config), with the
+    scheduler its sampler needs."""
+    cls = adapter_class(family)
     if pretrained == "tiny":
-        if family == "sdxl":
-            from flowrl.models.sdxl import build_tiny_sdxl_pipeline
+        return cls.tiny_pipeline(image_size, seed, prediction_type)
+    if pretrained == "digits":
+        if family != "sd":
+            raise ConfigError(
+                f"model.pretrained=digits is a Stable Diffusion-style model; set model.family=sd, not {family}"
+            )
+        from flowrl.demo.digits import load_digits_pipeline
 
-            return build_tiny_sdxl_pipeline(image_size, seed, prediction_type or "epsilon")
-        if family == "sd3":
-            from flowrl.models.sd3 import build_tiny_sd3_pipeline
-
-            return build_tiny_sd3_pipeline(image_size, seed)
-        if family == "flux":
-            from flowrl.models.flux import build_tiny_flux_pipeline
-
-            return build_tiny_flux_pipeline(image_size, seed)
-        from flowrl.models.lcm import build_tiny_lcm_pipeline
-
-        return build_tiny_lcm_pipeline(image_size, seed)
-    import diffusers
-
+        return load_digits_pipeline()
     path = _check_local(pretrained)
-    source = str(path) if path is not None else pretrained
-    cls = getattr(diffusers, FAMILIES[family][0])
-    kwargs: dict = {"revision": revision}
-    if family == "lcm":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = cls.from_pretrained(source, **kwargs)
-    if family == "sdxl":
-        config = dict(pipe.scheduler.config)
-        if prediction_type is not None:
-            config["prediction_type"] = prediction_type
-        pipe.scheduler = diffusers.DDIMScheduler.from_config(config)
-    return pipe
-
-
-def adapter_class(family: str) -> type[DenoiserAdapter]:
-    """The adapter class of a model family (its module imported on demand)."""
-    if family == "sd":
-        return StableDiffusionAdapter
-    if family == "sdxl":
-        from flowrl.models.sdxl import SDXLAdapter
-
-        return SDXLAdapter
-    if family == "sd3":
-        from flowrl.models.sd3 import SD3Adapter
-
-        return SD3Adapter
-    if family == "lcm":
-        from flowrl.models.lcm import LCMAdapter
-
-        return LCMAdapter
-    if family == "flux":
-        from flowrl.models.flux import FluxAdapter
-
-        return FluxAdapter
-    raise ValueError(f"unknown model family {family!r}")
+    return cls.load_pipeline(str(path) if path is not None else pretrained, revision, prediction_type)
 
 
 def build_adapter(
@@ -160,20 +167,42 @@ def build_adapter(
     weight_dtype: torch.dtype = torch.float32,
     keep_reference: bool = False,
     **family_kwargs,
-) -> DenoiserAdapter:
+):
     """The family's adapter around a loaded pipeline; ``family_kwargs`` go to its constructor
     (e.g. Flux's ``image_size``, ``max_sequence_length``)."""
     cls = adapter_class(family)
     return cls(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference, **family_kwargs)
 
 
+def build_model(cfg, task_name: str, device: torch.device, weight_dtype: torch.dtype, keep_reference: bool):
+    """The adapter a task trains: a text-to-image pipeline's (loaded, wrapped, on ``device``) or a
+    pre-trained policy prepared for its sampler."""
+    m = cfg.model
+    family = detect_family(m.pretrained, m.family)
+    cls = adapter_class(family)
+    if FAMILIES[family].kind == "env":
+        return cls.for_finetuning(cfg, task_name, device)
+    pipe = load_pipeline(
+        m.pretrained,
+        family,
+        revision=m.revision,
+        prediction_type=m.prediction_type,
+        image_size=m.tiny_image_size,
+        seed=m.tiny_seed,
+    )
+    return build_adapter(
+        pipe, family, m.finetune, m.lora_rank, m.lora_alpha, weight_dtype, keep_reference
+    ).to(device)
+
+
 __all__ = [
     "FAMILIES",
-    "DenoiserAdapter",
-    "adapter_class",
     "StableDiffusionAdapter",
-    "build_adapter",
     "build_tiny_sd_pipeline",
+    "Family",
+    "adapter_class",
+    "build_adapter",
+    "build_model",
     "detect_family",
     "load_pipeline",
 ]

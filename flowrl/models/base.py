@@ -116,6 +116,21 @@ class DenoiserAdapter(nn.Module):
                 if weight_dtype != torch.float32:
                     self._reference.to(weight_dtype)
 
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def tiny_pipeline(image_size: int, seed: int, prediction_type: str | None):
+        """A pipeline of the family with tiny random weights, built from config (tests, demos)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_pipeline(cls, source: str, revision: str | None, prediction_type: str | None):
+        """The family's diffusers pipeline from a local folder or hub id."""
+        import diffusers
+
+        from flowrl.models import FAMILIES
+
+        return getattr(diffusers, FAMILIES[cls.family].pipeline).from_pretrained(source, revision=revision)
+
     @classmethod
     def frozen_networks(cls, pipeline) -> dict[str, nn.Module | None]:
         """The pipeline's VAE and the text encoders ``text_encoders`` names, by attribute name."""
@@ -145,6 +160,27 @@ class DenoiserAdapter(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
+
+    @property
+    def trainable_module(self) -> nn.Module:
+        """The module that holds every trained parameter (what accelerate prepares)."""
+        return self.denoiser
+
+    def enable_gradient_checkpointing(self) -> None:
+        if not hasattr(self.denoiser, "enable_gradient_checkpointing"):
+            from flowrl.errors import ConfigError
+
+            raise ConfigError(
+                f"train.gradient_checkpointing: {type(self.denoiser).__name__} does not support it; "
+                "set train.gradient_checkpointing=false"
+            )
+        self.denoiser.enable_gradient_checkpointing()
+
+    def compile_network(self) -> None:
+        """torch.compile the denoiser in place (nn.Module.compile): parameter names, state dicts,
+        LoRA adapter switching and the DDP wrapper all see the same module; only its forward is
+        compiled, static shapes (one graph per batch shape)."""
+        self.denoiser.compile(dynamic=False)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -180,14 +216,11 @@ class DenoiserAdapter(nn.Module):
         timesteps: Tensor,
         cond: dict[str, Tensor],
         guidance_scale: float = 1.0,
-        net: nn.Module | None = None,
     ) -> Tensor:
         """Raw network output (B, C, H, W) in float32, with classifier-free guidance when scale > 1:
 
-            out = out_uncond + w * (out_cond - out_uncond)   (one batched forward of 2B)
-
-        ``net`` is the module to call: the denoiser by default, or its DDP wrapper in training."""
-        return self._predict(self.denoiser if net is None else net, latents, timesteps, cond, guidance_scale)
+        out = out_uncond + w * (out_cond - out_uncond)   (one batched forward of 2B)"""
+        return self._predict(self.denoiser, latents, timesteps, cond, guidance_scale)
 
     @torch.no_grad()
     def reference_forward(
@@ -263,7 +296,6 @@ class FlowTransformerAdapter(DenoiserAdapter):
     diffusers pipeline class whose ``save_lora_weights`` writes their LoRA files."""
 
     denoiser_subfolder = "transformer"
-    compatible_samplers = ("flow_sde", "flow_cps")
     lora_pipeline = ""  # e.g. "StableDiffusion3Pipeline"
 
     def __init__(

@@ -118,6 +118,10 @@ class FluxAdapter(FlowTransformerAdapter):
         "to_add_out",
     ]
 
+    @staticmethod
+    def tiny_pipeline(image_size: int, seed: int, prediction_type: str | None):
+        return build_tiny_flux_pipeline(image_size, seed)
+
     def __init__(
         self,
         pipeline,

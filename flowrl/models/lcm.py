@@ -49,6 +49,18 @@ class LCMAdapter(StableDiffusionAdapter):
     family = "lcm"
     uses_cfg = False
 
+    @staticmethod
+    def tiny_pipeline(image_size: int, seed: int, prediction_type: str | None):
+        return build_tiny_lcm_pipeline(image_size, seed)
+
+    @classmethod
+    def load_pipeline(cls, source: str, revision: str | None, prediction_type: str | None):
+        from diffusers import LatentConsistencyModelPipeline
+
+        return LatentConsistencyModelPipeline.from_pretrained(
+            source, revision=revision, safety_checker=None, requires_safety_checker=False
+        )
+
     def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:
         embeds = self.encode_prompts(prompts)
         dim = self.unet.config.time_cond_proj_dim

@@ -157,12 +157,11 @@ class ChunkPolicy(nn.Module):
     """What both policy families share: the adapter protocol, shapes, the normalizer, saving and
     loading.
 
-    Subclasses set ``kind`` (their name in policy.json), ``family`` and ``compatible_samplers``,
-    and implement ``forward(x, t, cond)`` and ``bc_loss(obs, actions)``."""
+    Subclasses set ``kind`` (their name in policy.json) and ``family`` (their registry name), and
+    implement ``bc_loss(obs, actions)``."""
 
     kind: str = ""
     family: str = ""
-    compatible_samplers: tuple[str, ...] = ()
     uses_cfg = False  # no classifier-free guidance: a guidance scale is ignored
 
     def __init__(self, **arch):
@@ -188,6 +187,21 @@ class ChunkPolicy(nn.Module):
     @property
     def latent_shape(self) -> tuple[int, int]:
         return tuple(self.action_shape)
+
+    @property
+    def trainable_module(self) -> nn.Module:
+        """The module that holds every trained parameter (what accelerate prepares): the policy."""
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        from flowrl.errors import ConfigError
+
+        raise ConfigError(
+            "train.gradient_checkpointing: policy MLPs are small; set train.gradient_checkpointing=false"
+        )
+
+    def compile_network(self) -> None:
+        self.net.compile(dynamic=False)
 
     def condition(self, obs, guidance_scale: float = 1.0) -> dict[str, Tensor]:
         """``{"obs": (B, To, Do)}`` normalized, from observation histories in the env's units (a
@@ -237,6 +251,25 @@ class ChunkPolicy(nn.Module):
         """A checkpoint's policy files: ``policy.safetensors`` + ``policy.json``, loadable by :func:`load_policy`."""
         self.save(folder)
 
+    @classmethod
+    def for_finetuning(cls, cfg, task_name: str, device: torch.device) -> ChunkPolicy:
+        """The pre-trained policy a task fine-tunes (``model.pretrained``, else the folder
+        ``flowrl pretrain`` writes), prepared for the task's sampler by :meth:`prepare`."""
+        folder = Path(cfg.model.pretrained) if cfg.model.pretrained else cfg.bc_dir(task_name)
+        policy = load_policy(folder, device)
+        if not isinstance(policy, cls):
+            from flowrl.errors import ConfigError
+
+            raise ConfigError(
+                f"model.pretrained: {folder} holds a {policy.family} policy but model.family={cls.family}; "
+                f"set model.family={policy.family} (or auto)"
+            )
+        policy.prepare(cfg)
+        return policy
+
+    def prepare(self, cfg) -> None:
+        """Whatever fine-tuning with the task's sampler needs beyond the pre-trained weights."""
+
     # ------------------------------------------------------------------ saving
     def save(self, folder: str | os.PathLike) -> None:
         """``policy.safetensors`` (all weights and normalizer) and ``policy.json`` (kind and shapes)."""
@@ -280,7 +313,6 @@ class DiffusionPolicy(ChunkPolicy):
 
     kind = "diffusion"
     family = "diffusion_policy"
-    compatible_samplers = ("ddpm",)
 
     def __init__(
         self,
@@ -310,6 +342,10 @@ class DiffusionPolicy(ChunkPolicy):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.net.parameters())
 
+    def prepare(self, cfg) -> None:
+        """DPPO runs the first T - K steps on the frozen pre-trained network: keep a copy of it."""
+        self.freeze_reference()
+
     def bc_loss(self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The DDPM loss on normalized (B, To, Do) observations and (B, Ta, Da) actions."""
         B = actions.shape[0]
@@ -327,7 +363,6 @@ class FlowPolicy(ChunkPolicy):
 
     kind = "flow"
     family = "flow_policy"
-    compatible_samplers = ("reinflow",)
 
     def __init__(
         self,
@@ -363,6 +398,13 @@ class FlowPolicy(ChunkPolicy):
             hidden_dims,
         ).to(self.normalizer.obs_mean.device)
         self.arch["noise_net"] = {"min_std": min_std, "max_std": max_std, "hidden_dims": list(hidden_dims)}
+
+    def prepare(self, cfg) -> None:
+        """ReinFlow learns the std of every step: a noise network, its weights seeded by train.seed."""
+        s = cfg.sampler
+        if s.name == "reinflow" and self.noise_net is None:
+            torch.manual_seed(cfg.train.seed)
+            self.add_noise_net(s.noise_min_std, s.noise_max_std, s.noise_hidden_dims)
 
     def noise_std(self, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """sigma_theta'(t, s), (B, Ta, Da), from the noise network."""

@@ -14,7 +14,6 @@ full fine-tuning).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -64,45 +63,14 @@ def build_tiny_sd_pipeline(
     )
 
 
-def load_sd_pipeline(
-    pretrained: str, *, revision: str | None = None, prediction_type: str | None = None, **tiny_kwargs
-):
-    """Load a Stable Diffusion pipeline from a hub id, a local folder, or ``"tiny"``.
+def ddim_scheduler_of(pipe, prediction_type: str | None):
+    """DDIM with the pipeline's own scheduler settings (DDPO's chain), optionally another prediction type."""
+    from diffusers import DDIMScheduler
 
-    Raises a ``FileNotFoundError`` that names the path when a local-looking path is missing, rather
-    than letting the hub client try to resolve it as a repository id.
-    """
-    if pretrained == "tiny":
-        return build_tiny_sd_pipeline(prediction_type=prediction_type or "epsilon", **tiny_kwargs)
-    if pretrained == "digits":
-        from flowrl.demo.digits import load_digits_pipeline
-
-        return load_digits_pipeline()
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    looks_local = pretrained.startswith((".", "/", "~")) or os.sep in pretrained.strip("/").split("/", 1)[-1]
-    path = Path(pretrained).expanduser()
-    if looks_local and not path.exists():
-        raise FileNotFoundError(
-            f"model.pretrained: folder {pretrained!r} does not exist. Give a local diffusers pipeline "
-            "folder (one with model_index.json), a hub id such as 'runwayml/stable-diffusion-v1-5', or 'tiny'."
-        )
-    if path.exists() and not (path / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"model.pretrained: {pretrained!r} has no model_index.json, so it is not a diffusers pipeline "
-            "folder. Save one with `pipeline.save_pretrained(folder)` or give a hub id."
-        )
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path) if path.exists() else pretrained,
-        revision=revision,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
     config = dict(pipe.scheduler.config)
     if prediction_type is not None:
         config["prediction_type"] = prediction_type
-    pipe.scheduler = DDIMScheduler.from_config(config)
-    return pipe
+    return DDIMScheduler.from_config(config)
 
 
 class StableDiffusionAdapter(DenoiserAdapter):
@@ -116,7 +84,7 @@ class StableDiffusionAdapter(DenoiserAdapter):
             :class:`~flowrl.models.base.DenoiserAdapter`.
     """
 
-    family = "stable-diffusion"
+    family = "sd"
     text_encoders = ("text_encoder",)
 
     def __init__(
@@ -142,6 +110,20 @@ class StableDiffusionAdapter(DenoiserAdapter):
         self.unet = pipeline.unet
         self.tokenizer = pipeline.tokenizer
         self._negative_embeds: Tensor | None = None
+
+    @staticmethod
+    def tiny_pipeline(image_size: int, seed: int, prediction_type: str | None):
+        return build_tiny_sd_pipeline(image_size, prediction_type or "epsilon", seed)
+
+    @classmethod
+    def load_pipeline(cls, source: str, revision: str | None, prediction_type: str | None):
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, revision=revision, safety_checker=None, requires_safety_checker=False
+        )
+        pipe.scheduler = ddim_scheduler_of(pipe, prediction_type)
+        return pipe
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

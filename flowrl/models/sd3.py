@@ -55,6 +55,10 @@ class SD3Adapter(FlowTransformerAdapter):
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     lora_pipeline = "StableDiffusion3Pipeline"
 
+    @staticmethod
+    def tiny_pipeline(image_size: int, seed: int, prediction_type: str | None):
+        return build_tiny_sd3_pipeline(image_size, seed)
+
     def __init__(
         self,
         pipeline,

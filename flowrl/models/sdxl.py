@@ -62,6 +62,20 @@ class SDXLAdapter(StableDiffusionAdapter):
     family = "sdxl"
     text_encoders = ("text_encoder", "text_encoder_2")
 
+    @staticmethod
+    def tiny_pipeline(image_size: int, seed: int, prediction_type: str | None):
+        return build_tiny_sdxl_pipeline(image_size, seed, prediction_type or "epsilon")
+
+    @classmethod
+    def load_pipeline(cls, source: str, revision: str | None, prediction_type: str | None):
+        from diffusers import StableDiffusionXLPipeline
+
+        from flowrl.models.sd import ddim_scheduler_of
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(source, revision=revision)
+        pipe.scheduler = ddim_scheduler_of(pipe, prediction_type)
+        return pipe
+
     @property
     def image_size(self) -> int:
         return self.unet.config.sample_size * self.pipeline.vae_scale_factor

@@ -6,18 +6,39 @@ flow_cps  coefficient-preserving flow sampling (SD3, Flux)
 lcm       multistep consistency sampling with re-noising (LCM; RLCM)
 ddpm      DDPM with a std floor, the last K steps an MDP (diffusion policies; DPPO)
 reinflow  Euler steps of a flow policy with a learned noise std (flow policies; ReinFlow)
+euler     the flow policy's plain Euler ODE, exploration from x_0 alone (likelihood-free objectives: FPO)
 
-Every one subclasses :class:`~flowrl.samplers.base.ChainSampler`.
+Every one subclasses :class:`~flowrl.samplers.base.ChainSampler`; :data:`SAMPLERS` maps a name to
+the function that builds it from a task's ``sampler`` section.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from flowrl.core.gaussian import gaussian_log_prob, reduce_event
+from flowrl.errors import ConfigError
 from flowrl.samplers.base import ChainSampler, StepOutput
 from flowrl.samplers.ddim import DDIMSampler
 
-SAMPLERS = ("ddim", "flow_sde", "flow_cps", "lcm")
+# name -> "module:function" building it from (sampler config, adapter, evaluation)
+SAMPLERS = {
+    "ddim": "flowrl.samplers.ddim:from_config",
+    "flow_sde": "flowrl.samplers.flow:from_config",
+    "flow_cps": "flowrl.samplers.flow:from_config",
+    "lcm": "flowrl.samplers.lcm:from_config",
+    "ddpm": "flowrl.samplers.ddpm_policy:from_config",
+    "reinflow": "flowrl.samplers.reinflow:from_config",
+    "euler": "flowrl.samplers.reinflow:from_config",
+}
 DEFAULT_NOISE_LEVEL = {"flow_sde": 0.7, "flow_cps": 0.8}  # Flow-GRPO's defaults
+
+
+def sampler_for(cfg, adapter, evaluation: bool = False) -> ChainSampler:
+    """The sampler a task's ``sampler`` section names, for ``adapter``. ``evaluation=True`` gives
+    the evaluation sampler of a text-to-image task (DDIM eta 0 / the flow ODE, eval_num_steps)."""
+    module, _, fn = SAMPLERS[cfg.sampler.name].partition(":")
+    return getattr(importlib.import_module(module), fn)(cfg.sampler, adapter, evaluation)
 
 
 def build_sampler(
@@ -32,7 +53,8 @@ def build_sampler(
     logprob_reduction: str = "mean",
     deterministic: bool = False,
 ):
-    """A sampler by name; ``deterministic=True`` gives its evaluation version (eta 0 / noise 0)."""
+    """A text-to-image sampler by name and scheduler config; ``deterministic=True`` gives its
+    evaluation version (eta 0 / noise 0)."""
     if name == "ddim":
         return DDIMSampler(scheduler_config, num_steps, 0.0 if deterministic else eta, logprob_reduction)
     if name in ("flow_sde", "flow_cps"):
@@ -52,7 +74,135 @@ def build_sampler(
         from flowrl.samplers.lcm import LCMSampler
 
         return LCMSampler(scheduler_config, num_steps, logprob_reduction)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    raise ValueError(f"unknown sampler {name!r}; choose one of {tuple(SAMPLERS)}")
+
+
+def known_family(cfg) -> str | None:
+    """The model family when it is known without loading anything (set, built in, or a local
+    folder's model_index.json / policy.json); None when it takes the hub."""
+    from flowrl.models import BUILTIN_MODELS, detect_family
+
+    m = cfg.model
+    if m.family != "auto":
+        return m.family
+    if m.pretrained in BUILTIN_MODELS:
+        return "sd"
+    if m.pretrained is not None:
+        from pathlib import Path
+
+        folder = Path(m.pretrained).expanduser()
+        if (folder / "model_index.json").is_file() or (folder / "policy.json").is_file():
+            try:
+                return detect_family(m.pretrained)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(str(e)) from e
+    return None
+
+
+def check_fits(cfg, family: str) -> None:
+    """The sampler fits the family (and the family the task's kind); fills a null sampler.name."""
+    from flowrl.models import FAMILIES
+
+    f = FAMILIES[family]
+    if f.kind != cfg.kind:
+        raise ConfigError(
+            f"model.family={family!r} is a {f.kind} model and this task is kind: {cfg.kind}; use one of "
+            f"{[n for n, ff in FAMILIES.items() if ff.kind == cfg.kind]}"
+        )
+    s = cfg.sampler
+    if s.name is None:
+        s.name = f.samplers[0]
+    if s.name not in f.samplers:
+        raise ConfigError(
+            f"sampler.name {s.name!r} does not fit model family {family!r}; use sampler.name={f.samplers[0]}"
+            + (f" (or one of {list(f.samplers)})" if len(f.samplers) > 1 else "")
+        )
+
+
+def validate_sampler(cfg) -> None:
+    """The ``sampler`` section's checks (names the field and the fix), as far as the task is known
+    before any weights load."""
+    from flowrl.models import FAMILIES
+
+    s, m = cfg.sampler, cfg.model
+    if m.family != "auto" and m.family not in FAMILIES:
+        raise ConfigError(
+            f"model.family: unknown family {m.family!r}{_suggest(m.family, [*FAMILIES, 'auto'])}; "
+            f"choose one of {['auto', *FAMILIES]}"
+        )
+    if s.name is not None and s.name not in SAMPLERS:
+        raise ConfigError(
+            f"sampler.name: unknown sampler {s.name!r}{_suggest(s.name, SAMPLERS)}; choose one of {list(SAMPLERS)}"
+        )
+    family = known_family(cfg)
+    if family is not None:
+        check_fits(cfg, family)
+    needs_log_probs = cfg.method.objective_class().needs_log_probs
+    if s.num_steps < 1:
+        raise ConfigError(
+            f"sampler.num_steps must be >= 1, got {s.num_steps}: a chain needs at least one denoising step; "
+            f"set e.g. sampler.num_steps={4 if cfg.kind == 'env' else 20}"
+        )
+    if s.eval_num_steps is not None and s.eval_num_steps < 1:
+        raise ConfigError(
+            f"sampler.eval_num_steps must be >= 1 or null, got {s.eval_num_steps}; "
+            "set sampler.eval_num_steps=null to evaluate with sampler.num_steps"
+        )
+    if s.noise_level is not None and (s.noise_level < 0 or (needs_log_probs and s.noise_level == 0)):
+        raise ConfigError(
+            f"sampler.noise_level must be > 0 or null, got {s.noise_level}: noise level 0 is the ODE and has no "
+            "log-prob; set sampler.noise_level=null for Flow-GRPO's default"
+        )
+    if not 0 <= s.sde_window <= s.num_steps:
+        raise ConfigError(
+            f"sampler.sde_window must be in [0, sampler.num_steps={s.num_steps}], got {s.sde_window}; "
+            "set 0 for every step stochastic, or a window of a few steps"
+        )
+    if (
+        s.name in (None, "ddim")
+        and cfg.kind == "text_to_image"
+        and (s.eta < 0 or (needs_log_probs and s.eta == 0))
+    ):
+        raise ConfigError(
+            f"sampler.eta must be > 0 for training, got {s.eta}: eta=0 is deterministic DDIM and has no "
+            "log-prob; set sampler.eta=1.0 (DDPO)"
+        )
+    if s.guidance_scale < 1.0:
+        raise ConfigError(
+            f"sampler.guidance_scale must be >= 1, got {s.guidance_scale}; set sampler.guidance_scale=1 "
+            "for no classifier-free guidance"
+        )
+    if s.logprob_reduction not in ("mean", "sum"):
+        raise ConfigError(
+            f"sampler.logprob_reduction: unknown reduction {s.logprob_reduction!r}; "
+            "set sampler.logprob_reduction=mean (DDPO, Flow-GRPO) or sum"
+        )
+    if s.name == "ddpm":
+        if not 1 <= s.ft_steps <= m.num_train_steps:
+            raise ConfigError(
+                f"sampler.ft_steps must be in [1, model.num_train_steps={m.num_train_steps}], got {s.ft_steps}"
+            )
+        if s.min_std <= 0:
+            raise ConfigError(
+                f"sampler.min_std must be > 0 (the last DDPM step has no other noise), got {s.min_std}"
+            )
+    if not 0 < s.noise_min_std <= s.noise_max_std:
+        raise ConfigError(
+            "sampler.noise_min_std and noise_max_std must satisfy 0 < min <= max, got "
+            f"{s.noise_min_std}, {s.noise_max_std}"
+        )
+    if needs_log_probs and s.name == "euler":
+        raise ConfigError(
+            f"sampler.name=euler is the deterministic ODE, with no per-step log-prob for {cfg.algorithm.name}; "
+            "use sampler.name=reinflow, or a likelihood-free method such as algorithm.name=fpo"
+        )
+
+
+def _suggest(key, options) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(key), list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 __all__ = [
@@ -63,4 +213,6 @@ __all__ = [
     "build_sampler",
     "gaussian_log_prob",
     "reduce_event",
+    "sampler_for",
+    "validate_sampler",
 ]

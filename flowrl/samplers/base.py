@@ -101,16 +101,12 @@ class ChainSampler:
         guidance_scale: float = 1.0,
         reference: bool = False,
         stochastic: bool = True,
-        net=None,
     ):
         """What step k (B,) needs from the model at x_k: by default the network's raw output
-        (with classifier-free guidance), or the reference policy's with ``reference=True``.
-        ``net`` routes the forward through another module (a DDP wrapper)."""
+        (with classifier-free guidance), or the reference policy's with ``reference=True``."""
         t = self.model_timesteps[k.cpu()].to(x.device, non_blocking=True)
         if reference:
             return adapter.reference_forward(x, t, cond, guidance_scale)
-        if net is not None:
-            return adapter(x, t, cond, guidance_scale, net=net)
         return adapter(x, t, cond, guidance_scale)
 
     def stochastic_steps(self, generator: torch.Generator | None = None) -> set[int]:
@@ -204,7 +200,6 @@ class ChainSampler:
         step_index: Tensor,
         traj_index: Tensor | None = None,
         reference: bool = False,
-        net=None,
     ) -> StepOutput:
         """Re-evaluate recorded transitions of a chain under the adapter's current parameters
         (differentiably), or the reference policy's with ``reference=True``.
@@ -222,5 +217,5 @@ class ChainSampler:
         x, x_next = chain.latents[b_dev, k_dev], chain.latents[b_dev, k_dev + 1]  # (P, *event) each
         cond = chain.cond if traj_index is None else {n: v[b_dev] for n, v in chain.cond.items()}
         k = k + self.recorded_from  # the sampler's own step index
-        out = self.predict(adapter, x, k, cond, chain.guidance_scale, reference=reference, net=net)
+        out = self.predict(adapter, x, k, cond, chain.guidance_scale, reference=reference)
         return self.transition(k, out, x, cond, prev_sample=x_next)

@@ -172,3 +172,9 @@ class DDIMSampler(ChainSampler):
         return self.step(
             model_output, t, prev_t, sample, prev_sample=prev_sample, generator=generator, noise=noise
         )
+
+
+def from_config(sc, adapter, evaluation: bool = False) -> DDIMSampler:
+    """A task's DDIM chain (``evaluation``: eta 0 over ``eval_num_steps``, deterministic)."""
+    steps = (sc.eval_num_steps or sc.num_steps) if evaluation else sc.num_steps
+    return DDIMSampler(adapter.scheduler_config, steps, 0.0 if evaluation else sc.eta, sc.logprob_reduction)

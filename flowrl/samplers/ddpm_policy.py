@@ -157,7 +157,7 @@ class DDPMPolicySampler(ChainSampler):
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
     # ------------------------------------------------------------------ the chain
-    def predict(self, adapter, x, k, cond, guidance_scale=1.0, reference=False, stochastic=True, net=None):
+    def predict(self, adapter, x, k, cond, guidance_scale=1.0, reference=False, stochastic=True):
         """eps at step k: the fine-tuned network on the last K steps; on the first T - K the frozen
         pre-trained one (when the policy keeps a frozen copy; else its own network, so a reward's
         gradient flows through every step of a BC policy)."""
@@ -185,3 +185,9 @@ class DDPMPolicySampler(ChainSampler):
         """Step k (B,): the DDPM step at t = T - 1 - k; with ``stochastic=False`` its mean."""
         t = self.timesteps[k.cpu()]
         return self.step(model_output, t, sample, prev_sample, generator, noise, deterministic=not stochastic)
+
+
+def from_config(sc, adapter, evaluation: bool = False) -> DDPMPolicySampler:
+    """A task's DPPO chain over the policy's T pre-training steps (evaluation: the same chain,
+    sampled along its mean path)."""
+    return DDPMPolicySampler(adapter.num_train_steps, sc.ft_steps, sc.min_std, 1.0, sc.logprob_reduction)

@@ -206,3 +206,20 @@ class FlowSampler(ChainSampler):
             noise,
             noise_level=None if stochastic else 0.0,
         )
+
+
+def from_config(sc, adapter, evaluation: bool = False) -> FlowSampler:
+    """A task's flow SDE / CPS chain (``evaluation``: the ODE over ``eval_num_steps``)."""
+    from flowrl.samplers import DEFAULT_NOISE_LEVEL
+
+    steps = (sc.eval_num_steps or sc.num_steps) if evaluation else sc.num_steps
+    level = DEFAULT_NOISE_LEVEL[sc.name] if sc.noise_level is None else sc.noise_level
+    return FlowSampler(
+        adapter.scheduler_config,
+        steps,
+        0.0 if evaluation else level,
+        kind=sc.name.removeprefix("flow_"),
+        sde_window=0 if evaluation else sc.sde_window,
+        window_max_start=sc.window_max_start,
+        logprob_reduction=sc.logprob_reduction,
+    )

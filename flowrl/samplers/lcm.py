@@ -123,3 +123,9 @@ class LCMSampler(ChainSampler):
         return self.step(
             model_output, self.timesteps[k], self.next_timesteps[k], sample, prev_sample, generator, noise
         )
+
+
+def from_config(sc, adapter, evaluation: bool = False) -> LCMSampler:
+    """A task's LCM chain (its evaluation stays seeded-stochastic, over ``eval_num_steps``)."""
+    steps = (sc.eval_num_steps or sc.num_steps) if evaluation else sc.num_steps
+    return LCMSampler(adapter.scheduler_config, steps, sc.logprob_reduction)

@@ -45,18 +45,23 @@ class ReinFlowSampler(ChainSampler):
         num_steps: K, flow steps per action chunk (ReinFlow: 1 to 4).
         logprob_reduction: ``"mean"`` or ``"sum"`` over the (Ta, Da) chunk (see ``reduce_event``).
         fixed_std: the std of every stochastic step for a policy without a noise network.
+        noise: False gives the plain Euler ODE (``euler``): every step its mean, exploration from
+            x_0 alone (for objectives that need no per-step likelihood, such as FPO).
     """
 
-    name = "reinflow"
     prediction_type = "velocity"
 
-    def __init__(self, num_steps: int = 4, logprob_reduction: str = "mean", fixed_std: float = 0.1):
+    def __init__(
+        self, num_steps: int = 4, logprob_reduction: str = "mean", fixed_std: float = 0.1, noise: bool = True
+    ):
         if num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {num_steps}")
         check_reduction(logprob_reduction)
         self.num_steps = num_steps
         self.logprob_reduction = logprob_reduction
         self.fixed_std = fixed_std
+        self.noise = noise
+        self.name = "reinflow" if noise else "euler"
         self.timesteps = torch.arange(num_steps + 1, dtype=torch.float32) / num_steps  # (K+1,) 0 .. 1
         self.model_timesteps, self.next_timesteps = self.timesteps[:-1], self.timesteps[1:]  # (K,) each
 
@@ -104,7 +109,10 @@ class ReinFlowSampler(ChainSampler):
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
     # ------------------------------------------------------------------ the chain
-    def predict(self, adapter, x, k, cond, guidance_scale=1.0, reference=False, stochastic=True, net=None):
+    def stochastic_steps(self, generator: torch.Generator | None = None) -> set[int]:
+        return set(range(self.num_steps)) if self.noise else set()
+
+    def predict(self, adapter, x, k, cond, guidance_scale=1.0, reference=False, stochastic=True):
         """(velocity, std) at step k: the policy's velocity and, for a stochastic step, its noise
         network's std (``fixed_std`` without one); None on a mean-path step."""
         t = self.model_timesteps[k.cpu()].to(x.device, non_blocking=True)
@@ -133,3 +141,8 @@ class ReinFlowSampler(ChainSampler):
         t = self.model_timesteps[k.cpu()].to(sample.device)
         next_t = self.next_timesteps[k.cpu()].to(sample.device)
         return self.step(velocity, std, t, next_t, sample, prev_sample, generator, noise)
+
+
+def from_config(sc, adapter, evaluation: bool = False) -> ReinFlowSampler:
+    """A task's ReinFlow chain (learned noise) or plain Euler ODE (``sampler.name: euler``)."""
+    return ReinFlowSampler(sc.num_steps, sc.logprob_reduction, noise=sc.name != "euler")

@@ -1,0 +1,499 @@
+"""Environment collection: vector envs -> action chunks -> rewards -> values -> GAE.
+
+    N  environments (per process)   S  chunk steps per env per epoch (env.n_steps)   B = S * N
+    To, Do  observation history     Ta, Da  action chunk     Te  actions executed per chunk
+
+Each epoch resets the N envs (seeds from (seed, epoch)), runs S chunk steps with the training
+sampler, recording each chunk's denoising Chain (time-major: row s * N + n), and keeps every
+step's reward, termination, episode end and next observation. Advantages are GAE over the S
+chunk steps (Schulman et al. 2016) with a value function trained beside the policy, rewards
+divided by the running std of the discounted return (DPPO's and ReinFlow's
+``reward_scale_running``). Envs start fresh each epoch, so a resumed run repeats the
+uninterrupted one exactly.
+
+Evaluation runs ``env.eval_episodes`` episodes with reset seeds eval_seed, eval_seed + 1, ...
+along the sampler's mean path (no exploration noise), the same starts at every evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowrl.chain import Chain
+from flowrl.collectors.base import Collector
+from flowrl.core import seeding
+from flowrl.core.gae import generalized_advantage_estimate
+from flowrl.envs.wrappers import executed_steps, make_env, make_vector_env
+from flowrl.errors import ConfigError
+from flowrl.report import finish_plot
+
+# the env kind's layer of defaults (DPPO's and ReinFlow's gym settings, at laptop size)
+DEFAULTS = {
+    "model": {"pretrained": None, "family": "flow_policy", "finetune": "full"},
+    "sampler": {"num_steps": 4},
+    "algorithm": {"name": "reinflow", "clip_range": 0.01, "target_kl": 1.0, "normalize_advantages": True},
+    "optim": {"learning_rate": 1e-4, "weight_decay": 0.0},
+    "train": {
+        "update_epochs": 5,
+        "minibatch_size": 1024,
+        "save_every": 10,
+        "keep_checkpoints": 2,
+        "eval_seed": 100000,
+        "device": "cpu",
+        "torch_threads": 1,
+    },
+}
+DEMO_FORMATS = ["npz", "d4rl", "robomimic", "minari"]
+
+
+class RewardScaler:
+    """Divides rewards by the running std of the discounted return (PPO's reward scaling, as
+    DPPO's and ReinFlow's ``reward_scale_running``); its statistics are part of the training state."""
+
+    def __init__(self, gamma: float):
+        self.gamma = gamma
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        """(S, N) rewards and episode ends in time order -> scaled rewards; updates the statistics."""
+        ret = np.zeros(rewards.shape[1])
+        returns = np.empty_like(rewards)
+        for t in range(len(rewards)):
+            ret = ret * self.gamma + rewards[t]
+            returns[t] = ret
+            ret = ret * (1 - dones[t])
+        # Chan et al.'s parallel update of (mean, var, count) with the batch's returns
+        b_mean, b_var, b_count = returns.mean(), returns.var(), returns.size
+        delta, total = b_mean - self.mean, self.count + b_count
+        self.mean += delta * b_count / total
+        self.var = (self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total) / total
+        self.count = total
+        return rewards / math.sqrt(self.var + 1e-8)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+class EnvCollector(Collector):
+    kind = "env"
+    DEFAULTS = DEFAULTS
+    ADVANTAGES = ("gae",)
+    SEED_SCHEME = "env"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        e, d, m, s, p = cfg.env, cfg.demos, cfg.model, cfg.sampler, cfg.pretrain
+        if ":" not in e.id:  # "module:Env" ids register themselves when gymnasium imports the module
+            known = list(gym.envs.registry)
+            if e.id not in known:
+                from flowrl.config import suggest
+
+                raise ConfigError(
+                    f"env.id: unknown environment {e.id!r}{suggest(e.id, known)}; give a registered gymnasium id "
+                    "such as InvertedPendulum-v5, Hopper-v5 or Reacher-v5 (or module:EnvId for your own env)"
+                )
+        if m.finetune != "full":
+            raise ConfigError(
+                f"model.finetune={m.finetune!r}: policies fine-tune all weights; set model.finetune=full"
+            )
+        sampler_of = {"dppo": "ddpm", "reinflow": "reinflow"}
+        want = sampler_of.get(cfg.algorithm.name)
+        family = m.family
+        if want is not None and s.name not in (None, want):
+            raise ConfigError(
+                f"algorithm.name={cfg.algorithm.name!r} is defined on the {want} sampler, not sampler.name={s.name!r}; "
+                f"set sampler.name={want}"
+            )
+        fits = {"ddpm": "diffusion_policy", "reinflow": "flow_policy"}
+        if want is not None and family != "auto" and family != fits[want]:
+            other = {v: k for k, v in sampler_of.items()}[{v: k for k, v in fits.items()}.get(family, "ddpm")]
+            raise ConfigError(
+                f"algorithm.name={cfg.algorithm.name!r} fine-tunes a {fits[want]} but model.family={family!r}; "
+                f"use algorithm.name={other}"
+            )
+        for name, value in (("env.obs_horizon", e.obs_horizon), ("env.action_steps", e.action_steps)):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if m.action_horizon < e.action_steps:
+            raise ConfigError(
+                f"model.action_horizon ({m.action_horizon}) must be >= env.action_steps ({e.action_steps}): a chunk "
+                "cannot execute more actions than it holds"
+            )
+        if not m.hidden_dims or min(m.hidden_dims) < 1:
+            raise ConfigError(f"model.hidden_dims must be positive widths, got {m.hidden_dims}")
+        if m.num_train_steps < 1:
+            raise ConfigError(f"model.num_train_steps must be >= 1, got {m.num_train_steps}")
+        for key in ("num_envs", "n_steps"):
+            if getattr(e, key) < 1:
+                raise ConfigError(
+                    f"env.{key} must be >= 1, got {getattr(e, key)}; set a positive count, e.g. env.{key}=8"
+                )
+        if e.eval_episodes < 1:
+            raise ConfigError(
+                f"env.eval_episodes must be >= 1 (10 or more for a stated result), got {e.eval_episodes}"
+            )
+        if d.format not in DEMO_FORMATS:
+            from flowrl.config import suggest
+
+            raise ConfigError(
+                f"demos.format: unknown format {d.format!r}{suggest(d.format, DEMO_FORMATS)}; choose one of {DEMO_FORMATS}"
+            )
+        if d.path is None and d.expert is None:
+            raise ConfigError(
+                "demos: give a demonstrations file (demos.path) or a scripted expert (demos.expert)"
+            )
+        if d.num_episodes < 1:
+            raise ConfigError(f"demos.num_episodes must be >= 1, got {d.num_episodes}")
+        if p.steps < 1 or p.batch_size < 1:
+            raise ConfigError("pretrain.steps and pretrain.batch_size must be >= 1")
+        c = cfg.clip_reward
+        if c.enabled:
+            if c.goal_prompt.strip() == "":
+                raise ConfigError("clip_reward.goal_prompt must describe the goal when clip_reward.enabled")
+            if not 0 <= c.alpha <= 1:
+                raise ConfigError(f"clip_reward.alpha must be in [0, 1], got {c.alpha}")
+            if c.device not in ("cpu", "cuda", "auto"):
+                raise ConfigError(f"clip_reward.device must be cpu, cuda or auto, got {c.device!r}")
+
+    def __init__(self, cfg, run):
+        super().__init__(cfg, run)
+        self.policy = run.adapter
+        self.reward_scaler = RewardScaler(cfg.algorithm.gamma)
+        self.env_steps = 0
+        self.vec = make_vector_env(cfg.env.num_envs, **env_kwargs(cfg))
+
+    def value_function(self):
+        from flowrl.models.policy import ValueNet
+
+        torch.manual_seed(self.cfg.train.seed)
+        p = self.policy
+        return ValueNet(p.obs_dim, p.obs_horizon, self.cfg.model.value_hidden_dims).to(self.run.device)
+
+    def demonstrations(self):
+        """The demonstrations as normalized BC windows (for ``algorithm.bc_coef``)."""
+        if self.cfg.algorithm.bc_coef <= 0:
+            return None
+        from flowrl.pretrain import resolve_demonstrations
+
+        cfg, p = self.cfg, self.policy
+        obs_w, act_w = resolve_demonstrations(cfg, cfg.bc_dir(self.run.task_name)).windows(
+            cfg.env.obs_horizon, p.action_horizon
+        )
+        norm, device = p.normalizer, self.run.device
+        obs = norm.normalize_obs(torch.as_tensor(obs_w, device=device))  # (M, To, Do)
+        actions = norm.normalize_action(torch.as_tensor(act_w, device=device)).clamp(-1, 1)  # (M, Ta, Da)
+        return obs, actions
+
+    # ------------------------------------------------------------------ one epoch
+    @torch.no_grad()
+    def collect(self, epoch: int) -> tuple[Chain, dict]:
+        """S chunk steps in N envs with exploration noise: the B = S * N chunks' Chain (time-major)
+        with ``rewards`` (B,) the chunks' env rewards, and the GAE inputs in ``metadata``."""
+        run, e = self.run, self.cfg.env
+        S, N = e.n_steps, e.num_envs
+        gen = run.seeds.generator(epoch, seeding.SAMPLE)
+        obs, _ = self.vec.reset(seed=[run.seeds.int(epoch, seeding.RESET, n) % (2**31) for n in range(N)])
+        chains, next_obs_all = [], []
+        rewards = np.zeros((S, N))
+        terminated, done = np.zeros((S, N), bool), np.zeros((S, N), bool)
+        episode_returns, chunk_steps = [], 0
+        for step in range(S):
+            with run.accelerator.autocast():
+                chunk, chain = act(self.policy, run.sampler, obs, e.action_steps, gen, deterministic=False)
+            obs_next, reward, term, trunc, info = self.vec.step(chunk)
+            ended = term | trunc
+            real_next = obs_next.copy()  # (N, To, Do): for ended episodes, their final observation
+            if ended.any():
+                real_next[ended] = np.stack(info["final_obs"][ended])
+                episode_returns += list(info["final_info"]["episode_return"][ended])
+            chains.append(chain)
+            next_obs_all.append(real_next)
+            rewards[step], terminated[step], done[step] = reward, term, ended
+            chunk_steps += int(executed_steps(info, ended).sum())
+            obs = obs_next
+        chain = Chain.cat(chains)  # (B, ...) with B = S * N, time-major
+        device = run.device
+        chain.rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device).reshape(-1)
+        chain.metadata.update(
+            step_rewards=rewards,  # (S, N) float64, what GAE and the reward scaler see
+            terminated=terminated,
+            done=done,
+            next_obs=self.policy.normalizer.normalize_obs(
+                torch.as_tensor(np.concatenate(next_obs_all), device=device)
+            ),
+        )
+        steps = int(run.accelerator.reduce(torch.tensor(chunk_steps, device=device), "sum"))
+        self.env_steps += steps
+        stats = {
+            "env_steps": self.env_steps,
+            "train_return_mean": float(np.mean(episode_returns)) if episode_returns else None,
+            "train_episodes": len(episode_returns),
+            "env_steps_epoch": steps,
+            "reward_chunk_mean": float(rewards.mean()),
+        }
+        return chain, stats
+
+    @torch.no_grad()
+    def advantages(self, chain: Chain) -> tuple[Tensor, dict]:
+        """GAE(gamma, lambda) over the S chunk steps with the value function; the TD(lambda)
+        returns (the value targets) go to ``metadata["returns"]``."""
+        e, a, device = self.cfg.env, self.cfg.algorithm, self.run.device
+        S, N = e.n_steps, e.num_envs
+        md = chain.metadata
+        value = self.run.value
+        values = value(chain.cond["obs"]).view(S, N)
+        next_values = value(md["next_obs"]).view(S, N)
+        rewards = md["step_rewards"]
+        if a.reward_scaling:
+            rewards = self.reward_scaler(rewards, md["done"])
+        advantages, returns = generalized_advantage_estimate(
+            torch.as_tensor(rewards, dtype=torch.float32, device=device),
+            values,
+            next_values,
+            torch.as_tensor(md["terminated"], device=device),
+            torch.as_tensor(md["done"], device=device),
+            a.gamma,
+            a.gae_lambda,
+        )  # (S, N) each
+        md["returns"] = returns.reshape(-1)  # (B,), time-major like the chain
+        explained = 1 - (md["returns"] - values.reshape(-1)).var() / md["returns"].var().clamp(min=1e-8)
+        return advantages.reshape(-1), {"explained_variance": float(explained)}
+
+    def describe(self, chain: Chain, rows: list[int]) -> str:
+        N = self.cfg.env.num_envs
+        return f"env steps {[r // N for r in rows[:4]]} of envs {[r % N for r in rows[:4]]}"
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, epoch: int) -> dict:
+        """Deterministic episodes from the fixed evaluation seeds (main process only); at the end
+        of a run with ``env.video``, one episode rendered to ``videos/``."""
+        run = self.run
+        if not run.accelerator.is_main_process:
+            return {}
+        self.policy.eval()
+        ev = evaluate(self.policy, run.sampler, self.cfg, self.cfg.env.eval_episodes, self.cfg.eval_seed)
+        row = {"env_steps": self.env_steps, **{f"eval_{k}": v for k, v in ev.items() if k != "returns"}}
+        row["eval_returns"] = ev["returns"]
+        if self.cfg.env.video and epoch == self.cfg.train.num_epochs:
+            if render_available():
+                record_video(
+                    self.policy,
+                    run.sampler,
+                    self.cfg,
+                    run.run_dir / "videos" / f"epoch_{epoch:04d}.gif",
+                    self.cfg.eval_seed,
+                )
+            else:
+                print("env.video: no MuJoCo renderer here (try MUJOCO_GL=egl); skipped the video")
+        return row
+
+    def plot(self, rows: list[dict]) -> None:
+        run_dir = self.run.run_dir
+        plot_learning_curve(rows, run_dir / "learning_curve.png", f"{run_dir.name}: return")
+
+    def postfix(self, row: dict) -> dict:
+        post = {"train": row.get("train_return_mean")}
+        if "eval_return_mean" in row:
+            post["eval"] = row["eval_return_mean"]
+        return {k: f"{v:.4g}" for k, v in post.items() if v is not None}
+
+    def summary(self, history: list[dict]) -> list[str]:
+        evals = [r for r in history if "eval_return_mean" in r]
+        lines = []
+        if evals:
+            first, last = evals[0], evals[-1]
+            lines.append(
+                f"evaluation return ({self.cfg.env.eval_episodes} fixed-seed episodes, deterministic): "
+                f"epoch {first['epoch']} {format_return(first)} -> epoch {last['epoch']} {format_return(last)}"
+            )
+        lines.append(f"run folder: {self.run.run_dir} (metrics.jsonl, learning_curve.png, checkpoints/)")
+        return lines
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"env_steps": self.env_steps, "reward_scaler": self.reward_scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.env_steps = state["env_steps"]
+        self.reward_scaler.load_state_dict(state["reward_scaler"])
+
+    def close(self) -> None:
+        self.vec.close()
+
+
+def format_return(ev: dict, prefix: str = "eval_") -> str:
+    text = f"{ev[prefix + 'return_mean']:.1f} +/- {ev[prefix + 'return_std']:.1f}"
+    if prefix + "success_rate" in ev:
+        text += f" (success {ev[prefix + 'success_rate']:.0%})"
+    return text
+
+
+# ---------------------------------------------------------------------- rollouts
+def env_kwargs(cfg) -> dict:
+    """Keyword arguments of :func:`~flowrl.envs.wrappers.make_env` for a task config."""
+    e = cfg.env
+    kwargs = dict(
+        env_id=e.id,
+        obs_horizon=e.obs_horizon,
+        action_steps=e.action_steps,
+        env_kwargs=e.kwargs,
+        max_episode_steps=e.max_episode_steps,
+    )
+    if cfg.clip_reward.enabled:
+        from flowrl.envs.clip_reward import clip_reward_wrapper
+
+        kwargs.update(render_mode="rgb_array", inner_wrappers=(clip_reward_wrapper(cfg.clip_reward),))
+        kwargs["env_kwargs"] = dict(
+            e.kwargs, width=cfg.clip_reward.render_size, height=cfg.clip_reward.render_size
+        )
+    return kwargs
+
+
+@torch.no_grad()
+def act(policy, sampler, obs: np.ndarray, action_steps: int, generator, deterministic: bool):
+    """Observation histories (N, To, Do) in env units -> (chunk (N, Te, Da) in env units, Chain)."""
+    chain = sampler.sample(
+        policy, torch.as_tensor(obs, device=policy.device), generator=generator, deterministic=deterministic
+    )
+    chunk = policy.decode(chain.latents[:, -1, :action_steps])  # (N, Te, Da)
+    return chunk.cpu().numpy(), chain
+
+
+def evaluate(policy, sampler, cfg, num_episodes: int, seed: int) -> dict:
+    """Mean and spread of the return over ``num_episodes`` episodes, reset seeds seed, seed+1, ...,
+    along the sampler's mean path (no exploration noise; the initial noise from a generator seeded
+    with ``seed``). Also the mean episode length and, when ``env.success_return`` is set, the
+    success rate. ``sampler`` may be a :class:`~flowrl.guidance.GuidedSampler`."""
+    vec = make_vector_env(num_episodes, **env_kwargs(cfg))
+    obs, _ = vec.reset(seed=[seed + i for i in range(num_episodes)])
+    gen = torch.Generator().manual_seed(seed)
+    returns = np.full(num_episodes, np.nan)
+    lengths = np.zeros(num_episodes, dtype=np.int64)
+    active = np.ones(num_episodes, dtype=bool)
+    while active.any():
+        chunk, _ = act(policy, sampler, obs, cfg.env.action_steps, gen, deterministic=True)
+        obs, _, terminated, truncated, info = vec.step(chunk)
+        ended = (terminated | truncated) & active
+        if ended.any():
+            final = info["final_info"]
+            returns[ended] = final["episode_return"][ended]
+            lengths[ended] = final["episode_length"][ended]
+            active &= ~ended
+    vec.close()
+    out = {
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "return_min": float(returns.min()),
+        "return_max": float(returns.max()),
+        "length_mean": float(lengths.mean()),
+        "returns": [float(r) for r in returns],
+    }
+    if cfg.env.success_return is not None:
+        out["success_rate"] = float((returns >= cfg.env.success_return).mean())
+    return out
+
+
+def plot_learning_curve(rows: list[dict], path: str | os.PathLike, title: str) -> None:
+    """Evaluation return (mean +/- std over the fixed-seed episodes) and the mean return of
+    training episodes against environment steps, saved as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = [r for r in rows if "eval_return_mean" in r]
+    tr = [r for r in rows if r.get("train_return_mean") is not None]
+    if not ev and not tr:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    if tr:
+        ax.plot(
+            [r["env_steps"] for r in tr],
+            [r["train_return_mean"] for r in tr],
+            alpha=0.6,
+            label="training episodes (with exploration noise)",
+        )
+    if ev:
+        x = np.array([r["env_steps"] for r in ev])
+        m = np.array([r["eval_return_mean"] for r in ev])
+        s = np.array([r["eval_return_std"] for r in ev])
+        ax.plot(x, m, marker="o", ms=3, label="evaluation (deterministic, fixed seeds)")
+        ax.fill_between(x, m - s, m + s, alpha=0.2)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("episode return")
+    finish_plot(fig, ax, title, path)
+
+
+def render_available() -> bool:
+    """Whether MuJoCo can render offscreen here (set MUJOCO_GL=egl on a headless machine)."""
+    try:
+        env = gym.make("InvertedPendulum-v5", render_mode="rgb_array", width=16, height=16)
+        env.reset(seed=0)
+        frame = env.render()
+        env.close()
+        return frame is not None and frame.shape == (16, 16, 3)
+    except Exception:
+        return False
+
+
+class FrameRecorder(gym.Wrapper):
+    """Keeps the rendered frame after every reset and simulator step."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.frames: list[np.ndarray] = []
+
+    def reset(self, **kwargs):
+        out = self.env.reset(**kwargs)
+        self.frames.append(self.env.render())
+        return out
+
+    def step(self, action):
+        out = self.env.step(action)
+        self.frames.append(self.env.render())
+        return out
+
+
+@torch.no_grad()
+def record_video(policy, sampler, cfg, path: str | os.PathLike, seed: int, size: int = 256) -> int:
+    """Render one deterministic episode (reset seed ``seed``) to an animated GIF (every second
+    simulator frame, real time); returns the number of frames written."""
+    from PIL import Image
+
+    recorders: list[FrameRecorder] = []
+
+    def recorder(env: gym.Env) -> FrameRecorder:
+        recorders.append(FrameRecorder(env))
+        return recorders[-1]
+
+    kwargs = env_kwargs(cfg)
+    kwargs.update(
+        render_mode="rgb_array",
+        env_kwargs=dict(kwargs["env_kwargs"], width=size, height=size),
+        inner_wrappers=(recorder, *kwargs.get("inner_wrappers", ())),
+    )
+    env = make_env(**kwargs)
+    obs, _ = env.reset(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    done = False
+    while not done:
+        chunk, _ = act(policy, sampler, obs[None], cfg.env.action_steps, gen, deterministic=True)
+        obs, _, terminated, truncated, _ = env.step(chunk[0])
+        done = terminated or truncated
+    dt = env.unwrapped.dt
+    env.close()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(f) for f in recorders[0].frames[::2]]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=max(int(2000 * dt), 20), loop=0)
+    return len(images)

@@ -1,0 +1,228 @@
+"""Text-to-image collection: prompts -> sample -> decode -> reward -> advantages.
+
+    B  trajectories per epoch on this process = sample_batch_size x num_batches_per_epoch
+    G  samples per prompt draw (algorithm.group_size)
+
+Each sampling batch draws sample_batch_size / G prompts (seeded by (seed, epoch, rank)) and
+samples G trajectories of each with the training sampler; rewards are scored in a background
+thread while the next batch samples. Advantages come from statistics over every process:
+
+    per_prompt     DDPO's running per-prompt mean and std (PerPromptStatTracker)
+    group          GRPO: within the G samples of one prompt draw (std over the group or the batch)
+    leave_one_out  LOOP / RLOO: r_i minus the mean of the other samples of its draw
+    batch_mean     REINFORCE's baseline: r - mean(r);  none: the rewards themselves
+
+then clipped to [-adv_clip_max, adv_clip_max] (DDPO).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from flowrl.chain import Chain
+from flowrl.collectors.base import Collector
+from flowrl.core import seeding
+from flowrl.core.advantages import PerPromptStatTracker, group_advantages, leave_one_out_advantages
+from flowrl.errors import ConfigError
+
+
+class TextToImageCollector(Collector):
+    kind = "text_to_image"
+    DEFAULTS: dict = {}  # the dataclass defaults are text-to-image's (DDPO's)
+    ADVANTAGES = ("per_prompt", "group", "leave_one_out", "batch_mean", "none")
+    SEED_SCHEME = "text_to_image"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        t, a = cfg.train, cfg.algorithm
+        for key in ("sample_batch_size", "num_batches_per_epoch"):
+            if getattr(t, key) < 1:
+                raise ConfigError(
+                    f"train.{key} must be >= 1, got {getattr(t, key)}; set a positive count, e.g. train.{key}=4"
+                )
+        if t.sample_batch_size % a.group_size:
+            raise ConfigError(
+                f"train.sample_batch_size ({t.sample_batch_size}) must be divisible by algorithm.group_size "
+                f"({a.group_size}): each batch holds whole groups; set train.sample_batch_size to a "
+                f"multiple of {a.group_size}"
+            )
+        total = t.sample_batch_size * t.num_batches_per_epoch
+        if t.minibatch_unit == "trajectory" and total % t.minibatch_size:
+            raise ConfigError(
+                f"train.minibatch_size ({t.minibatch_size}) must divide the samples per epoch "
+                f"(sample_batch_size x num_batches_per_epoch = {total}); set train.minibatch_size to a divisor of {total}"
+            )
+        if not cfg.rewards:
+            raise ConfigError(
+                "rewards: the list is empty, so there is nothing to optimize; give at least one, "
+                "e.g. rewards=[{name: jpeg_compressibility}]"
+            )
+        for i, r in enumerate(cfg.rewards):
+            if r.name.strip() == "":
+                raise ConfigError(
+                    f"rewards[{i}].name is empty; give a registered reward name or a path to a reward script"
+                )
+            if not math.isfinite(r.weight):
+                raise ConfigError(
+                    f"rewards[{i}].weight must be a finite number, got {r.weight}; set e.g. rewards.{i}.weight=1.0"
+                )
+
+    @classmethod
+    def check(cls, cfg, task_name: str) -> None:
+        from flowrl.data.prompts import load_prompts
+        from flowrl.models import detect_family
+        from flowrl.rewards import resolve_reward
+        from flowrl.samplers import check_fits
+
+        load_prompts(cfg.train.prompts)
+        for i, r in enumerate(cfg.rewards):
+            try:
+                resolve_reward(r.name)
+            except (KeyError, AttributeError) as e:  # unknown name; a script without a reward function
+                raise ConfigError(f"rewards[{i}].name: {e.args[0] if e.args else e}") from e
+        check_fits(cfg, detect_family(cfg.model.pretrained, cfg.model.family))
+
+    def __init__(self, cfg, run):
+        from flowrl.data.prompts import load_prompts
+        from flowrl.rewards import Reward
+
+        super().__init__(cfg, run)
+        t, a = cfg.train, cfg.algorithm
+        self.prompts = load_prompts(t.prompts)
+        self.eval_prompts = list(t.eval_prompts) if t.eval_prompts else self.prompts[:8]
+        self.reward = Reward(
+            [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in cfg.rewards],
+            device=run.device,
+            allow_nonfinite=True,  # reported with the epoch and prompts by the run shell
+        )
+        self.stat_tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
+
+    # ------------------------------------------------------------------ one epoch
+    def collect(self, epoch: int) -> tuple[Chain, dict]:
+        """num_batches_per_epoch x sample_batch_size trajectories on this process, scored."""
+        run, t, a = self.run, self.cfg.train, self.cfg.algorithm
+        gen = run.seeds.generator(epoch, seeding.SAMPLE)
+        rng = run.seeds.numpy(epoch, seeding.PROMPTS)
+        per_batch = t.sample_batch_size // a.group_size
+        chains, pending = [], []
+        for i in range(t.num_batches_per_epoch):
+            idx = rng.integers(len(self.prompts), size=per_batch)
+            prompts = [self.prompts[j] for j in idx for _ in range(a.group_size)]
+            with run.accelerator.autocast():  # the precision of the training forward: ratio 1 on-policy
+                chain = run.sampler.sample(
+                    run.adapter, prompts, self.cfg.sampler.guidance_scale, generator=gen
+                )
+            chain.samples = run.adapter.decode(chain.latents[:, -1])
+            # (rank, batch, group) -> a globally unique group id for GRPO / LOOP
+            group = torch.arange(per_batch, device=run.device).repeat_interleave(a.group_size)
+            chain.metadata["group"] = group + per_batch * (i + t.num_batches_per_epoch * run.rank)
+            pending.append(
+                self.reward.submit(chain.samples, prompts)
+                if t.async_reward
+                else self.reward(chain.samples, prompts)
+            )
+            chains.append(chain)
+        infos = []
+        for chain, p in zip(chains, pending):
+            rewards, info = p.result() if t.async_reward else p
+            chain.rewards = rewards
+            infos.append(info)
+        out = Chain.cat(chains)
+        out.metadata["group"] = torch.cat([c.metadata["group"] for c in chains])
+        out.metadata["reward_terms"] = {
+            k: torch.cat([i[k] for i in infos]) for k in infos[0] if k.startswith("reward/")
+        }
+        n = len(out) * run.world
+        return out, {"samples": n}
+
+    def advantages(self, chain: Chain) -> tuple[Tensor, dict]:
+        """(B,) advantages of this process's trajectories, from statistics over all processes."""
+        run, a = self.run, self.cfg.algorithm
+        acc = run.accelerator
+        rewards = acc.gather(chain.rewards)
+        groups = acc.gather(chain.metadata["group"])
+        info: dict = {}
+        estimator = self.cfg.advantage
+        if estimator == "per_prompt":
+            from accelerate.utils import gather_object
+
+            prompts = gather_object(chain.prompts) if run.world > 1 else chain.prompts
+            adv = self.stat_tracker.update(prompts, rewards)
+        elif estimator == "group":
+            adv, informative = group_advantages(rewards, groups, a.std_scope)
+            info["zero_std_fraction"] = 1.0 - informative.float().mean().item()
+        elif estimator == "leave_one_out":
+            adv = leave_one_out_advantages(rewards, groups)
+        elif estimator == "batch_mean":
+            adv = rewards - rewards.mean()
+        else:  # none
+            adv = rewards.clone()
+        adv = adv.clamp(-a.adv_clip_max, a.adv_clip_max)
+        info["reward_mean"] = rewards.mean().item()
+        info["reward_std"] = rewards.std(unbiased=False).item()
+        for k, v in chain.metadata["reward_terms"].items():
+            info[k + "_mean"] = acc.gather(v).mean().item()
+        return adv.reshape(run.world, -1)[run.rank].to(run.device), info
+
+    def describe(self, chain: Chain, rows: list[int]) -> str:
+        prompts = sorted({chain.prompts[i] for i in rows})
+        return f"prompts {prompts[:4]}{'...' if len(prompts) > 4 else ''}"
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        """Images of the evaluation prompts from a fixed seed with the deterministic sampler
+        (DDIM eta 0, flow ODE; LCM stays seeded-stochastic), their mean reward, and a grid
+        ``samples/epoch_<epoch>.png``."""
+        from flowrl.report import save_image_grid
+        from flowrl.samplers import sampler_for
+
+        run = self.run
+        sampler = sampler_for(self.cfg, run.adapter, evaluation=True)
+        gen = torch.Generator().manual_seed(self.cfg.eval_seed)
+        with run.ema_weights(), run.accelerator.autocast():
+            chain = sampler.sample(
+                run.adapter, self.eval_prompts, self.cfg.sampler.guidance_scale, generator=gen
+            )
+            images = run.adapter.decode(chain.latents[:, -1])
+        rewards, _ = self.reward(images, self.eval_prompts)
+        if run.accelerator.is_main_process:
+            save_image_grid(
+                images, run.run_dir / "samples" / f"epoch_{epoch:04d}.png", labels=self.eval_prompts
+            )
+        return {"eval_reward_mean": rewards.mean().item()}
+
+    def plot(self, rows: list[dict]) -> None:
+        from flowrl.report import plot_reward_curve
+
+        run_dir = self.run.run_dir
+        plot_reward_curve(rows, run_dir / "reward_curve.png", title=f"{run_dir.name}: reward")
+
+    def postfix(self, row: dict) -> dict:
+        return {
+            "reward": f"{row.get('reward_mean', float('nan')):.4g}",
+            "kl": f"{row.get('approx_kl', 0):.2g}",
+        }
+
+    def summary(self, history: list[dict]) -> list[str]:
+        rows = [r for r in history if "reward_mean" in r]
+        if not rows:
+            return []
+        first, last = rows[0], rows[-1]
+        return [
+            f"reward: epoch {first['epoch']} {first['reward_mean']:.4f} -> epoch {last['epoch']} {last['reward_mean']:.4f}",
+            f"run folder: {self.run.run_dir} (metrics.jsonl, reward_curve.png, samples/, checkpoints/)",
+        ]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"stat_tracker": self.stat_tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stat_tracker.load_state_dict(state["stat_tracker"])
+
+    def close(self) -> None:
+        self.reward.close()

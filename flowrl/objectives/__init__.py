@@ -1,0 +1,93 @@
+"""Objectives: what an update minimizes, one file each, plug-ins of the one update loop.
+
+    ppo   the PPO family on per-step log-probs: DDPO, GRPO, LOOP, REINFORCE, DPPO, ReinFlow
+    fpo   Flow Policy Optimization: a ratio from the flow-matching loss, no likelihood needed
+
+A *method* is the name a user picks (``algorithm.name``): an objective with a default advantage
+estimator and its paper's defaults, written under the task file's own values. Adding an
+objective is one file (a subclass of :class:`~flowrl.objectives.base.Objective`) plus an entry in
+:data:`OBJECTIVES`; a method is an entry in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+# objective name -> "module:Class", imported on demand
+OBJECTIVES = {
+    "ppo": "flowrl.objectives.ppo:PPO",
+    "fpo": "flowrl.objectives.fpo:FPO",
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named method: an objective, its default advantage estimator, and its paper's defaults."""
+
+    objective: str
+    # the advantage estimator (None: the collector's default)
+    advantage: str | None
+    # the collectors (task kinds) it is defined for
+    kinds: tuple[str, ...]
+    # section -> {key: value}: defaults under the task file's own values
+    defaults: dict = field(default_factory=dict)
+    # section -> {key: value}: what the method is, over the task file's values (REINFORCE never clips,
+    # so switching a PPO task to it with algorithm.name=reinforce means what the name says)
+    fixed: dict = field(default_factory=dict)
+    # the paper, for the docs and the task files' comments
+    cite: str = ""
+
+    def objective_class(self):
+        return objective_class(self.objective)
+
+
+METHODS: dict[str, Method] = {
+    "ddpo": Method("ppo", "per_prompt", ("text_to_image",), cite="Black et al. 2023, arXiv 2305.13301"),
+    "grpo": Method("ppo", "group", ("text_to_image",), cite="Shao et al. 2024; Flow-GRPO, Liu et al. 2025"),
+    "loop": Method(
+        "ppo", "leave_one_out", ("text_to_image",), cite="Gupta et al. 2025 (RLOO: Kool et al. 2019)"
+    ),
+    "reinforce": Method(
+        "ppo",
+        "batch_mean",
+        ("text_to_image",),
+        fixed={"algorithm": {"clip_range": None}},
+        cite="Williams 1992",
+    ),
+    "dppo": Method(
+        "ppo",
+        "gae",
+        ("env",),
+        {"algorithm": {"ratio_scope": "step"}, "train": {"minibatch_unit": "pair"}},
+        cite="Ren et al. 2024, arXiv 2409.00588",
+    ),
+    "reinflow": Method(
+        "ppo",
+        "gae",
+        ("env",),
+        {"algorithm": {"ratio_scope": "chain"}},
+        cite="Zhang et al. 2025, arXiv 2505.22094",
+    ),
+    "fpo": Method(
+        "fpo",
+        None,
+        ("text_to_image", "env"),
+        {"algorithm": {"clip_range": 0.05}},
+        cite="McAllister et al. 2025, arXiv 2507.21053",
+    ),
+}
+
+
+def objective_class(name: str):
+    """The Objective subclass registered under ``name`` (its module imported on demand)."""
+    module, _, cls = OBJECTIVES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_objective(cfg, adapter, sampler, value=None, demonstrations=None):
+    """The objective of ``cfg.algorithm.name``, bound to the run's model, sampler and value function."""
+    return cfg.method.objective_class()(cfg, adapter, sampler, value, demonstrations)
+
+
+__all__ = ["METHODS", "OBJECTIVES", "Method", "build_objective", "objective_class"]

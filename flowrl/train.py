@@ -1,0 +1,218 @@
+"""The one update loop: passes over an epoch's Chain, in minibatches, for any objective.
+
+    B  trajectories of the epoch (this process)   K  recorded chain steps   Kt  trained steps per trajectory
+    M  rows of a minibatch                        J  steps per training forward (train.timestep_batch)
+
+Each of ``train.update_epochs`` passes shuffles the epoch's data with that pass's generator and
+cuts it into minibatches of ``train.minibatch_size`` (:func:`plan`):
+
+- ``minibatch_unit: trajectory``: whole trajectories. An objective that trains on sampled steps
+  (the PPO family, step ratios) gives each trajectory its own random subset of Kt of its
+  stochastic steps (Kt = ceil(timestep_fraction x their count): DDPO's timestep subsampling),
+  cut into forwards of J steps; one that needs every step in order (chain ratios, ReinFlow)
+  or none (FPO) takes the rows alone.
+- ``minibatch_unit: pair``: (trajectory, step) pairs shuffled across trajectories (DPPO).
+
+``optim.gradient_accumulation_steps`` minibatches make one optimizer step; each forward's loss
+is weighted so the step's gradient is the mean over all its pairs, whatever J. Gradients are
+clipped per parameter group (the policy's, the value network's), a non-finite loss or gradient
+is caught at the step with one host sync (``train.on_nonfinite``), the learning rate follows
+its schedule (a pure function of the step or epoch count), EMA follows the weights, and with
+``algorithm.target_kl`` an epoch stops once a minibatch's approximate KL exceeds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor
+
+from flowrl.chain import Chain
+from flowrl.core.schedule import lr_factor, set_lr
+from flowrl.errors import ConfigError
+from flowrl.objectives.base import Minibatch
+
+
+def plan(
+    chain: Chain,
+    steps: str,
+    unit: str,
+    size: int,
+    fraction: float,
+    timestep_batch: int,
+    accumulation: int,
+    g: torch.Generator,
+) -> list[list[Minibatch]]:
+    """One pass's minibatches, each a list of forwards (see the module docstring). ``steps`` is
+    the objective's ``sampled`` / ``all`` / ``none``; draws from ``g`` in a fixed order."""
+    B, K = len(chain), chain.num_steps
+    if unit == "pair":
+        stochastic = torch.isfinite(chain.log_probs)
+        if not bool(stochastic.all()):
+            raise ConfigError(
+                "train.minibatch_unit=pair needs every recorded step stochastic (DPPO's chain), but this sampler "
+                "records deterministic steps; set train.minibatch_unit=trajectory"
+            )
+        perm = torch.randperm(B * K, generator=g)
+        return [
+            [Minibatch(perm[i : i + size] // K, (perm[i : i + size] % K)[:, None], 1.0 / accumulation)]
+            for i in range(0, B * K, size)
+        ]
+    perm = torch.randperm(B, generator=g)
+    if steps == "none":
+        return [
+            [
+                Minibatch(
+                    perm[i : i + size],
+                    torch.zeros(len(perm[i : i + size]), 0, dtype=torch.long),
+                    1.0 / accumulation,
+                )
+            ]
+            for i in range(0, B, size)
+        ]
+    if steps == "all":
+        every = torch.arange(K)
+        return [
+            [Minibatch(perm[i : i + size], every.expand(len(perm[i : i + size]), K), 1.0 / accumulation)]
+            for i in range(0, B, size)
+        ]
+    # each trajectory trains on its own random subset of Kt of its stochastic steps (those with a
+    # log-prob: all K for DDIM, the SDE window for Flow-GRPO-Fast): (B, Kt)
+    stochastic = torch.isfinite(chain.log_probs).cpu()  # (B, K)
+    Kt = math.ceil(fraction * int(stochastic.sum(1).min()))
+    J = min(timestep_batch or Kt, Kt)
+    scores = torch.rand(B, K, generator=g).masked_fill(~stochastic[perm], 2.0)
+    chosen = torch.argsort(scores, dim=1)[:, :Kt]
+    out = []
+    for i in range(0, B, size):
+        rows, cols = perm[i : i + size], chosen[i : i + size]
+        out.append(
+            [
+                Minibatch(rows, cols[:, j : j + J], cols[:, j : j + J].shape[1] / (Kt * accumulation))
+                for j in range(0, Kt, J)
+            ]
+        )
+    return out
+
+
+def update(run, chain: Chain, epoch: int) -> dict:
+    """``train.update_epochs`` passes of the run's objective over the epoch's Chain; returns the
+    diagnostics averaged over forwards, and the loop's own (grad norms, learning rates, steps)."""
+    cfg, acc, objective = run.cfg, run.accelerator, run.objective
+    t, o, a = cfg.train, cfg.optim, cfg.algorithm
+    accumulation = o.gradient_accumulation_steps
+    fraction = getattr(a.options, "timestep_fraction", 1.0)
+    objective.prepare(chain, epoch, run.seeds.generator(epoch, 4))
+    groups = [g["params"] for g in run.optimizer.param_groups]
+    sums: dict[str, Tensor] = {}
+    count, skipped, scaler_skips, updates, stopped_early = 0, 0, 0, 0, False
+    grad_norms: list[list[Tensor]] = [[] for _ in groups]
+    for pass_, g in enumerate(run.seeds.update_generators(epoch, t.update_epochs)):
+        minibatches = plan(
+            chain,
+            objective.steps,
+            t.minibatch_unit,
+            t.minibatch_size,
+            fraction,
+            t.timestep_batch,
+            accumulation,
+            g,
+        )
+        bad = torch.zeros((), dtype=torch.bool, device=run.device)
+        step_kl: list[Tensor] = []
+        for i, forwards in enumerate(minibatches):
+            last_of_cycle = (i + 1) % accumulation == 0 or i == len(minibatches) - 1
+            for j, mb in enumerate(forwards):
+                sync = last_of_cycle and j == len(forwards) - 1
+                ctx = acc.no_sync(run.modules) if not sync and run.world > 1 else contextlib.nullcontext()
+                with ctx, acc.autocast():
+                    terms = run.modules(lambda mb=mb, g=g: objective.loss(chain, mb, epoch, g))
+                    bad |= ~torch.isfinite(terms["loss"])
+                    acc.backward(terms["loss"] * mb.weight)
+                for k, v in terms.items():
+                    sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+                count += 1
+                if "approx_kl" in terms:
+                    step_kl.append(terms["approx_kl"].detach())
+            if not last_of_cycle:
+                continue
+            status = optimizer_step(run, groups, bad, grad_norms, epoch, pass_, i)
+            step_kl, kl = [], torch.stack(step_kl).mean() if step_kl else None
+            if status == "overflow":
+                scaler_skips += 1
+                continue
+            if status == "skipped":
+                skipped += 1
+                bad.zero_()
+                continue
+            updates += 1
+            if a.target_kl is not None and kl is not None and float(kl) > a.target_kl:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    out = {k: (v / count).item() for k, v in sums.items()}
+    names = ["grad_norm", "grad_norm_value"]
+    for name, norms in zip(names, grad_norms):
+        out[name] = torch.stack(norms).mean().item() if norms else float("nan")
+    out["lr"] = run.optimizer.param_groups[0]["lr"]  # of the epoch's last optimizer step
+    if len(run.optimizer.param_groups) > 1:
+        out["lr_value"] = run.optimizer.param_groups[1]["lr"]
+    out["updates"] = updates
+    if a.target_kl is not None:
+        out["stopped_early"] = stopped_early
+    if skipped:
+        out["skipped_updates"] = skipped
+    if scaler_skips:
+        out["fp16_overflow_steps"] = scaler_skips
+    return out
+
+
+def optimizer_step(
+    run,
+    groups: list[list],
+    bad: Tensor,
+    grad_norms: list[list[Tensor]],
+    epoch: int,
+    pass_: int,
+    minibatch: int,
+) -> str:
+    """Clip each parameter group's gradient, check the step is finite (one host sync), set the
+    scheduled learning rate and step. Returns ``stepped``, ``overflow`` (fp16's loss scale backed
+    off: the scaler skipped the step) or ``skipped`` (non-finite, ``train.on_nonfinite=skip``)."""
+    cfg, acc, opt = run.cfg, run.accelerator, run.optimizer
+    o = cfg.optim
+    acc.unscale_gradients()
+    norms = [torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm) for params in groups]
+    finite = bool(torch.isfinite(torch.stack(norms)).all() & ~bad)  # the one host sync per update
+    if not finite and acc.scaler is not None and not bad.item():
+        # fp16 loss scaling (CUDA): an overflowing gradient is how the scaler finds its scale too
+        # high. Its step skips the update and lowers the scale; the step count, learning rate and
+        # EMA stay where they are.
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return "overflow"
+    if not finite:
+        opt.zero_grad(set_to_none=True)
+        what = "loss" if bad.item() else "gradient norm"
+        run.nonfinite(
+            f"non-finite {what} at epoch {epoch}, update pass {pass_}, minibatch {minibatch}",
+            "check the reward and lower optim.learning_rate",
+        )
+        return "skipped"
+    unit_step = epoch if cfg.lr_schedule_unit == "epoch" else run.global_step
+    set_lr(
+        opt,
+        run.base_lrs,
+        lr_factor(unit_step, run.schedule_steps, o.lr_warmup, o.lr_schedule, o.lr_final_ratio),
+    )
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    run.global_step += 1
+    for store, norm in zip(grad_norms, norms):
+        store.append(norm.detach())
+    if run.ema is not None:
+        run.ema.update(run.adapter.trainable_state_dict())
+    return "stepped"
