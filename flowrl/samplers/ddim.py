@@ -173,6 +173,34 @@ class DDIMSampler(ChainSampler):
             model_output, t, prev_t, sample, prev_sample=prev_sample, generator=generator, noise=noise
         )
 
+    # ------------------------------------------------------------------ the forward process
+    def denoising_loss(self, adapter, x0, cond, k, noise, guidance_scale=1.0, target="eps") -> Tensor:
+        """(B,) the diffusion loss at x0 noised to the timestep t_k of step k (Ho et al. 2020, eq. 14):
+
+            x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+
+        ``target="eps"``: mean (eps - eps_hat)^2 with eps_hat from the network's output (whatever
+        it predicts, as step 2 of :meth:`step` converts it); ``"model"``: the squared error against
+        the network's own target (eps, v = sqrt(a) eps - sqrt(1 - a) x0, or x0)."""
+        x0, noise = x0.float(), noise.float()
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        a = self._alpha_prod(self.timesteps[k.cpu()]).to(x0.device).view(shape)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        out = self.predict(adapter, x_t, k, cond, guidance_scale).float()
+        p = self.prediction_type
+        if target == "eps":
+            if p == "epsilon":
+                eps_hat = out
+            elif p == "v_prediction":
+                eps_hat = a.sqrt() * out + (1 - a).sqrt() * x_t
+            else:
+                eps_hat = (x_t - a.sqrt() * out) / (1 - a).sqrt()
+            err = noise - eps_hat
+        else:
+            goal = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}.get(p, x0)
+            err = out - goal
+        return err.pow(2).mean(dim=tuple(range(1, x0.ndim)))
+
 
 def from_config(sc, adapter, evaluation: bool = False) -> DDIMSampler:
     """A task's DDIM chain (``evaluation``: eta 0 over ``eval_num_steps``, deterministic)."""

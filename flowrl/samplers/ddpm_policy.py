@@ -186,6 +186,18 @@ class DDPMPolicySampler(ChainSampler):
         t = self.timesteps[k.cpu()]
         return self.step(model_output, t, sample, prev_sample, generator, noise, deterministic=not stochastic)
 
+    # ------------------------------------------------------------------ the forward process
+    def denoising_loss(self, adapter, x0, cond, k, noise, guidance_scale=1.0, target="eps") -> Tensor:
+        """(B,) the DDPM loss of the chunk x0 at the timestep t = T - 1 - k of step k (eq. 14):
+        mean (eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, s))^2 (the network predicts
+        eps, so both targets are this one). Always the fine-tuned network."""
+        x0, noise = x0.float(), noise.float()
+        t = self.timesteps[k.cpu()].to(x0.device)
+        _, a_t, _ = self._gather(t, x0)
+        x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * noise
+        err = noise - adapter(x_t, t, cond).float()
+        return err.pow(2).mean(dim=tuple(range(1, x0.ndim)))
+
 
 def from_config(sc, adapter, evaluation: bool = False) -> DDPMPolicySampler:
     """A task's DPPO chain over the policy's T pre-training steps (evaluation: the same chain,

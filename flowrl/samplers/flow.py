@@ -207,6 +207,23 @@ class FlowSampler(ChainSampler):
             noise_level=None if stochastic else 0.0,
         )
 
+    # ------------------------------------------------------------------ the forward process
+    def denoising_loss(self, adapter, x0, cond, k, noise, guidance_scale=1.0, target="eps") -> Tensor:
+        """(B,) the conditional flow-matching loss at x0 noised to the level s = sigmas[k] of step k:
+
+            x_s = (1 - s) x0 + s eps,   v_theta(x_s, 1000 s, c) ~ eps - x0   (rectified flow)
+
+        ``target="eps"``: mean (eps - eps_hat)^2 with eps_hat = x_s + (1 - s) v_theta, the noise the
+        velocity implies (FPO's default, "u_but_supervise_as_eps"); ``"model"``: mean (v_theta -
+        (eps - x0))^2, the network's own regression target."""
+        x0, noise = x0.float(), noise.float()
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        s = self.sigmas[k.cpu()].to(x0.device).view(shape)
+        x_s = (1 - s) * x0 + s * noise
+        v = self.predict(adapter, x_s, k, cond, guidance_scale).float()
+        err = noise - (x_s + (1 - s) * v) if target == "eps" else v - (noise - x0)
+        return err.pow(2).mean(dim=tuple(range(1, x0.ndim)))
+
 
 def from_config(sc, adapter, evaluation: bool = False) -> FlowSampler:
     """A task's flow SDE / CPS chain (``evaluation``: the ODE over ``eval_num_steps``)."""

@@ -142,6 +142,24 @@ class ReinFlowSampler(ChainSampler):
         next_t = self.next_timesteps[k.cpu()].to(sample.device)
         return self.step(velocity, std, t, next_t, sample, prev_sample, generator, noise)
 
+    # ------------------------------------------------------------------ the forward process
+    def denoising_loss(self, adapter, x0, cond, k, noise, guidance_scale=1.0, target="eps") -> Tensor:
+        """(B,) the conditional flow-matching loss of the action chunk x0 (here x_1, the data end)
+        at the flow time t = t_k of step k:
+
+            x_t = t x_1 + (1 - t) eps,   v_theta(x_t, t, s) ~ x_1 - eps   (Liu et al. 2022)
+
+        ``target="eps"``: mean (eps - eps_hat)^2 with eps_hat = x_t - t v_theta, the noise the
+        velocity implies (FPO's default); ``"model"``: mean (v_theta - (x_1 - eps))^2."""
+        x1, noise = x0.float(), noise.float()
+        shape = (-1,) + (1,) * (x1.ndim - 1)
+        t = self.model_timesteps[k.cpu()].to(x1.device)
+        tt = t.view(shape)
+        x_t = tt * x1 + (1 - tt) * noise
+        v = adapter(x_t, t, cond).float()
+        err = noise - (x_t - tt * v) if target == "eps" else v - (x1 - noise)
+        return err.pow(2).mean(dim=tuple(range(1, x1.ndim)))
+
 
 def from_config(sc, adapter, evaluation: bool = False) -> ReinFlowSampler:
     """A task's ReinFlow chain (learned noise) or plain Euler ODE (``sampler.name: euler``)."""
