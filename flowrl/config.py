@@ -104,6 +104,8 @@ class SamplerConfig:
     noise_max_std: float = 0.24
     # reinflow: hidden widths of the noise network (ReinFlow: [64, 64])
     noise_hidden_dims: list[int] = field(default_factory=lambda: [64, 64])
+    # euler: the fixed std of every step's noise (0 = the plain ODE, exploration from x_0 alone; FPO's sde_sigma)
+    noise_std: float = 0.0
 
 
 @dataclass
@@ -720,6 +722,15 @@ def _unknown_key(path: str, key, names: list[str]) -> ConfigError:
         return ConfigError(
             f"config key {path!r} is now {RENAMED[path]}; rename it in the task file or override"
         )
+    if path.startswith("algorithm."):  # an option of another objective than the method's
+        from flowrl.objectives import OBJECTIVES, objective_class
+
+        for name in OBJECTIVES:
+            if key in {f.name for f in dataclasses.fields(objective_class(name).Options)}:
+                return ConfigError(
+                    f"config key {path!r} is an option of the {name} objective, not of this algorithm.name's; "
+                    "remove it from the task (or override) when switching methods"
+                )
     return ConfigError(
         f"unknown config key {path!r}{_suggest(str(key), names)}; valid keys here: {', '.join(names)}"
     )

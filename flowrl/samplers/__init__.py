@@ -6,7 +6,7 @@ flow_cps  coefficient-preserving flow sampling (SD3, Flux)
 lcm       multistep consistency sampling with re-noising (LCM; RLCM)
 ddpm      DDPM with a std floor, the last K steps an MDP (diffusion policies; DPPO)
 reinflow  Euler steps of a flow policy with a learned noise std (flow policies; ReinFlow)
-euler     the flow policy's plain Euler ODE, exploration from x_0 alone (likelihood-free objectives: FPO)
+euler     the flow policy's Euler steps with a fixed std (0: the ODE, exploration from x_0 alone; FPO)
 
 Every one subclasses :class:`~flowrl.samplers.base.ChainSampler`; :data:`SAMPLERS` maps a name to
 the function that builds it from a task's ``sampler`` section.
@@ -191,10 +191,13 @@ def validate_sampler(cfg) -> None:
             "sampler.noise_min_std and noise_max_std must satisfy 0 < min <= max, got "
             f"{s.noise_min_std}, {s.noise_max_std}"
         )
-    if needs_log_probs and s.name == "euler":
+    if s.noise_std < 0:
+        raise ConfigError(f"sampler.noise_std must be >= 0, got {s.noise_std}; set 0 for the plain ODE")
+    if needs_log_probs and s.name == "euler" and s.noise_std == 0:
         raise ConfigError(
-            f"sampler.name=euler is the deterministic ODE, with no per-step log-prob for {cfg.algorithm.name}; "
-            "use sampler.name=reinflow, or a likelihood-free method such as algorithm.name=fpo"
+            f"sampler.name=euler with sampler.noise_std=0 is the deterministic ODE, with no per-step log-prob for "
+            f"{cfg.algorithm.name}; set sampler.noise_std > 0, use sampler.name=reinflow, or a likelihood-free "
+            "method such as algorithm.name=fpo"
         )
 
 

@@ -44,24 +44,33 @@ class ReinFlowSampler(ChainSampler):
     Args:
         num_steps: K, flow steps per action chunk (ReinFlow: 1 to 4).
         logprob_reduction: ``"mean"`` or ``"sum"`` over the (Ta, Da) chunk (see ``reduce_event``).
-        fixed_std: the std of every stochastic step for a policy without a noise network.
-        noise: False gives the plain Euler ODE (``euler``): every step its mean, exploration from
-            x_0 alone (for objectives that need no per-step likelihood, such as FPO).
+        fixed_std: the std of every stochastic step when it is not learned: for ``euler``, and for
+            a policy without a noise network (a BC policy, stochastically guided).
+        learned: the std comes from the policy's noise network (ReinFlow); False (``euler``):
+            every step has the fixed std, 0 being the plain ODE whose exploration comes from x_0
+            alone (objectives that need no per-step likelihood, such as FPO; a fixed std > 0 is
+            FPO's optional ``sde_sigma``).
     """
 
     prediction_type = "velocity"
 
     def __init__(
-        self, num_steps: int = 4, logprob_reduction: str = "mean", fixed_std: float = 0.1, noise: bool = True
+        self,
+        num_steps: int = 4,
+        logprob_reduction: str = "mean",
+        fixed_std: float = 0.1,
+        learned: bool = True,
     ):
         if num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {num_steps}")
         check_reduction(logprob_reduction)
         self.num_steps = num_steps
         self.logprob_reduction = logprob_reduction
+        if fixed_std < 0:
+            raise ValueError(f"sampler.noise_std must be >= 0, got {fixed_std}")
         self.fixed_std = fixed_std
-        self.noise = noise
-        self.name = "reinflow" if noise else "euler"
+        self.learned = learned
+        self.name = "reinflow" if learned else "euler"
         self.timesteps = torch.arange(num_steps + 1, dtype=torch.float32) / num_steps  # (K+1,) 0 .. 1
         self.model_timesteps, self.next_timesteps = self.timesteps[:-1], self.timesteps[1:]  # (K,) each
 
@@ -110,7 +119,7 @@ class ReinFlowSampler(ChainSampler):
 
     # ------------------------------------------------------------------ the chain
     def stochastic_steps(self, generator: torch.Generator | None = None) -> set[int]:
-        return set(range(self.num_steps)) if self.noise else set()
+        return set(range(self.num_steps)) if self.learned or self.fixed_std > 0 else set()
 
     def predict(self, adapter, x, k, cond, guidance_scale=1.0, reference=False, stochastic=True):
         """(velocity, std) at step k: the policy's velocity and, for a stochastic step, its noise
@@ -119,7 +128,7 @@ class ReinFlowSampler(ChainSampler):
         v = adapter.reference_forward(x, t, cond) if reference else adapter(x, t, cond)
         if not stochastic:
             return v, None
-        if getattr(adapter, "noise_net", None) is None:
+        if not self.learned or getattr(adapter, "noise_net", None) is None:
             return v, torch.full_like(v, self.fixed_std)
         return v, adapter.noise_std(t, cond)
 
@@ -162,5 +171,8 @@ class ReinFlowSampler(ChainSampler):
 
 
 def from_config(sc, adapter, evaluation: bool = False) -> ReinFlowSampler:
-    """A task's ReinFlow chain (learned noise) or plain Euler ODE (``sampler.name: euler``)."""
-    return ReinFlowSampler(sc.num_steps, sc.logprob_reduction, noise=sc.name != "euler")
+    """A task's ReinFlow chain (learned noise) or Euler chain with a fixed std (``sampler.name:
+    euler``, ``sampler.noise_std``; 0 = the ODE)."""
+    if sc.name == "euler":
+        return ReinFlowSampler(sc.num_steps, sc.logprob_reduction, fixed_std=sc.noise_std, learned=False)
+    return ReinFlowSampler(sc.num_steps, sc.logprob_reduction)
