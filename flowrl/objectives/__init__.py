@@ -1,7 +1,7 @@
 """Objectives: what an update minimizes, one file each, plug-ins of the one update loop.
 
     ppo   the PPO family on per-step log-probs: DDPO, GRPO, LOOP, REINFORCE, DPPO, ReinFlow
-    fpo   Flow Policy Optimization: a ratio from the flow-matching loss, no likelihood needed
+    fpo   Flow Policy Optimization (FPO, FPO++): a ratio from the flow-matching loss, no likelihood needed
 
 A *method* is the name a user picks (``algorithm.name``): an objective with a default advantage
 estimator and its paper's defaults, written under the task file's own values. Adding an
@@ -75,6 +75,13 @@ METHODS: dict[str, Method] = {
         ("text_to_image", "env"),
         {"algorithm": {"clip_range": 0.05}},
         cite="McAllister et al. 2025, arXiv 2507.21053",
+    ),
+    "fpo++": Method(
+        "fpo",
+        None,
+        ("text_to_image", "env"),
+        {"algorithm": {"clip_range": 0.05, "fpo_ratio": "per_sample", "trust_region": "aspo"}},
+        cite="Yi, Choi et al. 2026, Flow Policy Gradients for Robot Control",
     ),
 }
 
