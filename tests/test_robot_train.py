@@ -160,3 +160,70 @@ def test_bad_robot_input_stops_with_a_clear_message(tmp_path, capsys, keep_threa
     assert "flowrl pretrain" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="action_horizon"):
         load_config(task, ["env.action_steps=8"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "task, extra",
+    [
+        ("robot_inverted_pendulum_reinflow", []),
+        # critic warmup leaves the policy's gradients empty for an epoch (DDP must allow it);
+        # bf16 autocast on the CPU; TensorBoard through accelerate
+        (
+            "robot_inverted_pendulum_dppo",
+            ["algorithm.critic_warmup_epochs=1", "train.mixed_precision=bf16", "train.log_with=tensorboard"],
+        ),
+    ],
+    ids=["reinflow", "dppo-warmup-bf16-tensorboard"],
+)
+def test_two_process_robot_training_keeps_ranks_in_sync(tmp_path, task, extra):
+    """torchrun, 2 CPU processes (gloo) through the run shell, as text-to-image runs: each rank
+    rolls out its own envs (its own reset seeds), gradients of the policy and the value network
+    are averaged, and the weights stay identical; env steps are counted over both ranks."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = [
+        f"train.output_dir={tmp_path}",
+        "pretrain.steps=30",
+        "demos.num_episodes=2",
+        "pretrain.eval_episodes=0",
+    ]
+    pretrain(load_config(task, common), task, progress=False)
+    script = tmp_path / "two_proc.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from flowrl.config import load_config\n"
+        "from flowrl.run import Run\n"
+        f"cfg = load_config({task!r}, {common!r} + ['train.run_name=ddp', 'train.num_epochs=2', 'env.n_steps=16', "
+        f"'env.num_envs=2', 'env.eval_episodes=1', 'train.minibatch_size=32', 'train.eval_every=0'] + {extra!r})\n"
+        f"run = Run(cfg, {task!r}, progress=False)\n"
+        "assert run.world == 2, run.world\n"
+        "run.train()\n"
+        "save_file({k: v.contiguous() for k, v in run.trainable_state_dict().items()}, "
+        f"'{tmp_path}/rank%d.safetensors' % run.rank)\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29534",
+        str(script),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    one_rank = 2 * 16 * 4  # envs x chunk steps x actions per chunk: the most one rank can take
+    assert one_rank < rows[1]["env_steps_epoch"] <= 2 * one_rank  # both ranks' steps
+    if "train.log_with=tensorboard" in extra:
+        assert list((tmp_path / "ddp" / "logs").rglob("events.out.tfevents.*"))
