@@ -234,8 +234,8 @@ def robot_table(kind: str, obs: torch.Tensor, reward, target: list[float], seeds
 def pendulum(episodes: int = 8) -> None:
     import tempfile
 
-    from flowrl.collectors.env import evaluate
     from flowrl.config import load_config
+    from flowrl.envs.rollouts import evaluate
     from flowrl.guidance import ChunkReward, GuidedSampler
     from flowrl.guidance.actions import SimulatedReturn
     from flowrl.models.policy import load_policy

@@ -27,7 +27,7 @@ from _cpu_load import ForeignCPU, wait_for_quiet  # bench/ is on sys.path when r
 def rate(vec, seconds: float, action_steps: int, policy=None, sampler=None) -> float:
     """Environment steps per second (a chunk counts the actions it executed); random chunks when
     ``policy`` is None, else the stochastic sampler's."""
-    from flowrl.collectors.env import act
+    from flowrl.envs.rollouts import act
     from flowrl.envs.wrappers import executed_steps
 
     low, high = vec.single_action_space.low, vec.single_action_space.high

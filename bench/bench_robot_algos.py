@@ -251,7 +251,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from flowrl.config import load_config
-    from flowrl.pretrain import resolve_demonstrations
+    from flowrl.data.experts import resolve_demonstrations
 
     tasks = dict(zip(ALGOS, args.task_pair or find_task_pair(args.env)))
     common = [

@@ -53,7 +53,7 @@ def _need_env(cfg, command: str) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
-    from flowrl.collectors.env import format_return
+    from flowrl.envs.rollouts import format_return
     from flowrl.pretrain import pretrain
 
     cfg, name = _task_config(args)
@@ -77,7 +77,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     ``smc`` steer every chunk with an action reward from ``ACTION_REWARDS``."""
     import torch
 
-    from flowrl.collectors.env import evaluate, format_return
+    from flowrl.envs.rollouts import evaluate, format_return
     from flowrl.errors import ConfigError
     from flowrl.guidance import ACTION_REWARDS, ChunkReward, GuidedSampler, RLGuidedAdapter
     from flowrl.models.policy import load_policy

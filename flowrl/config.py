@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
-import difflib
 import functools
 import inspect
 import types
@@ -34,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from flowrl.core.schedule import LR_SCHEDULES
-from flowrl.errors import ConfigError
+from flowrl.errors import ConfigError, suggest
 
 __all__ = ["ConfigError", "TaskConfig", "load_config", "config_to_dict", "field_docs"]
 
@@ -561,12 +560,7 @@ def need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-suggest = _suggest
+_suggest = suggest
 
 
 def lr_schedule_problem(schedule: str, warmup: int, final_ratio: float) -> str | None:

@@ -15,42 +15,19 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from flowrl.config import TaskConfig
-from flowrl.data.demos import Demonstrations, load_demonstrations
+from flowrl.data.experts import resolve_demonstrations
 from flowrl.errors import ConfigError
 from flowrl.models.policy import ChunkPolicy
 from flowrl.report import MetricsWriter
 
-
-def resolve_demonstrations(cfg: TaskConfig, bc_dir: Path) -> Demonstrations:
-    """The task's demonstrations: read ``demos.path``, or generate them with the scripted expert
-    (cached as ``<bc_dir>/demos.npz``)."""
-    d = cfg.demos
-    if d.path is not None:
-        try:
-            return load_demonstrations(d.path, d.format, d.obs_keys)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
-                f"{e}; the task file's header says how to get its demonstrations (Minari, D4RL or your own npz)"
-            ) from e
-        except (ValueError, ImportError, KeyError) as e:
-            raise ConfigError(f"demos.path={d.path} (format {d.format}): {e}") from e
-    cached = bc_dir / "demos.npz"
-    if cached.is_file():
-        return load_demonstrations(cached)
-    from flowrl.data.experts import collect_demonstrations
-
-    demos = collect_demonstrations(
-        cfg.env.id, d.expert, d.num_episodes, d.seed, cfg.env.kwargs, d.expert_kwargs
-    )
-    demos.save(cached)
-    return demos
+if TYPE_CHECKING:
+    from flowrl.config import TaskConfig
 
 
 def build_policy(cfg: TaskConfig, obs_dim: int, action_dim: int) -> ChunkPolicy:
@@ -92,7 +69,7 @@ def pretrain(cfg: TaskConfig, task_name: str, progress: bool = True) -> dict:
     """Behavior-clone the task's demonstrations; returns a summary (loss, evaluation, folder)."""
     from tqdm.auto import tqdm
 
-    from flowrl.collectors.env import evaluate
+    from flowrl.envs.rollouts import evaluate
 
     pt = cfg.pretrain
     bc_dir = cfg.bc_dir(task_name)

@@ -39,7 +39,7 @@ def test_vlm_rm_reward_matches_its_definition():
 def test_clip_reward_wrapper_on_rendered_frames(monkeypatch):
     if "MUJOCO_GL" not in os.environ:
         monkeypatch.setenv("MUJOCO_GL", "egl")
-    from flowrl.collectors.env import render_available
+    from flowrl.envs.rollouts import render_available
 
     if not render_available():
         pytest.skip("no headless MuJoCo renderer here (MUJOCO_GL=egl or osmesa)")
@@ -64,8 +64,8 @@ def test_clip_reward_wrapper_on_rendered_frames(monkeypatch):
 def test_task_config_turns_the_clip_reward_on(monkeypatch):
     if "MUJOCO_GL" not in os.environ:
         monkeypatch.setenv("MUJOCO_GL", "egl")
-    from flowrl.collectors.env import env_kwargs, render_available
     from flowrl.config import load_config
+    from flowrl.envs.rollouts import env_kwargs, render_available
     from flowrl.envs.wrappers import make_env
 
     if not render_available():

@@ -18,8 +18,6 @@ along the sampler's mean path (no exploration noise), the same starts at every e
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -30,9 +28,17 @@ from flowrl.chain import Chain
 from flowrl.collectors.base import Collector
 from flowrl.core import seeding
 from flowrl.core.gae import generalized_advantage_estimate
-from flowrl.envs.wrappers import executed_steps, make_env, make_vector_env
-from flowrl.errors import ConfigError
-from flowrl.report import finish_plot
+from flowrl.envs.rollouts import (
+    act,
+    env_kwargs,
+    format_return,
+    plot_learning_curve,
+    record_video,
+    render_available,
+)
+from flowrl.envs.rollouts import evaluate as evaluate_policy
+from flowrl.envs.wrappers import executed_steps, make_vector_env
+from flowrl.errors import ConfigError, suggest
 
 # the env kind's layer of defaults (DPPO's and ReinFlow's gym settings, at laptop size)
 DEFAULTS = {
@@ -96,8 +102,6 @@ class EnvCollector(Collector):
         if ":" not in e.id:  # "module:Env" ids register themselves when gymnasium imports the module
             known = list(gym.envs.registry)
             if e.id not in known:
-                from flowrl.config import suggest
-
                 raise ConfigError(
                     f"env.id: unknown environment {e.id!r}{suggest(e.id, known)}; give a registered gymnasium id "
                     "such as InvertedPendulum-v5, Hopper-v5 or Reacher-v5 (or module:EnvId for your own env)"
@@ -143,8 +147,6 @@ class EnvCollector(Collector):
                 f"env.eval_episodes must be >= 1 (10 or more for a stated result), got {e.eval_episodes}"
             )
         if d.format not in DEMO_FORMATS:
-            from flowrl.config import suggest
-
             raise ConfigError(
                 f"demos.format: unknown format {d.format!r}{suggest(d.format, DEMO_FORMATS)}; choose one of {DEMO_FORMATS}"
             )
@@ -183,7 +185,7 @@ class EnvCollector(Collector):
         """The demonstrations as normalized BC windows (for ``algorithm.bc_coef``)."""
         if self.cfg.algorithm.bc_coef <= 0:
             return None
-        from flowrl.pretrain import resolve_demonstrations
+        from flowrl.data.experts import resolve_demonstrations
 
         cfg, p = self.cfg, self.policy
         obs_w, act_w = resolve_demonstrations(cfg, cfg.bc_dir(self.run.task_name)).windows(
@@ -281,7 +283,9 @@ class EnvCollector(Collector):
         if not run.accelerator.is_main_process:
             return {}
         self.policy.eval()
-        ev = evaluate(self.policy, run.sampler, self.cfg, self.cfg.env.eval_episodes, self.cfg.eval_seed)
+        ev = evaluate_policy(
+            self.policy, run.sampler, self.cfg, self.cfg.env.eval_episodes, self.cfg.eval_seed
+        )
         row = {"env_steps": self.env_steps, **{f"eval_{k}": v for k, v in ev.items() if k != "returns"}}
         row["eval_returns"] = ev["returns"]
         if self.cfg.env.video and epoch == self.cfg.train.num_epochs:
@@ -329,171 +333,3 @@ class EnvCollector(Collector):
 
     def close(self) -> None:
         self.vec.close()
-
-
-def format_return(ev: dict, prefix: str = "eval_") -> str:
-    text = f"{ev[prefix + 'return_mean']:.1f} +/- {ev[prefix + 'return_std']:.1f}"
-    if prefix + "success_rate" in ev:
-        text += f" (success {ev[prefix + 'success_rate']:.0%})"
-    return text
-
-
-# ---------------------------------------------------------------------- rollouts
-def env_kwargs(cfg) -> dict:
-    """Keyword arguments of :func:`~flowrl.envs.wrappers.make_env` for a task config."""
-    e = cfg.env
-    kwargs = dict(
-        env_id=e.id,
-        obs_horizon=e.obs_horizon,
-        action_steps=e.action_steps,
-        env_kwargs=e.kwargs,
-        max_episode_steps=e.max_episode_steps,
-    )
-    if cfg.clip_reward.enabled:
-        from flowrl.envs.clip_reward import clip_reward_wrapper
-
-        kwargs.update(render_mode="rgb_array", inner_wrappers=(clip_reward_wrapper(cfg.clip_reward),))
-        kwargs["env_kwargs"] = dict(
-            e.kwargs, width=cfg.clip_reward.render_size, height=cfg.clip_reward.render_size
-        )
-    return kwargs
-
-
-@torch.no_grad()
-def act(policy, sampler, obs: np.ndarray, action_steps: int, generator, deterministic: bool):
-    """Observation histories (N, To, Do) in env units -> (chunk (N, Te, Da) in env units, Chain)."""
-    chain = sampler.sample(
-        policy, torch.as_tensor(obs, device=policy.device), generator=generator, deterministic=deterministic
-    )
-    chunk = policy.decode(chain.latents[:, -1, :action_steps])  # (N, Te, Da)
-    return chunk.cpu().numpy(), chain
-
-
-def evaluate(policy, sampler, cfg, num_episodes: int, seed: int) -> dict:
-    """Mean and spread of the return over ``num_episodes`` episodes, reset seeds seed, seed+1, ...,
-    along the sampler's mean path (no exploration noise; the initial noise from a generator seeded
-    with ``seed``). Also the mean episode length and, when ``env.success_return`` is set, the
-    success rate. ``sampler`` may be a :class:`~flowrl.guidance.GuidedSampler`."""
-    vec = make_vector_env(num_episodes, **env_kwargs(cfg))
-    obs, _ = vec.reset(seed=[seed + i for i in range(num_episodes)])
-    gen = torch.Generator().manual_seed(seed)
-    returns = np.full(num_episodes, np.nan)
-    lengths = np.zeros(num_episodes, dtype=np.int64)
-    active = np.ones(num_episodes, dtype=bool)
-    while active.any():
-        chunk, _ = act(policy, sampler, obs, cfg.env.action_steps, gen, deterministic=True)
-        obs, _, terminated, truncated, info = vec.step(chunk)
-        ended = (terminated | truncated) & active
-        if ended.any():
-            final = info["final_info"]
-            returns[ended] = final["episode_return"][ended]
-            lengths[ended] = final["episode_length"][ended]
-            active &= ~ended
-    vec.close()
-    out = {
-        "return_mean": float(returns.mean()),
-        "return_std": float(returns.std()),
-        "return_min": float(returns.min()),
-        "return_max": float(returns.max()),
-        "length_mean": float(lengths.mean()),
-        "returns": [float(r) for r in returns],
-    }
-    if cfg.env.success_return is not None:
-        out["success_rate"] = float((returns >= cfg.env.success_return).mean())
-    return out
-
-
-def plot_learning_curve(rows: list[dict], path: str | os.PathLike, title: str) -> None:
-    """Evaluation return (mean +/- std over the fixed-seed episodes) and the mean return of
-    training episodes against environment steps, saved as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ev = [r for r in rows if "eval_return_mean" in r]
-    tr = [r for r in rows if r.get("train_return_mean") is not None]
-    if not ev and not tr:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    if tr:
-        ax.plot(
-            [r["env_steps"] for r in tr],
-            [r["train_return_mean"] for r in tr],
-            alpha=0.6,
-            label="training episodes (with exploration noise)",
-        )
-    if ev:
-        x = np.array([r["env_steps"] for r in ev])
-        m = np.array([r["eval_return_mean"] for r in ev])
-        s = np.array([r["eval_return_std"] for r in ev])
-        ax.plot(x, m, marker="o", ms=3, label="evaluation (deterministic, fixed seeds)")
-        ax.fill_between(x, m - s, m + s, alpha=0.2)
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("episode return")
-    finish_plot(fig, ax, title, path)
-
-
-def render_available() -> bool:
-    """Whether MuJoCo can render offscreen here (set MUJOCO_GL=egl on a headless machine)."""
-    try:
-        env = gym.make("InvertedPendulum-v5", render_mode="rgb_array", width=16, height=16)
-        env.reset(seed=0)
-        frame = env.render()
-        env.close()
-        return frame is not None and frame.shape == (16, 16, 3)
-    except Exception:
-        return False
-
-
-class FrameRecorder(gym.Wrapper):
-    """Keeps the rendered frame after every reset and simulator step."""
-
-    def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.frames: list[np.ndarray] = []
-
-    def reset(self, **kwargs):
-        out = self.env.reset(**kwargs)
-        self.frames.append(self.env.render())
-        return out
-
-    def step(self, action):
-        out = self.env.step(action)
-        self.frames.append(self.env.render())
-        return out
-
-
-@torch.no_grad()
-def record_video(policy, sampler, cfg, path: str | os.PathLike, seed: int, size: int = 256) -> int:
-    """Render one deterministic episode (reset seed ``seed``) to an animated GIF (every second
-    simulator frame, real time); returns the number of frames written."""
-    from PIL import Image
-
-    recorders: list[FrameRecorder] = []
-
-    def recorder(env: gym.Env) -> FrameRecorder:
-        recorders.append(FrameRecorder(env))
-        return recorders[-1]
-
-    kwargs = env_kwargs(cfg)
-    kwargs.update(
-        render_mode="rgb_array",
-        env_kwargs=dict(kwargs["env_kwargs"], width=size, height=size),
-        inner_wrappers=(recorder, *kwargs.get("inner_wrappers", ())),
-    )
-    env = make_env(**kwargs)
-    obs, _ = env.reset(seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    done = False
-    while not done:
-        chunk, _ = act(policy, sampler, obs[None], cfg.env.action_steps, gen, deterministic=True)
-        obs, _, terminated, truncated, _ = env.step(chunk[0])
-        done = terminated or truncated
-    dt = env.unwrapped.dt
-    env.close()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(f) for f in recorders[0].frames[::2]]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=max(int(2000 * dt), 20), loop=0)
-    return len(images)

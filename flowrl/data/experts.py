@@ -16,11 +16,12 @@ Expert names are looked up in :data:`EXPERTS`; :func:`collect_demonstrations` ru
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from flowrl.data.demos import Demonstrations
+from flowrl.data.demos import Demonstrations, load_demonstrations
 
 
 class Expert(Protocol):
@@ -154,3 +155,28 @@ def collect_demonstrations(
         ends.append(len(obs_list))
     env.close()
     return Demonstrations(np.array(obs_list), np.array(act_list), np.array(ends), np.array(rew_list), env_id)
+
+
+def resolve_demonstrations(cfg, bc_dir: Path) -> Demonstrations:
+    """The task's demonstrations: read ``demos.path``, or generate them with the scripted expert
+    (cached as ``<bc_dir>/demos.npz``)."""
+    d = cfg.demos
+    if d.path is not None:
+        try:
+            return load_demonstrations(d.path, d.format, d.obs_keys)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e}; the task file's header says how to get its demonstrations (Minari, D4RL or your own npz)"
+            ) from e
+        except (ValueError, ImportError, KeyError) as e:
+            from flowrl.errors import ConfigError
+
+            raise ConfigError(f"demos.path={d.path} (format {d.format}): {e}") from e
+    cached = bc_dir / "demos.npz"
+    if cached.is_file():
+        return load_demonstrations(cached)
+    demos = collect_demonstrations(
+        cfg.env.id, d.expert, d.num_episodes, d.seed, cfg.env.kwargs, d.expert_kwargs
+    )
+    demos.save(cached)
+    return demos

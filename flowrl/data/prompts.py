@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowrl.config import ConfigError
+from flowrl.errors import ConfigError
 
 PROMPT_SETS: dict[str, list[str]] = {
     # DDPO's "simple_animals" style set, shortened

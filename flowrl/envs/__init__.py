@@ -1,2 +1,3 @@
 """gymnasium environments for chunked policies: the action-chunk wrapper and vector envs
-(``wrappers``), and the VLM-RM CLIP reward on rendered frames (``clip_reward``)."""
+(``wrappers``), rollouts and deterministic evaluation of a policy (``rollouts``), and the VLM-RM
+CLIP reward on rendered frames (``clip_reward``)."""

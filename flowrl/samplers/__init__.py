@@ -18,6 +18,7 @@ import importlib
 
 from flowrl.core.gaussian import gaussian_log_prob, reduce_event
 from flowrl.errors import ConfigError
+from flowrl.errors import suggest as _suggest
 from flowrl.samplers.base import ChainSampler, StepOutput
 from flowrl.samplers.ddim import DDIMSampler
 
@@ -199,13 +200,6 @@ def validate_sampler(cfg) -> None:
             f"{cfg.algorithm.name}; set sampler.noise_std > 0, use sampler.name=reinflow, or a likelihood-free "
             "method such as algorithm.name=fpo"
         )
-
-
-def _suggest(key, options) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(str(key), list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 __all__ = [
