@@ -68,7 +68,7 @@ def test_the_gpu_check_script_runs_here():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "cuda_check.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "cuda_check.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--device", "cpu", "--skip-train"],
         capture_output=True,

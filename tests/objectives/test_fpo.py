@@ -17,7 +17,7 @@ from flowrl.objectives.base import Minibatch
 from flowrl.objectives.fpo import FPO, FPOOptions, spo_surrogate
 from flowrl.samplers.reinflow import ReinFlowSampler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIMS = dict(obs_dim=3, action_dim=2, obs_horizon=1, action_horizon=4, hidden_dims=[32, 32])
 
 

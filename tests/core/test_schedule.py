@@ -13,7 +13,7 @@ from flowrl.config import ConfigError, load_config
 from flowrl.core.schedule import lr_factor, set_lr
 from flowrl.run import Run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_warmup_is_linear_and_reaches_the_base_rate():

@@ -20,7 +20,7 @@ from flowrl.models.sd import StableDiffusionAdapter
 from flowrl.rewards import Reward, RewardError
 from flowrl.samplers.ddim import DDIMSampler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
