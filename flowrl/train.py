@@ -14,7 +14,9 @@ cuts it into minibatches of ``train.minibatch_size`` (:func:`plan`):
 - ``minibatch_unit: pair``: (trajectory, step) pairs shuffled across trajectories (DPPO).
 
 ``optim.gradient_accumulation_steps`` minibatches make one optimizer step; each forward's loss
-is weighted so the step's gradient is the mean over all its pairs, whatever J. Gradients are
+is weighted by 1 / (accumulation x the minibatch's trained pairs), so a full accumulation cycle's
+gradient is the mean over all its pairs, whatever J (a last, partial cycle keeps the same weight,
+as DDPO and accelerate do). Gradients are
 clipped per parameter group (the policy's, the value network's), a non-finite loss or gradient
 is caught at the step with one host sync (``train.on_nonfinite``), the learning rate follows
 its schedule (a pure function of the step or epoch count), EMA follows the weights, and with
@@ -31,6 +33,7 @@ from torch import Tensor
 
 from flowrl.chain import Chain
 from flowrl.core.schedule import lr_factor, set_lr
+from flowrl.core.seeding import OBJECTIVE
 from flowrl.errors import ConfigError
 from flowrl.objectives.base import Minibatch
 
@@ -73,9 +76,22 @@ def plan(
             for i in range(0, B, size)
         ]
     if steps == "all":
-        every = torch.arange(K)
+        # every stochastic step, in order; deterministic steps (LCM's, CPS's last, outside an SDE
+        # window) carry no log-prob and are left out, which needs them at the same columns in every row
+        stochastic = torch.isfinite(chain.log_probs).cpu()  # (B, K)
+        columns = stochastic.all(0)
+        if not bool((stochastic == columns).all()):
+            raise ConfigError(
+                "this objective trains every step of a chain in order, but the rows' stochastic steps differ "
+                "(an SDE window drawn per batch); set algorithm.ratio_scope=step, or sampler.window_max_start=0 for a fixed window"
+            )
+        every = torch.nonzero(columns).flatten()
         return [
-            [Minibatch(perm[i : i + size], every.expand(len(perm[i : i + size]), K), 1.0 / accumulation)]
+            [
+                Minibatch(
+                    perm[i : i + size], every.expand(len(perm[i : i + size]), len(every)), 1.0 / accumulation
+                )
+            ]
             for i in range(0, B, size)
         ]
     # each trajectory trains on its own random subset of Kt of its stochastic steps (those with a
@@ -104,7 +120,8 @@ def update(run, chain: Chain, epoch: int) -> dict:
     t, o, a = cfg.train, cfg.optim, cfg.algorithm
     accumulation = o.gradient_accumulation_steps
     fraction = getattr(a.options, "timestep_fraction", 1.0)
-    objective.prepare(chain, epoch, run.seeds.generator(epoch, 4))
+    with acc.autocast():  # the old losses under the same precision as the new ones (FPO's ratio 1)
+        objective.prepare(chain, epoch, run.seeds.generator(epoch, OBJECTIVE))
     groups = [g["params"] for g in run.optimizer.param_groups]
     sums: dict[str, Tensor] = {}
     count, skipped, scaler_skips, updates, stopped_early = 0, 0, 0, 0, False

@@ -179,3 +179,35 @@ def test_compile_changes_speed_not_the_update(tmp_path):
     assert abs(i1["ratio_mean"] - 1) < 1e-5 and abs(i0["ratio_mean"] - 1) < 1e-5, (i0, i1)
     assert g0.norm() > 0
     torch.testing.assert_close(g1, g0, rtol=0, atol=1e-3 * g0.abs().max().item())
+
+
+def _chain_with_log_probs(log_probs):
+    from flowrl.chain import Chain
+
+    B, K = log_probs.shape
+    return Chain(
+        latents=torch.zeros(B, K + 1, 1),
+        timesteps=torch.zeros(B, K),
+        next_timesteps=torch.zeros(B, K),
+        log_probs=log_probs,
+        cond={},
+    )
+
+
+def test_chain_scope_trains_the_stochastic_columns_and_rejects_ragged_rows():
+    """steps "all" (a chain-scope ratio) sums log-probs over whole rows, so a deterministic step
+    (NaN log-prob: LCM's, CPS's last) must be left out, and it can only be when every row has it
+    at the same column."""
+    from flowrl.errors import ConfigError
+    from flowrl.train import plan
+
+    lp = torch.zeros(6, 4)
+    lp[:, 3] = float("nan")
+    mbs = plan(_chain_with_log_probs(lp), "all", "trajectory", 4, 1.0, 0, 1, torch.Generator().manual_seed(0))
+    assert [len(f) for f in mbs] == [1, 1]
+    for (mb,) in mbs:
+        assert mb.steps.tolist() == [[0, 1, 2]] * len(mb.rows)
+    assert sorted(torch.cat([f[0].rows for f in mbs]).tolist()) == list(range(6))
+    lp[0, 3], lp[0, 0] = 0.0, float("nan")  # row 0's deterministic step elsewhere
+    with pytest.raises(ConfigError, match="ratio_scope=step"):
+        plan(_chain_with_log_probs(lp), "all", "trajectory", 4, 1.0, 0, 1, torch.Generator().manual_seed(0))

@@ -75,7 +75,7 @@ def group_advantages(
 
     ``std_scope="group"`` divides by each group's std (GRPO), ``"batch"`` by the batch std
     (Flow-GRPO's option, Dr. GRPO's argument), ``"none"`` centers only. A group whose rewards are
-    all equal carries no signal: its advantages are 0 and the mask says so (Flow-GRPO drops them).
+    all equal carries no signal: its advantages are 0 and the mask says so (Flow-GRPO zeroes them too; they stay in the minibatches).
     """
     g = _group_index(groups).to(rewards.device)
     n = int(g.max()) + 1

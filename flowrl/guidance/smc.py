@@ -4,7 +4,7 @@ https://arxiv.org/abs/2501.06848; twisted SMC, Wu et al. 2023).
 P particles per prompt run the sampler side by side. Every ``resample_every`` steps each particle
 is scored at its predicted clean sample, r_k = r(decode(x0_hat_k)), and weighted by a potential:
 
-    difference : G_k = exp(lambda * (r_k - r_{k_prev}))       (the product telescopes to exp(lambda r_K))
+    difference : G_k = exp(lambda * (r_k - r_{k_prev}))       (telescopes to exp(lambda r at the last scored step))
     immediate  : G_k = exp(lambda * r_k)
     max        : G_k = exp(lambda * max(r_<=k))
 
@@ -90,9 +90,7 @@ def smc_guidance(
         # 3. resample where the ESS fell below the threshold
         need = ess < ess_threshold * P
         if need.any():
-            idx = systematic_resample(
-                w, generator if generator is None or generator.device == w.device else None
-            )
+            idx = systematic_resample(w, generator)
             idx = torch.where(need[:, None], idx, torch.arange(P, device=device).expand(G, P))
             flat = (idx + torch.arange(G, device=device)[:, None] * P).flatten()  # (G * P,)
             x, prev_r, best_r = x[flat], prev_r.flatten()[flat].view(G, P), best_r.flatten()[flat].view(G, P)

@@ -1,7 +1,7 @@
 """Flow Policy Optimization (FPO; McAllister et al. 2025, "Flow Matching Policy Gradients",
 arXiv 2507.21053): PPO's clipped surrogate with a ratio built from the flow-matching loss of the
-final sample, so it needs no per-step likelihood and works with any sampler, the deterministic
-ODE included.
+final sample, so it needs no per-step likelihood and works with any sampler that defines a
+denoising loss (DDIM, flow, Euler, DDPM; the deterministic ODE included; not LCM or ReinFlow).
 
     M  rows of the minibatch   N  Monte Carlo (step, noise) pairs per row (``num_mc_samples``)
 

@@ -10,7 +10,8 @@ For row b (a trajectory) and chain step k, with old log-prob log pi_old from sam
 ``ratio_scope: step`` (DDPO eq. 4, Black et al. 2023; Flow-GRPO; DPPO, Ren et al. 2024): one ratio
 per pair, each with the row's advantage A_b, in DPPO weighted by the denoising discount
 gamma_d ** (K - 1 - k) (later, less noisy steps weigh more). ``ratio_scope: chain`` (ReinFlow,
-Zhang et al. 2025): one ratio per row, the log-probs of its K steps summed.
+Zhang et al. 2025): one ratio per row, the log-probs of its stochastic steps summed (so is the
+KL term; the entropy term is the mean over those steps).
 
     PPO-clip  loss_pg = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))  (Schulman et al. 2017, eq. 7)
     REINFORCE loss_pg = mean -A ratio (clip_range null)

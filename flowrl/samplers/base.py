@@ -66,7 +66,7 @@ class ChainSampler:
     """The loop every sampler shares (see the module docstring for what a subclass defines).
 
     ``name`` is the sampler's registry name (``sampler.name``), ``prediction_type`` what the
-    network predicts (epsilon, v_prediction, sample, flow), ``logprob_reduction`` how log-probs
+    network predicts (epsilon, v_prediction, sample, flow, velocity), ``logprob_reduction`` how log-probs
     reduce over the event (see :func:`~flowrl.core.gaussian.reduce_event`).
     """
 

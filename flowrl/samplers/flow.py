@@ -25,7 +25,8 @@ CPS step (keeps the coefficients of x_0 and eps those of the marginal at s'):
 
 With a = 0 both reduce to the Euler ODE step x' = x + dt * v (diffusers'
 FlowMatchEulerDiscreteScheduler.step). Steps outside the SDE window (Flow-GRPO-Fast) are ODE
-steps: deterministic, log-prob NaN, not trained.
+steps: deterministic, log-prob NaN, not trained. Under CPS the last step lands on s' = 0, so its
+std is 0: it is deterministic too (log-prob NaN, never trained).
 """
 
 from __future__ import annotations
