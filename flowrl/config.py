@@ -105,6 +105,22 @@ class SamplerConfig:
     noise_hidden_dims: list[int] = field(default_factory=lambda: [64, 64])
     # euler: the fixed std of every step's noise (0 = the plain ODE, exploration from x_0 alone; FPO's sde_sigma)
     noise_std: float = 0.0
+    # flow_cps: log-prob as Flow-GRPO's code, -(x' - mean)^2 (flow_grpo), or the Gaussian log-density (normalized)
+    cps_logprob: str = "flow_grpo"
+    # ddpm: clip of x0_hat (DPPO's denoised_clip_value); reinflow: clip of each step's mean and the final
+    # action (ReinFlow's denoised_clip_value, act range); actions are normalized to [-1, 1]; null = none
+    denoised_clip: float | None = 1.0
+    # ddpm, reinflow: clip of the drawn N(0, I) sampling noise (DPPO's and ReinFlow's randn_clip_value 3); null = none
+    noise_clip: float | None = 3.0
+    # ddpm: clamp of each element's log-density before the mean over the chunk (DPPO: [-5, 2]); null = exact
+    logprob_clip: list[float] | None = field(default_factory=lambda: [-5.0, 2.0])
+    # ddpm: evaluation chain: posterior (DPPO: DDPM std floored at 1e-3, the last step noiseless) | mean (mean path)
+    eval_noise: str = "posterior"
+    # lcm: the last step: renoise (RLCM: re-noised to t_{K-1}'s own level, its log-prob trained; the image is
+    # f(x_t)) | deterministic (f(x_t), log-prob NaN, not trained: the image never depends on that noise)
+    lcm_last_step: str = "renoise"
+    # lcm: timesteps: rlcm (RLCM's set_timesteps, as diffusers 0.23) | diffusers (the installed diffusers')
+    lcm_schedule: str = "rlcm"
 
 
 @dataclass
@@ -220,6 +236,10 @@ class AlgorithmConfig:
     group_size: int = 1
     # group advantages: divide by the group's std, the batch's std, or none
     std_scope: str = "group"
+    # group advantages: leave the trajectories of groups whose rewards are all equal out of the update
+    # (Flow-GRPO: its minibatches shrink, their number stays); false: they stay, with advantage 0 (they
+    # then dilute each minibatch's mean and still feel the KL term)
+    drop_zero_std: bool = False
     # per_prompt advantages: rewards kept per prompt for its statistics
     stat_buffer_size: int = 16
     # per_prompt advantages: rewards a prompt needs before its own statistics are used (else batch statistics)
@@ -478,6 +498,11 @@ class TaskConfig:
         need(
             a.std_scope in ("group", "batch", "none"),
             f"algorithm.std_scope: unknown scope {a.std_scope!r}; set algorithm.std_scope=group, batch or none",
+        )
+        need(
+            not a.drop_zero_std or self.advantage == "group",
+            f"algorithm.drop_zero_std drops the groups of group advantages, but the advantage here is "
+            f"{self.advantage!r}; set algorithm.advantage=group or algorithm.drop_zero_std=false",
         )
         need(
             a.group_size >= 1,

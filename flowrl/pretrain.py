@@ -55,13 +55,14 @@ def build_policy(cfg: TaskConfig, obs_dim: int, action_dim: int) -> ChunkPolicy:
 def bc_sampler(cfg: TaskConfig, policy: ChunkPolicy):
     """The sampler that evaluates a BC policy: every DDPM step on its own network (nothing is
     frozen yet), or the task's flow sampler."""
-    from flowrl.samplers import sampler_for
-    from flowrl.samplers.ddpm_policy import DDPMPolicySampler
+    import dataclasses
 
-    s = cfg.sampler
-    if policy.family == "diffusion_policy":
-        T = policy.num_train_steps
-        return DDPMPolicySampler(T, T, s.min_std, 1.0, s.logprob_reduction)
+    from flowrl.samplers import sampler_for
+
+    if policy.family == "diffusion_policy":  # the task's DDPM chain with all T steps its own
+        cfg = dataclasses.replace(
+            cfg, sampler=dataclasses.replace(cfg.sampler, ft_steps=policy.num_train_steps)
+        )
     return sampler_for(cfg, policy)
 
 

@@ -8,10 +8,14 @@ cuts it into minibatches of ``train.minibatch_size`` (:func:`plan`):
 
 - ``minibatch_unit: trajectory``: whole trajectories. An objective that trains on sampled steps
   (the PPO family, step ratios) gives each trajectory its own random subset of Kt of its
-  stochastic steps (Kt = ceil(timestep_fraction x their count): DDPO's timestep subsampling),
+  stochastic steps (Kt = int(timestep_fraction x K), at most their count: DDPO's timestep
+  subsampling; ``timestep_selection: first`` takes the first Kt in order, as Flow-GRPO),
   cut into forwards of J steps; one that needs every step in order (chain ratios, ReinFlow)
   or none (FPO) takes the rows alone.
 - ``minibatch_unit: pair``: (trajectory, step) pairs shuffled across trajectories (DPPO).
+
+With ``algorithm.drop_zero_std`` (Flow-GRPO) the trajectories of groups whose rewards are all
+equal are left out: the others fill as many minibatches as all would have, each smaller.
 
 ``optim.gradient_accumulation_steps`` minibatches make one optimizer step; each forward's loss
 is weighted by 1 / (accumulation x the minibatch's trained pairs), so a full accumulation cycle's
@@ -26,7 +30,6 @@ its schedule (a pure function of the step or epoch count), EMA follows the weigh
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import Tensor
@@ -47,9 +50,12 @@ def plan(
     timestep_batch: int,
     accumulation: int,
     g: torch.Generator,
+    selection: str = "random",
+    keep: Tensor | None = None,
 ) -> list[list[Minibatch]]:
     """One pass's minibatches, each a list of forwards (see the module docstring). ``steps`` is
-    the objective's ``sampled`` / ``all`` / ``none``; draws from ``g`` in a fixed order."""
+    the objective's ``sampled`` / ``all`` / ``none``; ``keep`` (B,) bool leaves rows out (their
+    minibatches shrink, their number stays); draws from ``g`` in a fixed order."""
     B, K = len(chain), chain.num_steps
     if unit == "pair":
         stochastic = torch.isfinite(chain.log_probs)
@@ -64,16 +70,10 @@ def plan(
             for i in range(0, B * K, size)
         ]
     perm = torch.randperm(B, generator=g)
+    chunks = _chunks(B, size, keep[perm] if keep is not None else None)  # positions into perm
     if steps == "none":
         return [
-            [
-                Minibatch(
-                    perm[i : i + size],
-                    torch.zeros(len(perm[i : i + size]), 0, dtype=torch.long),
-                    1.0 / accumulation,
-                )
-            ]
-            for i in range(0, B, size)
+            [Minibatch(perm[c], torch.zeros(len(c), 0, dtype=torch.long), 1.0 / accumulation)] for c in chunks
         ]
     if steps == "all":
         # every stochastic step, in order; deterministic steps (LCM's, CPS's last, outside an SDE
@@ -83,27 +83,25 @@ def plan(
         if not bool((stochastic == columns).all()):
             raise ConfigError(
                 "this objective trains every step of a chain in order, but the rows' stochastic steps differ "
-                "(an SDE window drawn per batch); set algorithm.ratio_scope=step, or sampler.window_max_start=0 for a fixed window"
+                "(an SDE window drawn per batch); set algorithm.ratio_scope=step, or sampler.window_max_start=0 "
+                "for a fixed window"
             )
         every = torch.nonzero(columns).flatten()
-        return [
-            [
-                Minibatch(
-                    perm[i : i + size], every.expand(len(perm[i : i + size]), len(every)), 1.0 / accumulation
-                )
-            ]
-            for i in range(0, B, size)
-        ]
-    # each trajectory trains on its own random subset of Kt of its stochastic steps (those with a
-    # log-prob: all K for DDIM, the SDE window for Flow-GRPO-Fast): (B, Kt)
+        return [[Minibatch(perm[c], every.expand(len(c), len(every)), 1.0 / accumulation)] for c in chunks]
+    # each trajectory trains on Kt of its stochastic steps (those with a log-prob: all K for DDIM,
+    # the SDE window for Flow-GRPO-Fast): its own random subset, or its first Kt in order: (B, Kt)
     stochastic = torch.isfinite(chain.log_probs).cpu()  # (B, K)
-    Kt = math.ceil(fraction * int(stochastic.sum(1).min()))
+    Kt = max(1, min(int(stochastic.sum(1).min()), int(fraction * K)))
     J = min(timestep_batch or Kt, Kt)
-    scores = torch.rand(B, K, generator=g).masked_fill(~stochastic[perm], 2.0)
-    chosen = torch.argsort(scores, dim=1)[:, :Kt]
+    if selection == "first":
+        scores = torch.arange(K, dtype=torch.float32).expand(B, K)
+    else:
+        scores = torch.rand(B, K, generator=g)
+    scores = scores.masked_fill(~stochastic[perm], float(K + 1))
+    chosen = torch.argsort(scores, dim=1, stable=True)[:, :Kt]
     out = []
-    for i in range(0, B, size):
-        rows, cols = perm[i : i + size], chosen[i : i + size]
+    for c in chunks:
+        rows, cols = perm[c], chosen[c]
         out.append(
             [
                 Minibatch(rows, cols[:, j : j + J], cols[:, j : j + J].shape[1] / (Kt * accumulation))
@@ -111,6 +109,16 @@ def plan(
             ]
         )
     return out
+
+
+def _chunks(B: int, size: int, keep: Tensor | None) -> list[Tensor]:
+    """Positions 0..B-1 cut into minibatches of ``size``; with a ``keep`` mask (B,) that drops
+    some rows (Flow-GRPO's zero-std groups), the kept positions cut into as many minibatches, each
+    smaller (so every process takes the same number of steps). Too few kept rows: keep them all."""
+    n = -(-B // size)
+    if keep is None or bool(keep.all()) or int(keep.sum()) < n:
+        return [torch.arange(i, min(i + size, B)) for i in range(0, B, size)]
+    return list(torch.tensor_split(torch.nonzero(keep).flatten(), n))
 
 
 def update(run, chain: Chain, epoch: int) -> dict:
@@ -136,6 +144,8 @@ def update(run, chain: Chain, epoch: int) -> dict:
             t.timestep_batch,
             accumulation,
             g,
+            getattr(a.options, "timestep_selection", "random"),
+            chain.metadata.get("keep"),
         )
         bad = torch.zeros((), dtype=torch.bool, device=run.device)
         step_kl: list[Tensor] = []

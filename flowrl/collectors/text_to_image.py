@@ -154,6 +154,8 @@ class TextToImageCollector(Collector):
         elif estimator == "group":
             adv, informative = group_advantages(rewards, groups, a.std_scope)
             info["zero_std_fraction"] = 1.0 - informative.float().mean().item()
+            if a.drop_zero_std:  # this process's rows that the update trains on
+                chain.metadata["keep"] = informative.reshape(run.world, -1)[run.rank].cpu()
         elif estimator == "leave_one_out":
             adv = leave_one_out_advantages(rewards, groups)
         elif estimator == "batch_mean":

@@ -67,7 +67,7 @@ def _group_index(groups: Tensor) -> Tensor:
 
 
 def group_advantages(
-    rewards: Tensor, groups: Tensor, std_scope: str = "group", eps: float = 1e-6
+    rewards: Tensor, groups: Tensor, std_scope: str = "group", eps: float = 1e-6, std_eps: float = 1e-4
 ) -> tuple[Tensor, Tensor]:
     """GRPO advantages (B,) and a (B,) mask of trajectories in groups whose rewards vary.
 
@@ -75,7 +75,9 @@ def group_advantages(
 
     ``std_scope="group"`` divides by each group's std (GRPO), ``"batch"`` by the batch std
     (Flow-GRPO's option, Dr. GRPO's argument), ``"none"`` centers only. A group whose rewards are
-    all equal carries no signal: its advantages are 0 and the mask says so (Flow-GRPO zeroes them too; they stay in the minibatches).
+    all equal (std <= ``eps``) carries no signal: its advantages are 0 and the mask says so
+    (Flow-GRPO leaves them out of the update: ``algorithm.drop_zero_std``). The std is divided
+    with ``std_eps`` added (Flow-GRPO's PerPromptStatTracker: std + 1e-4, the population std).
     """
     g = _group_index(groups).to(rewards.device)
     n = int(g.max()) + 1
@@ -86,9 +88,9 @@ def group_advantages(
     group_std = var.sqrt()[g]
     informative = group_std > eps
     if std_scope == "group":
-        adv = centered / (group_std + eps)
+        adv = centered / (group_std + std_eps)
     elif std_scope == "batch":
-        adv = centered / (rewards.std(unbiased=False) + eps)
+        adv = centered / (rewards.std(unbiased=False) + std_eps)
     elif std_scope == "none":
         adv = centered
     else:

@@ -30,12 +30,17 @@ def reduce_event(x: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"logprob_reduction must be one of {LOGPROB_REDUCTIONS}, got {reduction!r}")
 
 
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduction: str = "mean") -> Tensor:
+def gaussian_log_prob(
+    x: Tensor, mean: Tensor, std: Tensor, reduction: str = "mean", clamp: tuple[float, float] | None = None
+) -> Tensor:
     """log N(x; mean, std^2 I), elementwise then reduced over event dims: (B, *event) -> (B,).
 
-    ``std`` broadcasts against ``x`` (a (B, 1, 1, 1) per-sample std or a full tensor).
+    ``std`` broadcasts against ``x`` (a (B, 1, 1, 1) per-sample std or a full tensor). ``clamp``
+    = (lo, hi) clamps each element's log-density before the reduction (DPPO's [-5, 2]).
     """
     log_density = -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    if clamp is not None:
+        log_density = log_density.clamp(*clamp)
     return reduce_event(log_density, reduction)
 
 

@@ -66,7 +66,13 @@ METHODS: dict[str, Method] = {
         "ppo",
         "gae",
         ("env",),
-        {"algorithm": {"ratio_scope": "chain"}},
+        {
+            "algorithm": {
+                "ratio_scope": "chain",
+                "chain_logprob": "reinflow",
+                "chain_logprob_clip": [-1.0, 1.0],
+            }
+        },
         cite="Zhang et al. 2025, arXiv 2505.22094",
     ),
     "fpo": Method(

@@ -10,8 +10,12 @@ For row b (a trajectory) and chain step k, with old log-prob log pi_old from sam
 ``ratio_scope: step`` (DDPO eq. 4, Black et al. 2023; Flow-GRPO; DPPO, Ren et al. 2024): one ratio
 per pair, each with the row's advantage A_b, in DPPO weighted by the denoising discount
 gamma_d ** (K - 1 - k) (later, less noisy steps weigh more). ``ratio_scope: chain`` (ReinFlow,
-Zhang et al. 2025): one ratio per row, the log-probs of its stochastic steps summed (so is the
-KL term; the entropy term is the mean over those steps).
+Zhang et al. 2025): one ratio per row from the log-prob of its S stochastic steps, summed
+(``chain_logprob: sum``; the KL term summed too, the entropy the steps' mean) or as ReinFlow's
+code (``chain_logprob: reinflow``: (log N(x_0; 0, I) + the steps') / (S + 1), new and old clamped
+to ``chain_logprob_clip``; the KL / (S + 1), the entropy rate (H(x_0) + sum_k H_k) / (S + 1)).
+``kl_estimator: flow_grpo`` divides the KL by Flow-GRPO's sigma_s^2 instead of the transition's
+variance (docs/faithful.md).
 
     PPO-clip  loss_pg = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))  (Schulman et al. 2017, eq. 7)
     REINFORCE loss_pg = mean -A ratio (clip_range null)
@@ -31,7 +35,7 @@ import torch
 from torch import Tensor
 
 from flowrl.chain import Chain
-from flowrl.core.gaussian import gaussian_entropy, gaussian_kl
+from flowrl.core.gaussian import gaussian_entropy, gaussian_kl, gaussian_log_prob
 from flowrl.core.losses import policy_loss
 from flowrl.errors import ConfigError
 from flowrl.objectives.base import Minibatch, Objective
@@ -40,14 +44,28 @@ from flowrl.objectives.base import Minibatch, Objective
 @dataclass
 class PPOOptions:
     # step: one ratio per (trajectory, denoising step) pair (DDPO, Flow-GRPO, DPPO); chain: one per
-    # trajectory, the log-probs of its K steps summed (ReinFlow)
+    # trajectory, from the log-prob of its whole chain (ReinFlow)
     ratio_scope: str = "step"
-    # fraction of the K denoising steps trained per trajectory (DDPO's timestep_fraction)
+    # chain scope: the chain's log-prob is the sum of its steps' (sum), or ReinFlow's (reinflow: the
+    # initial noise's log N(x_0; 0, I) plus the K steps', divided by K + 1; its default)
+    chain_logprob: str = "sum"
+    # chain scope: clamp the chain's new and old log-probs to [lo, hi] before the ratio (ReinFlow's
+    # logprob_min / logprob_max: [-1, 1]; null = no clamp)
+    chain_logprob_clip: list[float] | None = None
+    # floor(timestep_fraction x K) denoising steps trained per trajectory, at most its stochastic
+    # steps (DDPO's and Flow-GRPO's int(num_steps x timestep_fraction))
     timestep_fraction: float = 1.0
+    # which steps: random (each trajectory its own random subset: DDPO) | first (the first ones, in
+    # order: Flow-GRPO, whose 0.99 leaves out the last step)
+    timestep_selection: str = "random"
     # DPPO: advantages of denoising step k weighted by this ** (K - 1 - k) (DPPO's gamma_denoising 0.99)
     denoising_discount: float = 1.0
     # coefficient beta of the closed-form KL to the reference policy (0 = off)
     kl_coef: float = 0.0
+    # the KL term: exact (||mu - mu_ref||^2 / (2 std^2), the transitions' KL) | flow_grpo (flow samplers:
+    # Flow-GRPO's code divides by 2 sigma_s^2, the SDE's noise scale without the step's |dt|, so its
+    # beta 0.04 is |dt| x an exact-KL beta)
+    kl_estimator: str = "exact"
     # entropy bonus on the step's std (ReinFlow hopper: 0.03; 0 = off)
     ent_coef: float = 0.0
 
@@ -77,6 +95,36 @@ class PPO(Objective):
             )
         if o.ent_coef < 0:
             raise ConfigError(f"algorithm.ent_coef must be >= 0, got {o.ent_coef}")
+        if o.chain_logprob not in ("sum", "reinflow"):
+            raise ConfigError(f"algorithm.chain_logprob must be 'sum' or 'reinflow', got {o.chain_logprob!r}")
+        if o.ratio_scope == "step" and (o.chain_logprob != "sum" or o.chain_logprob_clip is not None):
+            raise ConfigError(
+                "algorithm.chain_logprob and chain_logprob_clip shape a chain-scope ratio, but ratio_scope=step; "
+                "set algorithm.chain_logprob=sum and algorithm.chain_logprob_clip=null (or ratio_scope=chain)"
+            )
+        if o.chain_logprob == "reinflow" and cfg.sampler.name not in ("reinflow", "euler"):
+            raise ConfigError(
+                "algorithm.chain_logprob=reinflow adds the initial noise's N(0, I) log-density, which only a "
+                f"flow policy's chain starts from; sampler {cfg.sampler.name!r} needs algorithm.chain_logprob=sum"
+            )
+        clip = o.chain_logprob_clip
+        if clip is not None and (len(clip) != 2 or not clip[0] < clip[1]):
+            raise ConfigError(
+                f"algorithm.chain_logprob_clip must be [lo, hi] with lo < hi, or null; got {clip}"
+            )
+        if o.timestep_selection not in ("random", "first"):
+            raise ConfigError(
+                f"algorithm.timestep_selection must be 'random' or 'first', got {o.timestep_selection!r}"
+            )
+        if o.kl_estimator not in ("exact", "flow_grpo"):
+            raise ConfigError(
+                f"algorithm.kl_estimator must be 'exact' or 'flow_grpo', got {o.kl_estimator!r}"
+            )
+        if o.kl_estimator == "flow_grpo" and cfg.sampler.name not in ("flow_sde", "flow_cps"):
+            raise ConfigError(
+                f"algorithm.kl_estimator=flow_grpo is Flow-GRPO's KL of a flow SDE/CPS step; sampler "
+                f"{cfg.sampler.name!r} needs algorithm.kl_estimator=exact"
+            )
         if o.ratio_scope == "chain" and cfg.train.minibatch_unit == "pair":
             raise ConfigError(
                 "algorithm.ratio_scope=chain sums each trajectory's log-probs, so its minibatches hold whole "
@@ -97,11 +145,24 @@ class PPO(Objective):
                 "the sampler produced no stochastic step to train on (check sampler.eta / noise_level / sde_window)"
             )
 
+    def _chain(self, per_step: Tensor, prior) -> Tensor:
+        """(M, S) per-step terms -> (M,) the chain's: their sum, or ReinFlow's (prior + sum) / (S + 1)."""
+        if self.options.chain_logprob == "sum":
+            return per_step.sum(1)
+        return (per_step.sum(1) + prior) / (per_step.shape[1] + 1)
+
+    def _prior(self, chain: Chain, rows: Tensor, term):
+        """``term`` of the rows' initial noise x_0 (the chain's first state), for ReinFlow's chain log-prob."""
+        if self.options.chain_logprob == "sum":
+            return 0.0
+        return term(chain.latents[rows, 0].float())
+
     def loss(self, chain: Chain, mb: Minibatch, epoch: int, generator: torch.Generator) -> dict[str, Tensor]:
         o, device = self.options, chain.latents.device
         M, S = mb.steps.shape
         rows = mb.rows.to(device, non_blocking=True)
         terms: dict[str, Tensor] = {}
+        red, one = self.sampler.logprob_reduction, torch.ones((), device=device)
         if self.trains_policy(epoch):
             adv = self.minibatch_advantages(chain, rows)  # (M,)
             b, k = mb.rows.repeat_interleave(S), mb.steps.reshape(-1)  # (P,) each, CPU
@@ -115,17 +176,29 @@ class PPO(Objective):
                 if o.denoising_discount != 1.0:
                     adv = adv * o.denoising_discount ** (chain.num_steps - 1 - k_dev).float()
             else:
-                new, old = out.log_prob.view(M, S).sum(1), old.view(M, S).sum(1)
+                prior = self._prior(
+                    chain, rows, lambda x0: gaussian_log_prob(x0, torch.zeros_like(x0), one, red)
+                )
+                new, old = self._chain(out.log_prob.view(M, S), prior), self._chain(old.view(M, S), prior)
+                if o.chain_logprob_clip is not None:
+                    lo, hi = o.chain_logprob_clip
+                    new, old = new.clamp(lo, hi), old.clamp(lo, hi)
             # 3. optional terms: closed-form KL to the reference, the entropy of a learned std
             kl = entropy = None
             if o.kl_coef > 0:
-                red = self.sampler.logprob_reduction
                 ref = self.sampler.log_prob(self.adapter, chain, k, traj_index=b, reference=True)
-                kl = gaussian_kl(out.mean, ref.mean.detach(), out.std, red)
-                kl = kl if o.ratio_scope == "step" else kl.view(M, S).sum(1)
+                std = out.std if o.kl_estimator == "exact" else self.sampler.flow_grpo_kl_std(k, out.std)
+                kl = gaussian_kl(out.mean, ref.mean.detach(), std, red)
+                kl = kl if o.ratio_scope == "step" else self._chain(kl.view(M, S), 0.0)
             if o.ent_coef > 0:
-                entropy = gaussian_entropy(out.std, out.mean.shape[1:], self.sampler.logprob_reduction)
-                entropy = entropy.view(M, -1).mean(1) if o.ratio_scope == "chain" else entropy
+                entropy = gaussian_entropy(out.std, out.mean.shape[1:], red)
+                if o.ratio_scope == "chain" and o.chain_logprob == "sum":
+                    entropy = entropy.view(M, S).mean(1)  # the steps' mean
+                elif o.ratio_scope == "chain":  # ReinFlow's entropy rate (H(x_0) + sum_k H_k) / (K + 1)
+                    h0 = self._prior(
+                        chain, rows, lambda x0: gaussian_entropy(torch.ones_like(x0), x0.shape[1:], red)
+                    )
+                    entropy = self._chain(entropy.view(M, S), h0)
             terms = policy_loss(new, old, adv, self.algo.clip_range, kl, o.kl_coef, entropy, o.ent_coef)
             self.add_bc(terms, generator)
         return self.with_value(terms, chain, rows)

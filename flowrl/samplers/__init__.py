@@ -53,6 +53,7 @@ def build_sampler(
     window_max_start: int | None = None,
     logprob_reduction: str = "mean",
     deterministic: bool = False,
+    cps_logprob: str = "flow_grpo",
 ):
     """A text-to-image sampler by name and scheduler config; ``deterministic=True`` gives its
     evaluation version (eta 0 / noise 0)."""
@@ -70,6 +71,7 @@ def build_sampler(
             sde_window=0 if deterministic else sde_window,
             window_max_start=window_max_start,
             logprob_reduction=logprob_reduction,
+            cps_logprob=cps_logprob,
         )
     if name == "lcm":
         from flowrl.samplers.lcm import LCMSampler

@@ -20,7 +20,11 @@ One step from x_t to x_{t-1}, eq. (7) and (15), with DPPO's std floor:
     x_{t-1} ~ N(mu, sigma_t^2 I)
 
 The floor makes every step, the last one included (beta_tilde_0 = 0), a Gaussian with a usable
-log-density and keeps exploring. Only the last K steps (t = K-1, ..., 0) are fine-tuned: they run
+log-density and keeps exploring. As DPPO's code: the drawn noise is clipped to |z| <= noise_clip
+(``randn_clip_value`` 3), each element's log-density is clamped to [-5, 2] before the mean over
+the chunk (``logprob_clip``; null: the exact density), and evaluation runs DDPM with the
+posterior std floored at 1e-3 and a noiseless last step (``eval_noise: posterior``; ``mean``: the
+mean path, deterministic). Only the last K steps (t = K-1, ..., 0) are fine-tuned: they run
 the trained network and are recorded in the Chain; the first T - K steps run the frozen
 pre-trained network (``adapter.reference_forward``) and are part of the environment
 (``recorded_from = T - K``).
@@ -55,6 +59,11 @@ class DDPMPolicySampler(ChainSampler):
         min_std: sigma_min, the floor on every step's std while sampling (DPPO: 0.1).
         clip_x0: clip x0_hat to [-clip_x0, clip_x0] (DPPO: 1.0, the normalized action range); null: no clip.
         logprob_reduction: ``"mean"`` or ``"sum"`` over the (Ta, Da) chunk (see ``reduce_event``).
+        noise_clip: clip the drawn N(0, I) noise to [-noise_clip, noise_clip] (DPPO: 3); null: no clip.
+        logprob_clip: (lo, hi) clamp of each element's log-density before the reduction (DPPO:
+            (-5, 2)); null: the exact density.
+        eval_noise: the evaluation chain (``stochastic=False``): ``"posterior"`` (DPPO: the
+            posterior std floored at 1e-3, the last step noiseless) or ``"mean"`` (the mean path).
     """
 
     name = "ddpm"
@@ -70,6 +79,9 @@ class DDPMPolicySampler(ChainSampler):
         min_std: float = 0.1,
         clip_x0: float | None = 1.0,
         logprob_reduction: str = "mean",
+        noise_clip: float | None = 3.0,
+        logprob_clip: tuple[float, float] | None = (-5.0, 2.0),
+        eval_noise: str = "posterior",
     ):
         if num_train_steps < 1:
             raise ValueError(f"model.num_train_steps must be >= 1, got {num_train_steps}")
@@ -78,6 +90,17 @@ class DDPMPolicySampler(ChainSampler):
         if min_std <= 0:
             raise ValueError(f"sampler.min_std must be > 0 (it is the std of the last step), got {min_std}")
         check_reduction(logprob_reduction)
+        if noise_clip is not None and noise_clip <= 0:
+            raise ValueError(f"sampler.noise_clip must be > 0 or null, got {noise_clip}")
+        if logprob_clip is not None and (len(logprob_clip) != 2 or not logprob_clip[0] < logprob_clip[1]):
+            raise ValueError(
+                f"sampler.logprob_clip must be [lo, hi] with lo < hi, or null; got {logprob_clip}"
+            )
+        if eval_noise not in ("posterior", "mean"):
+            raise ValueError(f"sampler.eval_noise must be 'posterior' or 'mean', got {eval_noise!r}")
+        self.noise_clip = noise_clip
+        self.logprob_clip = None if logprob_clip is None else tuple(float(v) for v in logprob_clip)
+        self.eval_noise = eval_noise
         self.num_train_steps = num_train_steps
         self.ft_steps = ft_steps
         self.min_std = min_std
@@ -123,7 +146,8 @@ class DDPMPolicySampler(ChainSampler):
             sample: (B, Ta, Da) x_t.
             prev_sample: (B, Ta, Da) x_{t-1} to evaluate; drawn if None.
             generator / noise: randomness for drawing x_{t-1} (noise ~ N(0, I) given directly).
-            deterministic: std 0 (the mean path, for evaluation); the log-prob is then NaN. The
+            deterministic: the evaluation step (``eval_noise``): the posterior std floored at 1e-3
+                and 0 at t = 0 (DPPO), or std 0 (the mean path); the log-prob is then NaN. The
                 step's noise is drawn all the same, so a seeded run's later draws do not depend
                 on which steps were deterministic.
         """
@@ -140,20 +164,28 @@ class DDPMPolicySampler(ChainSampler):
         ) * sample
         # 4. sigma_t = max(sqrt(beta_tilde_t), sigma_min), beta_tilde from eq. (7)
         posterior_var = (1 - a_prev) / (1 - a_t) * beta_t
-        std = posterior_var.sqrt().clamp(min=self.min_std)
-        if deterministic:
-            std = torch.zeros_like(std)
+        if not deterministic:
+            std = posterior_var.sqrt().clamp(min=self.min_std)
+        elif self.eval_noise == "posterior":
+            last = t.to(sample.device).view(beta_t.shape) == 0
+            std = torch.where(last, 0.0, posterior_var.sqrt().clamp(min=1e-3))
+        else:
+            std = torch.zeros_like(posterior_var)
         # 5. draw x_{t-1} ~ N(mu, sigma_t^2 I) unless given
         if prev_sample is None:
             if noise is None:
                 noise = randn(sample.shape, generator, sample.device)
+            if self.noise_clip is not None:
+                noise = noise.clamp(-self.noise_clip, self.noise_clip)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
         # 6. log N(x_{t-1}; mu, sigma_t^2 I), reduced over the chunk
         if deterministic:
             log_prob = torch.full(sample.shape[:1], float("nan"), device=sample.device)
         else:
-            log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
+            log_prob = gaussian_log_prob(
+                prev_sample.detach(), mean, std, self.logprob_reduction, clamp=self.logprob_clip
+            )
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
     # ------------------------------------------------------------------ the chain
@@ -200,6 +232,15 @@ class DDPMPolicySampler(ChainSampler):
 
 
 def from_config(sc, adapter, evaluation: bool = False) -> DDPMPolicySampler:
-    """A task's DPPO chain over the policy's T pre-training steps (evaluation: the same chain,
-    sampled along its mean path)."""
-    return DDPMPolicySampler(adapter.num_train_steps, sc.ft_steps, sc.min_std, 1.0, sc.logprob_reduction)
+    """A task's DPPO chain over the policy's T pre-training steps (evaluation: the same chain with
+    ``sampler.eval_noise``: DPPO's posterior noise, or the mean path)."""
+    return DDPMPolicySampler(
+        adapter.num_train_steps,
+        sc.ft_steps,
+        sc.min_std,
+        sc.denoised_clip,
+        sc.logprob_reduction,
+        noise_clip=sc.noise_clip,
+        logprob_clip=sc.logprob_clip,
+        eval_noise=sc.eval_noise,
+    )

@@ -13,7 +13,8 @@ Notation:
 
 SDE step (Flow-GRPO, eq. 8, Euler-Maruyama of the marginal-preserving reverse SDE):
 
-    sigma_s = a * sqrt(s / (1 - s))
+    sigma_s = a * sqrt(s / (1 - s))      at s = 1: a * sqrt(1 / (1 - sigmas[1])), as Flow-GRPO's code
+                                         (only the denominator's s is replaced)
     mean    = x + [v + sigma_s^2 / (2 s) * (x + (1 - s) v)] dt
     std     = sigma_s * sqrt(-dt)
 
@@ -22,6 +23,12 @@ CPS step (keeps the coefficients of x_0 and eps those of the marginal at s'):
     x0_hat  = x - s v,   eps_hat = x + (1 - s) v
     std     = s' * sin(a * pi / 2)
     mean    = (1 - s') x0_hat + sqrt(s'^2 - std^2) eps_hat
+
+Log-probs: the SDE's is the Gaussian log-density, reduced over the event (Flow-GRPO: the mean).
+CPS's is, by default, Flow-GRPO's unnormalised -(x' - mean)^2 (its code drops every constant,
+the 1 / (2 std^2) included, so a log-ratio is 2 std^2 times the density's and the clip range is a
+trust region on that scale); ``cps_logprob="normalized"`` gives the true Gaussian log-density, whose
+log-ratio does not depend on the step's noise level (one clip range means the same at every step).
 
 With a = 0 both reduce to the Euler ODE step x' = x + dt * v (diffusers'
 FlowMatchEulerDiscreteScheduler.step). Steps outside the SDE window (Flow-GRPO-Fast) are ODE
@@ -36,7 +43,7 @@ import math
 import torch
 from torch import Tensor
 
-from flowrl.core.gaussian import gaussian_log_prob
+from flowrl.core.gaussian import gaussian_log_prob, reduce_event
 from flowrl.core.seeding import draw_device, randn
 from flowrl.samplers.base import ChainSampler, StepOutput, check_reduction
 
@@ -58,6 +65,8 @@ class FlowSampler(ChainSampler):
         logprob_reduction: ``"mean"`` (as Flow-GRPO) or ``"sum"``.
         image_seq_len: for schedulers with dynamic shifting, the token count that sets mu (null:
             the config's ``_image_seq_len``, which the SD3 and Flux adapters record, else base_image_seq_len).
+        cps_logprob: CPS only: ``"flow_grpo"`` (default, Flow-GRPO's -(x' - mean)^2) or
+            ``"normalized"`` (the Gaussian log-density).
         sigma_schedule: the base sigmas before shifting, as the family's pipeline chooses them:
             ``"timesteps"`` (the scheduler's own linspace over its shifted range; SD3) or ``"flux"``
             (linspace(1, 1/K, K); FluxPipeline). Null: the config's ``_sigma_schedule``, else
@@ -75,6 +84,7 @@ class FlowSampler(ChainSampler):
         logprob_reduction: str = "mean",
         image_seq_len: int | None = None,
         sigma_schedule: str | None = None,
+        cps_logprob: str = "flow_grpo",
     ):
         import numpy as np
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -88,6 +98,9 @@ class FlowSampler(ChainSampler):
         if not 0 <= sde_window <= num_steps:
             raise ValueError(f"sampler.sde_window must be in [0, num_steps={num_steps}], got {sde_window}")
         check_reduction(logprob_reduction)
+        if cps_logprob not in ("flow_grpo", "normalized"):
+            raise ValueError(f"sampler.cps_logprob must be 'flow_grpo' or 'normalized', got {cps_logprob!r}")
+        self.cps_logprob = cps_logprob
         sigma_schedule = sigma_schedule or scheduler_config.get("_sigma_schedule") or "timesteps"
         if sigma_schedule not in ("timesteps", "flux"):
             raise ValueError(
@@ -147,9 +160,9 @@ class FlowSampler(ChainSampler):
         dt = s_next - s
         pred_original = x - s * v  # x0_hat
         if self.kind == "sde":
-            # 1. sigma_s = a sqrt(s / (1 - s)); at s = 1 use the first sub-unit sigma (as Flow-GRPO)
-            s_safe = torch.where(s >= 1, torch.full_like(s, float(self.sigmas[1])), s)
-            sigma_s = a * (s_safe / (1 - s_safe)).sqrt()
+            # 1. sigma_s = a sqrt(s / (1 - s)); at s = 1 the denominator's s becomes sigmas[1] (as Flow-GRPO)
+            s_den = torch.where(s >= 1, torch.full_like(s, float(self.sigmas[1])), s)
+            sigma_s = a * (s / (1 - s_den)).sqrt()
             # 2. drift of the marginal-preserving SDE, Euler-Maruyama step of size dt < 0
             mean = x + (v + sigma_s**2 / (2 * s) * (x + (1 - s) * v)) * dt
             std = sigma_s * (-dt).sqrt()
@@ -164,11 +177,22 @@ class FlowSampler(ChainSampler):
                 noise = randn(x.shape, generator, x.device)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
-        if (std > 0).all():
-            log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
-        else:
+        if not (std > 0).all():
             log_prob = torch.full((x.shape[0],), float("nan"), device=x.device)
+        elif self.kind == "cps" and self.cps_logprob == "flow_grpo":
+            log_prob = reduce_event(-((prev_sample.detach() - mean) ** 2), self.logprob_reduction)
+        else:
+            log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
+
+    def flow_grpo_kl_std(self, k: Tensor, std: Tensor) -> Tensor:
+        """The std Flow-GRPO's KL term divides by, for steps k (P,) with transition stds ``std``:
+        the SDE's sigma_s = std / sqrt(|dt|) (its code omits the step's |dt|), CPS's own std."""
+        if self.kind == "cps":
+            return std
+        k = k.cpu()
+        dt = (self.sigmas[k] - self.sigmas[k + 1]).to(std.device).view((-1,) + (1,) * (std.ndim - 1))
+        return std / dt.sqrt()
 
     def stochastic_steps(self, generator: torch.Generator | None = None) -> set[int]:
         """The stochastic steps of one batch: all K, or a window of ``sde_window`` steps whose
@@ -240,4 +264,5 @@ def from_config(sc, adapter, evaluation: bool = False) -> FlowSampler:
         sde_window=0 if evaluation else sc.sde_window,
         window_max_start=sc.window_max_start,
         logprob_reduction=sc.logprob_reduction,
+        cps_logprob=sc.cps_logprob,
     )

@@ -14,12 +14,14 @@ Notation (rectified flow, Liu et al. 2022, https://arxiv.org/abs/2209.03003; Rei
 One step from x_{t_k} to x_{t_{k+1}}: the deterministic Euler step of dx/dt = v is the mean, and
 the noise network's std makes it a Gaussian transition (ReinFlow's noise-injected step):
 
-    mu      = x_{t_k} + dt * v_theta(x_{t_k}, t_k, s)
-    x_{t_{k+1}} ~ N(mu, sigma_theta'(t_k, s)^2 I)
+    mu      = clip(x_{t_k} + dt * v_theta(x_{t_k}, t_k, s), -c, c)      c = denoised_clip (ReinFlow: 1)
+    x_{t_{k+1}} = mu + sigma_theta'(t_k, s) * clip(z, -noise_clip, noise_clip),  z ~ N(0, I)
+    the last step's x_1 is clipped to [-c, c] as well (ReinFlow's act_min / act_max)
 
-so the chain x_0 -> x_1 is a Markov chain whose log-likelihood is a sum of Gaussian log-densities
-(log p(x_0) = log N(x_0; 0, I) does not depend on the parameters and is left out). With the noise
-off (std 0) it is the plain K-step Euler sampler, used for evaluation.
+and a transition's log-prob is log N(x_{t_{k+1}}; mu, sigma^2 I) of the recorded state, as ReinFlow's
+code evaluates it (its clips make the true density differ at the clipped points; the objective's
+``chain_logprob`` adds log N(x_0; 0, I) and divides by K + 1, as ReinFlow does). With the noise off
+(std 0) it is the K-step Euler sampler (with the clips), used for evaluation.
 
 The std is part of the model's prediction: :meth:`ReinFlowSampler.predict` asks the policy for
 its velocity and its noise network's std at (x_t, t, s), so the learned std is the one used
@@ -50,6 +52,9 @@ class ReinFlowSampler(ChainSampler):
             every step has the fixed std, 0 being the plain ODE whose exploration comes from x_0
             alone (objectives that need no per-step likelihood, such as FPO; a fixed std > 0 is
             FPO's optional ``sde_sigma``).
+        denoised_clip: c, the clip of each step's mean and of the final action (ReinFlow's
+            denoised_clip_value 1, the normalized action range); null: none (the ``euler`` default).
+        noise_clip: clip of the drawn N(0, I) noise (ReinFlow's randn_clip_value 3); null: none.
     """
 
     prediction_type = "velocity"
@@ -60,6 +65,8 @@ class ReinFlowSampler(ChainSampler):
         logprob_reduction: str = "mean",
         fixed_std: float = 0.1,
         learned: bool = True,
+        denoised_clip: float | None = None,
+        noise_clip: float | None = None,
     ):
         if num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {num_steps}")
@@ -69,6 +76,10 @@ class ReinFlowSampler(ChainSampler):
         if fixed_std < 0:
             raise ValueError(f"sampler.noise_std must be >= 0, got {fixed_std}")
         self.fixed_std = fixed_std
+        for key, value in (("denoised_clip", denoised_clip), ("noise_clip", noise_clip)):
+            if value is not None and value <= 0:
+                raise ValueError(f"sampler.{key} must be > 0 or null, got {value}")
+        self.denoised_clip, self.noise_clip = denoised_clip, noise_clip
         self.learned = learned
         self.name = "reinflow" if learned else "euler"
         self.timesteps = torch.arange(num_steps + 1, dtype=torch.float32) / num_steps  # (K+1,) 0 .. 1
@@ -100,15 +111,22 @@ class ReinFlowSampler(ChainSampler):
         velocity, sample, std = velocity.float(), sample.float(), std.float()
         shape = (-1,) + (1,) * (sample.ndim - 1)
         t, dt = t.float().view(shape), (next_t - t).float().view(shape)
-        # 1. the Euler step of the flow ODE is the mean
+        # 1. the Euler step of the flow ODE is the mean, clipped to the action range (ReinFlow)
+        c = self.denoised_clip
         mean = sample + dt * velocity
+        if c is not None:
+            mean = mean.clamp(-c, c)
         # 2. the one-step estimate of the action chunk x_1 from here (for inspection and guidance)
         pred_original = sample + (1 - t) * velocity
         # 3. draw x_{t_{k+1}} ~ N(mu, sigma^2 I) unless given
         if prev_sample is None:
             if noise is None:
                 noise = randn(sample.shape, generator, sample.device)
+            if self.noise_clip is not None:
+                noise = noise.clamp(-self.noise_clip, self.noise_clip)
             prev_sample = mean + std * noise
+            if c is not None:  # the action chunk itself stays in range (ReinFlow's last-step clamp)
+                prev_sample = torch.where((next_t >= 1).view(shape), prev_sample.clamp(-c, c), prev_sample)
         prev_sample = prev_sample.float()
         # 4. log N(x_{t_{k+1}}; mu, sigma^2 I), reduced over the chunk (NaN for the deterministic step)
         if (std == 0).all():
@@ -175,4 +193,6 @@ def from_config(sc, adapter, evaluation: bool = False) -> ReinFlowSampler:
     euler``, ``sampler.noise_std``; 0 = the ODE)."""
     if sc.name == "euler":
         return ReinFlowSampler(sc.num_steps, sc.logprob_reduction, fixed_std=sc.noise_std, learned=False)
-    return ReinFlowSampler(sc.num_steps, sc.logprob_reduction)
+    return ReinFlowSampler(
+        sc.num_steps, sc.logprob_reduction, denoised_clip=sc.denoised_clip, noise_clip=sc.noise_clip
+    )

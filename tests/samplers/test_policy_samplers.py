@@ -41,7 +41,7 @@ def _perturb(module, scale=0.3, seed=0):
 @pytest.mark.parametrize("t", [7, 3, 0])
 def test_ddpm_step_log_prob_equals_hand_written_density(t):
     T = 8
-    sampler = DDPMPolicySampler(num_train_steps=T, ft_steps=4, min_std=0.1, logprob_reduction="sum")
+    sampler = DDPMPolicySampler(T, ft_steps=4, min_std=0.1, logprob_reduction="sum", logprob_clip=None)
     torch.manual_seed(0)
     x, eps = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
     t_b = torch.full((3,), t)
@@ -61,7 +61,7 @@ def test_ddpm_step_log_prob_equals_hand_written_density(t):
     expected = _hand_density(yd, mu, sigma).reshape(3, -1)
     np.testing.assert_allclose(step.mean.double().numpy(), mu, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(step.log_prob.double().numpy(), expected.sum(1), rtol=1e-5, atol=1e-4)
-    mean_red = DDPMPolicySampler(T, 4, 0.1, logprob_reduction="mean").step(
+    mean_red = DDPMPolicySampler(T, 4, 0.1, logprob_reduction="mean", logprob_clip=None).step(
         eps, t_b, x, prev_sample=step.prev_sample
     )
     np.testing.assert_allclose(mean_red.log_prob.double().numpy(), expected.mean(1), rtol=1e-5, atol=1e-5)
@@ -98,7 +98,7 @@ def test_ddpm_chain_on_policy_ratio_is_one_and_untuned_steps_use_the_frozen_netw
 def test_ddpm_deterministic_chain_is_the_mean_path():
     torch.manual_seed(0)
     policy = DiffusionPolicy(**DIMS, num_train_steps=6)
-    sampler = DDPMPolicySampler(num_train_steps=6, ft_steps=6, min_std=0.1)
+    sampler = DDPMPolicySampler(num_train_steps=6, ft_steps=6, min_std=0.1, eval_noise="mean")
     obs = torch.randn(3, 2, 3)
     a = sampler.sample(policy, obs, generator=torch.Generator().manual_seed(0), deterministic=True)
     b = sampler.sample(policy, obs, generator=torch.Generator().manual_seed(0), deterministic=True)
