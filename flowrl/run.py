@@ -128,7 +128,12 @@ class Run:
         self.collector = Collector(cfg, self)
         self.value = self.collector.value_function() if cfg.advantage == "gae" else None
         self.objective = build_objective(
-            cfg, self.adapter, self.sampler, self.value, self.collector.demonstrations()
+            cfg,
+            self.adapter,
+            self.sampler,
+            self.value,
+            self.collector.demonstrations(),
+            getattr(self.collector, "reward", None),
         )
 
         groups = [{"params": self.adapter.trainable_parameters(), "lr": o.learning_rate}]

@@ -2,6 +2,7 @@
 
     ppo   the PPO family on per-step log-probs: DDPO, GRPO, LOOP, REINFORCE, DPPO, ReinFlow
     fpo   Flow Policy Optimization (FPO, FPO++): a ratio from the flow-matching loss, no likelihood needed
+    reward_backprop  the reward's gradient through the last steps of the chain: DRaFT-K, AlignProp, ReFL
 
 A *method* is the name a user picks (``algorithm.name``): an objective with a default advantage
 estimator and its paper's defaults, written under the task file's own values. Adding an
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 OBJECTIVES = {
     "ppo": "flowrl.objectives.ppo:PPO",
     "fpo": "flowrl.objectives.fpo:FPO",
+    "reward_backprop": "flowrl.objectives.reward_backprop:RewardBackprop",
 }
 
 
@@ -82,6 +84,29 @@ METHODS: dict[str, Method] = {
         {"algorithm": {"clip_range": 0.05}},
         cite="McAllister et al. 2025, arXiv 2507.21053",
     ),
+    "draft": Method(
+        "reward_backprop",
+        "none",
+        ("text_to_image",),
+        {"algorithm": {"backprop_steps": 1}},
+        fixed={"algorithm": {"mode": "draft"}},
+        cite="DRaFT-K: Clark et al. 2024, arXiv 2309.17400",
+    ),
+    "alignprop": Method(
+        "reward_backprop",
+        "none",
+        ("text_to_image",),
+        {"algorithm": {"reward_scale": 0.01}},  # AlignProp's loss_coeff
+        fixed={"algorithm": {"mode": "alignprop"}},
+        cite="Prabhudesai et al. 2023, arXiv 2310.03739",
+    ),
+    "refl": Method(
+        "reward_backprop",
+        "none",
+        ("text_to_image",),
+        fixed={"algorithm": {"mode": "refl"}},
+        cite="ReFL (ImageReward): Xu et al. 2023, arXiv 2304.05977",
+    ),
     "fpo++": Method(
         "fpo",
         None,
@@ -98,9 +123,10 @@ def objective_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def build_objective(cfg, adapter, sampler, value=None, demonstrations=None):
-    """The objective of ``cfg.algorithm.name``, bound to the run's model, sampler and value function."""
-    return cfg.method.objective_class()(cfg, adapter, sampler, value, demonstrations)
+def build_objective(cfg, adapter, sampler, value=None, demonstrations=None, reward=None):
+    """The objective of ``cfg.algorithm.name``, bound to the run's model, sampler, value function
+    and (for objectives that differentiate it) reward."""
+    return cfg.method.objective_class()(cfg, adapter, sampler, value, demonstrations, reward)
 
 
 __all__ = ["METHODS", "OBJECTIVES", "Method", "build_objective", "objective_class"]

@@ -58,16 +58,17 @@ class Objective:
         sampler: the run's :class:`~flowrl.samplers.base.ChainSampler`.
         value: the value network (GAE advantages) or None.
         demonstrations: normalized ``(obs (N, To, Do), actions (N, Ta, Da))`` for the BC term, or None.
+        reward: the task's :class:`~flowrl.rewards.Reward` (objectives that backpropagate it), or None.
     """
 
     Options: type = NoOptions
     needs_log_probs: bool = True
 
-    def __init__(self, cfg, adapter, sampler, value=None, demonstrations=None):
+    def __init__(self, cfg, adapter, sampler, value=None, demonstrations=None, reward=None):
         self.cfg, self.algo = cfg, cfg.algorithm
         self.options = cfg.algorithm.options
         self.adapter, self.sampler, self.value = adapter, sampler, value
-        self.demonstrations = demonstrations
+        self.demonstrations, self.reward = demonstrations, reward
 
     @classmethod
     def validate(cls, cfg) -> None:
