@@ -87,7 +87,8 @@ class SamplerConfig:
     noise_level: float | None = None
     # flow samplers: 0 = every step stochastic; w > 0 = a window of w SDE steps per batch (Flow-GRPO-Fast), only those trained
     sde_window: int = 0
-    # flow samplers: latest start of the SDE window (null: num_steps // 2)
+    # flow samplers: latest start of the SDE window (null: num_steps // 2 - sde_window, Flow-GRPO-Fast's window
+    # in the first half of the chain)
     window_max_start: int | None = None
     # classifier-free guidance scale, used for sampling and for re-evaluating log-probs (1 = off)
     guidance_scale: float = 5.0

@@ -61,7 +61,9 @@ class FlowSampler(ChainSampler):
         kind: ``"sde"`` or ``"cps"``.
         sde_window: 0 = every step is stochastic; w > 0 = only a window of w consecutive steps
             (Flow-GRPO-Fast), whose start is drawn per batch from [0, window_max_start].
-        window_max_start: last allowed window start (default K // 2).
+        window_max_start: last allowed window start (default K // 2 - sde_window: the window lies in
+            the first half of the chain, as Flow-GRPO-Fast's randint(0, K // 2 - window) with its
+            sde_window_range (0, K // 2)).
         logprob_reduction: ``"mean"`` (as Flow-GRPO) or ``"sum"``.
         image_seq_len: for schedulers with dynamic shifting, the token count that sets mu (null:
             the config's ``_image_seq_len``, which the SD3 and Flux adapters record, else base_image_seq_len).
@@ -130,7 +132,8 @@ class FlowSampler(ChainSampler):
         self.kind = kind
         self.name = f"flow_{kind}"
         self.sde_window = sde_window
-        self.window_max_start = num_steps // 2 if window_max_start is None else window_max_start
+        default_start = max(0, num_steps // 2 - sde_window)
+        self.window_max_start = default_start if window_max_start is None else window_max_start
         self.logprob_reduction = logprob_reduction
         self.prediction_type = "flow"
         self.sigmas = scheduler.sigmas.float().cpu()  # (K+1,) from ~1 down to 0

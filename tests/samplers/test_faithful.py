@@ -294,3 +294,11 @@ def test_reinflow_objective_is_the_references_chain_log_prob_clamp_and_entropy_r
     torch.testing.assert_close(seen["old"], seen["new"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(seen["entropy"].double().numpy(), ent / 5, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(terms["ratio_mean"], torch.tensor(1.0), rtol=0, atol=1e-6)
+
+
+def test_flow_grpo_fast_window_starts_in_the_first_half():
+    """sd3_pipeline_with_logprob_fast: start = randint(range[0], range[1] - window), range (0, K // 2)."""
+    sampler = build_sampler("flow_cps", _flow_config(), 10, noise_level=0.8, sde_window=2)
+    g = torch.Generator().manual_seed(0)
+    starts = {min(sampler.stochastic_steps(g)) for _ in range(300)}
+    assert starts == {0, 1, 2, 3}
