@@ -3,6 +3,7 @@
     ppo   the PPO family on per-step log-probs: DDPO, GRPO, LOOP, REINFORCE, DPPO, ReinFlow
     fpo   Flow Policy Optimization (FPO, FPO++): a ratio from the flow-matching loss, no likelihood needed
     reward_backprop  the reward's gradient through the last steps of the chain: DRaFT-K, AlignProp, ReFL
+    raft  reward-ranked filtered fine-tuning: the denoising loss on each prompt's best samples
 
 A *method* is the name a user picks (``algorithm.name``): an objective with a default advantage
 estimator and its paper's defaults, written under the task file's own values. Adding an
@@ -20,6 +21,7 @@ OBJECTIVES = {
     "ppo": "flowrl.objectives.ppo:PPO",
     "fpo": "flowrl.objectives.fpo:FPO",
     "reward_backprop": "flowrl.objectives.reward_backprop:RewardBackprop",
+    "raft": "flowrl.objectives.raft:RAFT",
 }
 
 
@@ -106,6 +108,13 @@ METHODS: dict[str, Method] = {
         ("text_to_image",),
         fixed={"algorithm": {"mode": "refl"}},
         cite="ReFL (ImageReward): Xu et al. 2023, arXiv 2304.05977",
+    ),
+    "raft": Method(
+        "raft",
+        "none",
+        ("text_to_image",),
+        {"algorithm": {"group_size": 4}},
+        cite="Dong et al. 2023, arXiv 2304.06767",
     ),
     "fpo++": Method(
         "fpo",

@@ -1,0 +1,71 @@
+"""RAFT: each group's best samples are kept, and the loss is the model's own denoising loss on them,
+against diffusers' DDIMScheduler.add_noise and the epsilon target written here."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowrl.config import ConfigError, load_config
+from flowrl.models.sd import StableDiffusionAdapter
+from flowrl.objectives.base import Minibatch
+from flowrl.objectives.raft import RAFT, top_in_groups
+from flowrl.samplers import DDIMSampler
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["a cat"] * 4 + ["a dog"] * 4
+
+
+def test_top_in_groups_keeps_each_groups_best():
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.9, 3.0, -1.0, 2.0, 0.0])
+    groups = torch.tensor([7, 7, 7, 7, 2, 2, 2, 2])
+    assert top_in_groups(rewards, groups, 1).tolist() == [0, 1, 0, 0, 1, 0, 0, 0]  # a tie: the first
+    assert top_in_groups(rewards, groups, 2).tolist() == [0, 1, 0, 1, 1, 0, 1, 0]
+
+
+def test_loss_is_the_denoising_loss_of_the_kept_rows(tiny_pipe):
+    from diffusers import DDIMScheduler
+
+    cfg = load_config(
+        str(REPO / "tasks/jpeg_tiny.yaml"),
+        [
+            "algorithm.name=raft",
+            "algorithm.num_loss_samples=2",
+            "sampler.num_steps=4",
+            "train.sample_batch_size=8",
+        ],
+    )
+    adapter = StableDiffusionAdapter(copy.deepcopy(tiny_pipe), finetune="full")
+    sampler = DDIMSampler(tiny_pipe.scheduler.config, num_steps=4, eta=1.0)
+    chain = sampler.sample(adapter, PROMPTS, 1.0, generator=torch.Generator().manual_seed(0))
+    chain.rewards = torch.tensor([0.0, 2.0, 1.0, 0.5, 5.0, 1.0, 4.0, 3.0])
+    chain.metadata["group"] = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    obj = RAFT(cfg, adapter, sampler)
+    obj.prepare(chain, 0, torch.Generator().manual_seed(1))
+    assert chain.metadata["raft_keep"].tolist() == [0, 1, 0, 0, 1, 0, 0, 0]
+    rows = torch.tensor([1, 2, 4, 5])
+    terms = obj.loss(
+        chain, Minibatch(rows, torch.zeros(4, 0, dtype=torch.long)), 0, torch.Generator().manual_seed(3)
+    )
+    # by hand: the same draws, x_t by diffusers' add_noise, eps-prediction's squared error
+    ref = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    ref.set_timesteps(4)
+    g = torch.Generator().manual_seed(3)
+    x0, cond = chain.latents[rows, -1], {n: v[rows] for n, v in chain.cond.items()}
+    per_row = torch.zeros(4)
+    for _ in range(2):
+        k = torch.randint(0, 4, (4,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = ref.timesteps[k]
+        x_t = ref.add_noise(x0, noise, t)
+        per_row += (adapter(x_t, t, cond, 1.0) - noise).pow(2).mean(dim=(1, 2, 3)) / 2
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    expected = (per_row * keep).sum() / 2
+    torch.testing.assert_close(terms["loss"], expected, rtol=1e-5, atol=1e-6)
+    assert terms["kept_fraction"].item() == 0.5 and terms["kept_reward_mean"].item() == 3.5
+
+
+def test_raft_needs_groups_and_a_denoising_loss():
+    with pytest.raises(ConfigError, match="raft_keep must be in"):
+        load_config(str(REPO / "tasks/jpeg_tiny.yaml"), ["algorithm.name=raft", "algorithm.group_size=1"])
