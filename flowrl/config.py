@@ -374,6 +374,11 @@ class TaskConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    # how the weighted reward terms combine: sum | mean | wco (worst case: their minimum) | uwo (their mean minus
+    # reward_uwo_coef x their variance); wco and uwo treat the rewards as an ensemble of reward models (Coste et al. 2024)
+    reward_combine: str = "sum"
+    # lambda of reward_combine: uwo
+    reward_uwo_coef: float = 1.0
     env: EnvConfig = field(default_factory=EnvConfig)
     clip_reward: ClipRewardConfig = field(default_factory=ClipRewardConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
@@ -419,6 +424,15 @@ class TaskConfig:
         from flowrl.objectives import METHODS
 
         a, t, o, m = self.algorithm, self.train, self.optim, self.model
+        need(
+            self.reward_combine in ("sum", "mean", "wco", "uwo"),
+            f"reward_combine: unknown {self.reward_combine!r}; choose sum, mean, wco or uwo",
+        )
+        need(
+            self.reward_combine not in ("wco", "uwo") or len(self.rewards) >= 2,
+            f"reward_combine={self.reward_combine} combines an ensemble of reward models, but rewards has "
+            f"{len(self.rewards)}; list at least 2 rewards or set reward_combine=sum",
+        )
         need(
             self.kind in COLLECTORS,
             f"kind: unknown task kind {self.kind!r}{_suggest(self.kind, COLLECTORS)}; choose one of {list(COLLECTORS)}",

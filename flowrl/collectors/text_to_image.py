@@ -97,6 +97,8 @@ class TextToImageCollector(Collector):
             [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in cfg.rewards],
             device=run.device,
             allow_nonfinite=True,  # reported with the epoch and prompts by the run shell
+            combine=cfg.reward_combine,
+            uwo_coef=cfg.reward_uwo_coef,
         )
         self.stat_tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
 

@@ -236,9 +236,31 @@ class Reward:
         device: where images are scored.
         allow_nonfinite: let NaN / inf values through instead of raising (the trainer does, to
             report them with the epoch and prompts and to honour ``train.on_nonfinite``).
+        combine: how the weighted terms w_i r_i make the total, for an ensemble of reward models
+            against over-optimisation (Coste et al. 2024, "Reward Model Ensembles Help Mitigate
+            Overoptimization", arXiv 2310.02743): ``sum`` (a weighted sum of different rewards),
+            ``mean``, ``wco`` (worst-case: the minimum over members) or ``uwo`` (uncertainty-weighted:
+            the mean minus ``uwo_coef`` x the variance over members).
+        uwo_coef: lambda of ``uwo``.
     """
 
-    def __init__(self, specs: list[dict], device: torch.device | str = "cpu", allow_nonfinite: bool = False):
+    COMBINE = ("sum", "mean", "wco", "uwo")
+
+    def __init__(
+        self,
+        specs: list[dict],
+        device: torch.device | str = "cpu",
+        allow_nonfinite: bool = False,
+        combine: str = "sum",
+        uwo_coef: float = 1.0,
+    ):
+        if combine not in self.COMBINE:
+            raise ValueError(f"reward combine must be one of {self.COMBINE}, got {combine!r}")
+        if combine in ("wco", "uwo") and len(specs) < 2:
+            raise ValueError(
+                f"reward combine {combine!r} needs an ensemble of at least 2 rewards, got {len(specs)}"
+            )
+        self.combine, self.uwo_coef = combine, uwo_coef
         self.allow_nonfinite = allow_nonfinite
         if not specs:
             raise ValueError("no reward given: set rewards: [{name: jpeg_compressibility}] in the task file")
@@ -259,7 +281,7 @@ class Reward:
     ) -> tuple[Tensor, dict]:
         """(B,) weighted total and an info dict with each term's (B,) values under ``reward/<name>``."""
         metadata = metadata if metadata is not None else [{} for _ in prompts]
-        total = torch.zeros(len(prompts), device=self.device)
+        members: list[Tensor] = []
         info: dict = {}
         for name, weight, fn in self.terms:
             try:
@@ -272,9 +294,20 @@ class Reward:
                     "above shows where), or call flowrl.rewards.Reward on a small batch to debug it alone"
                 ) from e
             values, extra = validate_rewards(name, out, len(prompts), self.device, self.allow_nonfinite)
-            total = total + weight * values
+            members.append(weight * values)
             info[f"reward/{Path(name).stem if name.endswith('.py') else name}"] = values.detach()
             info.update({f"{name}/{k}": v for k, v in extra.items()})
+        stacked = torch.stack(members)  # (T, B) the weighted terms
+        if self.combine == "sum":
+            total = stacked.sum(0)
+        elif self.combine == "mean":
+            total = stacked.mean(0)
+        elif self.combine == "wco":
+            total = stacked.min(0).values
+        else:
+            total = stacked.mean(0) - self.uwo_coef * stacked.var(0, unbiased=False)
+        if len(members) > 1:
+            info["reward/ensemble_std"] = stacked.std(0, unbiased=False).detach()
         return total, info
 
     def submit(self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None) -> Future:
