@@ -422,11 +422,13 @@ class TaskConfig:
         shared settings here, then the collector's, the sampler's and the objective's own checks."""
         from flowrl.collectors import COLLECTORS, collector_class
         from flowrl.objectives import METHODS
+        from flowrl.rewards.registry import Reward
 
         a, t, o, m = self.algorithm, self.train, self.optim, self.model
+        *first, last = Reward.COMBINE
         need(
-            self.reward_combine in ("sum", "mean", "wco", "uwo"),
-            f"reward_combine: unknown {self.reward_combine!r}; choose sum, mean, wco or uwo",
+            self.reward_combine in Reward.COMBINE,
+            f"reward_combine: unknown {self.reward_combine!r}; choose {', '.join(first)} or {last}",
         )
         need(
             self.reward_combine not in ("wco", "uwo") or len(self.rewards) >= 2,

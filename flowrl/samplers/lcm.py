@@ -225,6 +225,6 @@ def from_config(sc, adapter, evaluation: bool = False) -> LCMSampler:
         adapter.scheduler_config,
         steps,
         sc.logprob_reduction,
-        last_step=getattr(sc, "lcm_last_step", "renoise"),
-        schedule=getattr(sc, "lcm_schedule", "rlcm"),
+        last_step=sc.lcm_last_step,
+        schedule=sc.lcm_schedule,
     )
