@@ -1,17 +1,34 @@
-"""DDPO, GRPO, LOOP and REINFORCE on the digits task, at equal reward queries.
+"""The learning-efficiency benchmark: every objective on the digits task, at equal reward queries
+and at equal wall-clock, with held-out alignment.
 
-python examples/compare_algorithms.py                  # about 2.5 minutes on 2 CPU cores (15 epochs each)
-python examples/compare_algorithms.py --epochs 2 --out /tmp/compare
+python examples/compare_algorithms.py                                  # every method, ~30 min on 2 CPU cores
+python examples/compare_algorithms.py --methods ddpo draft raft --queries 640 --out /tmp/compare
+python examples/compare_algorithms.py --held-out-only                  # the reward-hacking panel alone
 
-Every algorithm fine-tunes the same pre-trained digits model (tasks/digits.yaml) with the same
-samples per epoch and the same epochs, so each makes the same number of reward queries. GRPO
-and LOOP draw 8 samples per prompt (8 prompts per epoch); DDPO and REINFORCE one per prompt.
-Writes compare.png (mean reward of each epoch's samples against cumulative reward queries),
-table.md and one run folder per algorithm, and prints the table. "alignment, eta 0" is the
-prompt alignment of 20 deterministic samples per digit after training (before: the first row).
+Every method fine-tunes the same pre-trained digits model from its ready task file
+(``tasks/digits*.yaml``, the method's own defaults), for the number of epochs that makes
+``--queries`` reward queries (samples scored). After every epoch the run's own evaluation scores
+a fixed, held-out set of deterministic samples (DDIM eta 0, ``--eval-samples`` per digit, a seed
+no training batch uses): that is the *alignment* of the curves. Wall-clock is the sum of the
+epochs' sampling and update time (evaluation excluded), so the methods are compared at equal
+compute as well as at equal queries.
+
+The target a user cares about is wall-clock to a reward level: the table gives, for each method,
+the time to first reach the held-out alignment that DDPO (``tasks/digits.yaml``, its published
+defaults) reaches at the end of its run, and that time as a ratio to DDPO's. Held-out evaluation
+against reward hacking: ``--held-out`` methods also train on ``digit_thickness`` (mean ink) while
+the held-out alignment is logged (weight 0, never optimized); their curves are the second row of
+the plot.
+
+Writes to ``--out``: ``compare.png`` (reward and held-out alignment against queries and against
+seconds; the thickness runs below), ``table.md``, ``results.json`` and one run folder per method.
 """
 
+from __future__ import annotations
+
 import argparse
+import json
+import math
 import time
 from pathlib import Path
 
@@ -21,79 +38,169 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from flowrl.config import load_config, tasks_dir  # noqa: E402
-from flowrl.demo.quickstart import measure_alignment  # noqa: E402
+from flowrl.demo.digits import digit_prompt  # noqa: E402
 from flowrl.run import Run  # noqa: E402
 
-ALGORITHMS = {
-    "ddpo": ["algorithm.name=ddpo"],
-    "grpo": ["algorithm.name=grpo", "algorithm.group_size=8"],
-    "loop": ["algorithm.name=loop", "algorithm.group_size=8"],
-    "reinforce": ["algorithm.name=reinforce"],
+# method -> (task file under tasks/, overrides): each method from its ready task file
+METHODS = {
+    "ddpo": ("digits.yaml", []),
+    "grpo": ("digits.yaml", ["algorithm.name=grpo", "algorithm.group_size=8"]),
+    "loop": ("digits.yaml", ["algorithm.name=loop", "algorithm.group_size=8"]),
+    "reinforce": ("digits.yaml", ["algorithm.name=reinforce"]),
+    "draft": ("digits_draft.yaml", []),
+    "draft-lv": ("digits_draft_lv.yaml", []),
+    "raft": ("digits_raft.yaml", []),
+    "prdp": ("digits_prdp.yaml", []),
+    "d3po": ("digits_d3po.yaml", []),
+    "dpo": ("digits_dpo.yaml", []),
+    "find": ("digits_find.yaml", []),
+    "texforce": ("digits_texforce.yaml", []),
 }
+HELD_OUT = ["ddpo", "draft", "raft"]
+ALIGNMENT = "digit_alignment"
 
-if __name__ == "__main__":
+
+def run_method(name: str, task: str, overrides: list[str], args, out: Path, tag: str) -> dict:
+    """Train one method for --queries reward queries; returns its curves."""
+    cfg = load_config(str(tasks_dir() / task), overrides)
+    per_epoch = cfg.train.sample_batch_size * cfg.train.num_batches_per_epoch
+    epochs = max(1, math.ceil(args.queries / per_epoch))
+    eval_prompts = [digit_prompt(d) for d in range(10) for _ in range(args.eval_samples)]
+    overrides = [
+        *overrides,
+        f"train.num_epochs={epochs}",
+        f"train.seed={args.seed}",
+        f"train.output_dir={out}",
+        f"train.run_name={tag}",
+        "train.eval_every=1",
+        "train.save_every=0",
+        "train.eval_prompts=" + json.dumps(eval_prompts),
+    ]
+    if "thickness" in tag:  # train on ink; alignment is the held-out reward (weight 0)
+        overrides.append(
+            "rewards=[{name: digit_thickness}, {name: " + ALIGNMENT + ", weight: 0.0}]"
+        )
+    cfg = load_config(str(tasks_dir() / task), overrides)
+    run = Run(cfg, task_name=tag, progress=not args.quiet)
+    history = run.train()
+    queries, seconds, reward, alignment = [0], [0.0], [None], []
+    for row in history:
+        if "reward_mean" in row:
+            queries.append(queries[-1] + row.get("samples", per_epoch))
+            seconds.append(seconds[-1] + row["time_collect"] + row["time_update"])
+            reward.append(row["reward_mean"])
+        key = f"eval_reward/{ALIGNMENT}_mean" if f"eval_reward/{ALIGNMENT}_mean" in row else "eval_reward_mean"
+        alignment.append(row[key])
+    return {"queries": queries, "seconds": seconds, "reward": reward, "alignment": alignment}
+
+
+def at(curve: dict, axis: str, x: float) -> float:
+    """The held-out alignment of the last evaluation at or before ``x`` on ``axis``."""
+    value = curve["alignment"][0]
+    for xi, ai in zip(curve[axis], curve["alignment"]):
+        if xi <= x + 1e-9:
+            value = ai
+    return value
+
+
+def first_reach(curve: dict, target: float) -> float | None:
+    """Seconds until the held-out alignment first reaches ``target`` (None: never)."""
+    for s, a in zip(curve["seconds"][1:], curve["alignment"][1:]):
+        if a >= target:
+            return s
+    return None
+
+
+def table(curves: dict) -> str:
+    ddpo = curves.get("ddpo")
+    target = ddpo["alignment"][-1] if ddpo else None
+    t_ddpo = first_reach(ddpo, target) if ddpo else None
+    common_t = min(c["seconds"][-1] for c in curves.values())
+    common_q = min(c["queries"][-1] for c in curves.values())
+    lines = [
+        f"| method | alignment before | at {common_q} queries | at {common_t:.0f} s | final "
+        "| queries | seconds | s to DDPO's final | time / DDPO's |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in curves.items():
+        reach = first_reach(c, target) if target is not None else None
+        ratio = f"{reach / t_ddpo:.2f}" if reach is not None and t_ddpo else "not reached"
+        lines.append(
+            f"| {name} | {c['alignment'][0]:.3f} | {at(c, 'queries', common_q):.3f} | "
+            f"{at(c, 'seconds', common_t):.3f} | {c['alignment'][-1]:.3f} | {c['queries'][-1]} | "
+            f"{c['seconds'][-1]:.0f} | {'' if reach is None else f'{reach:.0f}'} | {ratio} |"
+        )
+    if target is not None:
+        lines.append(f"\nDDPO's final held-out alignment (the target): {target:.3f}")
+    return "\n".join(lines)
+
+
+def plot(curves: dict, held: dict, path: Path, title: str) -> None:
+    rows = 2 if held else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), dpi=100, squeeze=False)
+    for name, c in curves.items():
+        for j, axis in enumerate(("queries", "seconds")):
+            axes[0][j].plot(c[axis], c["alignment"], marker="o", ms=2, label=name)
+    for j, axis in enumerate(("reward queries (samples scored)", "seconds (sampling + update)")):
+        axes[0][j].set_xlabel(axis)
+        axes[0][j].set_ylabel("held-out alignment (eta 0)")
+    axes[0][0].set_title("trained on alignment: held-out alignment")
+    for name, c in held.items():
+        axes[1][0].plot(c["queries"][1:], c["reward"][1:], marker="o", ms=2, label=f"{name}: ink (trained)")
+        axes[1][1].plot(c["queries"], c["alignment"], marker="o", ms=2, label=f"{name}: alignment (held out)")
+    if held:
+        axes[1][0].set_title("trained on ink (digit_thickness)")
+        axes[1][1].set_title("the same runs: held-out alignment")
+        for ax in axes[1]:
+            ax.set_xlabel("reward queries (samples scored)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=15, help="epochs per algorithm")
+    parser.add_argument("--queries", type=int, default=1920, help="reward queries per method (DDPO's 30 epochs)")
+    parser.add_argument("--eval-samples", type=int, default=10, help="held-out samples per digit")
     parser.add_argument("--out", default=f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
-    args = parser.parse_args()
+    parser.add_argument("--methods", nargs="+", default=None, help=f"of {', '.join(METHODS)}")
+    parser.add_argument("--held-out", nargs="*", default=HELD_OUT, help="methods also trained on ink")
+    parser.add_argument("--held-out-only", action="store_true", help="only the ink runs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
     out = Path(args.out)
+    available = {n: m for n, m in METHODS.items() if (tasks_dir() / m[0]).exists()}
+    methods = args.methods or list(available)
+    unknown = [m for m in methods + list(args.held_out) if m not in available]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}: choose from {sorted(available)}")
 
-    rows, curves = [], {}
-    for name in args.algorithms:
-        overrides = ALGORITHMS[name] + [
-            f"train.num_epochs={args.epochs}",
-            f"train.seed={args.seed}",
-            f"train.output_dir={out}",
-            f"train.run_name={name}",
-            "train.eval_every=0",
-            "train.save_every=0",
-        ]
-        cfg = load_config(str(tasks_dir() / "digits.yaml"), overrides)
-        trainer = Run(cfg, task_name=name)
-        if not rows:  # the shared starting point, measured once
-            before = measure_alignment(
-                trainer.adapter, trainer.adapter.scheduler_config, cfg.sampler.num_steps, 0.0
-            )
-        start = time.perf_counter()
-        history = [r for r in trainer.train() if "reward_mean" in r]  # the epochs' rows
-        seconds = time.perf_counter() - start
-        after = measure_alignment(
-            trainer.adapter, trainer.adapter.scheduler_config, cfg.sampler.num_steps, 0.0
+    curves, held = {}, {}
+    if not args.held_out_only:
+        for name in methods:
+            curves[name] = run_method(name, *available[name], args, out, name)
+    for name in args.held_out:
+        held[name] = run_method(name, *available[name], args, out, f"{name}-thickness")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"alignment_task": curves, "thickness_task": held}))
+    text = table(curves) if curves else ""
+    if held:
+        text += "\n\nTrained on ink, held-out alignment (reward hacking):\n\n| method | ink before | ink final | alignment before | alignment final |\n|---|---|---|---|---|\n"
+        text += "\n".join(
+            f"| {n} | {c['reward'][1]:.3f} | {c['reward'][-1]:.3f} | {c['alignment'][0]:.3f} | {c['alignment'][-1]:.3f} |"
+            for n, c in held.items()
         )
-        queries, total = [], 0
-        for r in history:
-            total += r["samples"]
-            queries.append(total)
-        curves[name] = (queries, [r["reward_mean"] for r in history])
-        last = history[-3:]
-        rows.append(
-            (
-                name,
-                history[0]["reward_mean"],
-                sum(r["reward_mean"] for r in last) / len(last),
-                after["alignment"],
-                total,
-                seconds,
-            )
-        )
-
-    header = "| algorithm | reward, epoch 0 | reward, last 3 epochs | alignment, eta 0 | reward queries | seconds |"
-    lines = [header, "|---|---|---|---|---|---|", f"| (before) | | | {before['alignment']:.3f} | 0 | |"]
-    lines += [f"| {n} | {r0:.3f} | {r1:.3f} | {al:.3f} | {q} | {s:.0f} |" for n, r0, r1, al, q, s in rows]
-    table = "\n".join(lines)
-    (out / "table.md").write_text(table + "\n")
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    for name, (x, y) in curves.items():
-        ax.plot(x, y, marker="o", ms=3, label=name)
-    ax.set_xlabel("reward queries (samples scored)")
-    ax.set_ylabel("mean alignment of the epoch's samples")
-    ax.set_title(f"digits, {args.epochs} epochs, seed {args.seed}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "compare.png")
-    print(table)
+    (out / "table.md").write_text(text + "\n")
+    plot(curves, held, out / "compare.png", f"digits, {args.queries} reward queries per method, seed {args.seed}")
+    print(text)
     print(f"plot: {out / 'compare.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

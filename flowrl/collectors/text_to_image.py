@@ -192,12 +192,16 @@ class TextToImageCollector(Collector):
                 run.adapter, self.eval_prompts, self.cfg.sampler.guidance_scale, generator=gen
             )
             images = run.adapter.decode(chain.latents[:, -1])
-        rewards, _ = self.reward(images, self.eval_prompts)
+        rewards, info = self.reward(images, self.eval_prompts)
         if run.accelerator.is_main_process:
             save_image_grid(
                 images, run.run_dir / "samples" / f"epoch_{epoch:04d}.png", labels=self.eval_prompts
             )
-        return {"eval_reward_mean": rewards.mean().item()}
+        row = {"eval_reward_mean": rewards.mean().item()}
+        if len(self.reward.terms) > 1:  # each term alone, a held-out one (weight 0) included
+            terms = {k: v for k, v in info.items() if k.startswith("reward/")}
+            row.update({f"eval_{k}_mean": v.float().mean().item() for k, v in terms.items()})
+        return row
 
     def plot(self, rows: list[dict]) -> None:
         from flowrl.report import plot_reward_curve
