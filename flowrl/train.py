@@ -14,6 +14,10 @@ cuts it into minibatches of ``train.minibatch_size`` (:func:`plan`):
   or none (FPO) takes the rows alone.
 - ``minibatch_unit: pair``: (trajectory, step) pairs shuffled across trajectories (DPPO).
 
+An objective with ``whole_groups`` (PRDP: a loss on pairs within a prompt group) gets the prompt
+groups shuffled instead of the trajectories, each group's rows together, so a minibatch of a
+multiple of ``group_size`` rows holds whole groups.
+
 With ``algorithm.drop_zero_std`` (Flow-GRPO) the trajectories of groups whose rewards are all
 equal are left out: the others fill as many minibatches as all would have, each smaller.
 
@@ -52,10 +56,12 @@ def plan(
     g: torch.Generator,
     selection: str = "random",
     keep: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> list[list[Minibatch]]:
     """One pass's minibatches, each a list of forwards (see the module docstring). ``steps`` is
     the objective's ``sampled`` / ``all`` / ``none``; ``keep`` (B,) bool leaves rows out (their
-    minibatches shrink, their number stays); draws from ``g`` in a fixed order."""
+    minibatches shrink, their number stays); ``groups`` (B,) shuffles whole groups, not rows;
+    draws from ``g`` in a fixed order."""
     B, K = len(chain), chain.num_steps
     if unit == "pair":
         stochastic = torch.isfinite(chain.log_probs)
@@ -69,7 +75,12 @@ def plan(
             [Minibatch(perm[i : i + size] // K, (perm[i : i + size] % K)[:, None], 1.0 / accumulation)]
             for i in range(0, B * K, size)
         ]
-    perm = torch.randperm(B, generator=g)
+    if groups is None:
+        perm = torch.randperm(B, generator=g)
+    else:  # the groups in a random order, each group's rows together (in their order)
+        ids, which = torch.unique(groups.cpu(), return_inverse=True)
+        order = torch.randperm(len(ids), generator=g)
+        perm = torch.cat([torch.nonzero(which == i).flatten() for i in order.tolist()])
     chunks = _chunks(B, size, keep[perm] if keep is not None else None)  # positions into perm
     if steps == "none":
         return [
@@ -146,6 +157,7 @@ def update(run, chain: Chain, epoch: int) -> dict:
             g,
             getattr(a.options, "timestep_selection", "random"),
             chain.metadata.get("keep"),
+            chain.metadata["group"] if getattr(objective, "whole_groups", False) else None,
         )
         bad = torch.zeros((), dtype=torch.bool, device=run.device)
         step_kl: list[Tensor] = []
