@@ -19,6 +19,12 @@ a recorded state x_{k_s}, decodes the result and maximizes the reward:
     refl       ReFL (Xu et al. 2023, ImageReward, arXiv 2304.05977; its train_refl.py): one prediction
                from a random late step k_s ~ U{refl_steps} (default the last quarter: 30..39 of 40,
                as ImageReward): loss = -reward_scale * mean r(decode(x0_hat_theta(x_{k_s})))
+    draft_lv   DRaFT-LV (the same paper, sec. 4.2): DRaFT-1 with a lower-variance gradient. The recorded
+               final sample x_K (sampled without gradient) is noised n = ``lv_samples`` times to the
+               last step's level with fresh noise, x_{K-1}^i = q(x_{K-1} | x_K) (DDIM:
+               sqrt(a_t) x_K + sqrt(1 - a_t) eps_i; flow: (1 - s) x_K + s eps_i), each denoised once
+               with gradient, and the rewards averaged: loss = -reward_scale * mean_i mean_rows
+               r(decode(T_theta(x_{K-1}^i))). The paper reports n = 2; no reference code is public.
 
 With ``grad_checkpointing`` each re-run step's activations are recomputed in the backward pass,
 so memory holds one step's activations, not k's (AlignProp's and DRaFT's choice for long chains).
@@ -41,7 +47,7 @@ from flowrl.core.seeding import randn
 from flowrl.errors import ConfigError
 from flowrl.objectives.base import Minibatch, Objective
 
-MODES = ("draft", "alignprop", "refl")
+MODES = ("draft", "alignprop", "refl", "draft_lv")
 
 
 @dataclass
@@ -62,10 +68,12 @@ class RewardBackpropOptions:
     grad_checkpointing: bool = True
     # loss = -reward_scale x the mean reward
     reward_scale: float = 1.0
+    # draft_lv: n, the noisings of the final sample each denoised once with gradient (DRaFT-LV: 2)
+    lv_samples: int = 2
 
 
 class RewardBackprop(Objective):
-    """DRaFT-K, AlignProp or ReFL on a differentiable reward (see the module docstring)."""
+    """DRaFT-K, DRaFT-LV, AlignProp or ReFL on a differentiable reward (see the module docstring)."""
 
     Options = RewardBackpropOptions
     needs_log_probs = False
@@ -84,6 +92,13 @@ class RewardBackprop(Objective):
         if o.backprop_steps is not None and o.backprop_steps < 1:
             raise ConfigError(
                 f"algorithm.backprop_steps must be >= 1 (or null: the whole chain), got {o.backprop_steps}"
+            )
+        if o.lv_samples < 1:
+            raise ConfigError(f"algorithm.lv_samples must be >= 1 (DRaFT-LV: 2), got {o.lv_samples}")
+        if o.mode == "draft_lv" and cfg.sampler.name not in ("ddim", "flow_sde", "flow_cps"):
+            raise ConfigError(
+                f"DRaFT-LV noises the final sample with the forward process, which sampler {cfg.sampler.name!r} "
+                "does not define here; use a ddim or flow sampler"
             )
         if o.refl_steps is not None and (
             len(o.refl_steps) != 2 or not 0 <= o.refl_steps[0] <= o.refl_steps[1]
@@ -116,6 +131,8 @@ class RewardBackprop(Objective):
     def start_step(self, generator: torch.Generator | None) -> int:
         """k_s, the chain step the gradient starts at (one draw per minibatch)."""
         o, K = self.options, self.sampler.recorded_steps
+        if o.mode == "draft_lv":
+            return K - 1
         if o.mode == "draft":
             return max(0, K - (o.backprop_steps or K))
         if o.mode == "alignprop":
@@ -164,10 +181,17 @@ class RewardBackprop(Objective):
             )
         rows = mb.rows.to(chain.latents.device)
         k_start = self.start_step(generator)
-        final = self.rerun(chain, rows, k_start, generator)
-        images = self.adapter.decode_latents(final)
         prompts = [chain.prompts[i] for i in mb.rows.tolist()] if chain.prompts else [""] * len(rows)
-        r, _ = self.reward(images, prompts)
+        if self.options.mode == "draft_lv":
+            r = torch.stack(
+                [
+                    self.reward(self.adapter.decode_latents(f), prompts)[0]
+                    for f in self.lv_rerun(chain, rows, generator)
+                ]
+            )  # (n, M)
+        else:
+            final = self.rerun(chain, rows, k_start, generator)
+            r, _ = self.reward(self.adapter.decode_latents(final), prompts)
         loss = -self.options.reward_scale * r.mean()
         return {
             "loss": loss,
@@ -176,3 +200,39 @@ class RewardBackprop(Objective):
                 float(self.sampler.recorded_steps - k_start if self.options.mode != "refl" else 1)
             ),
         }
+
+    def noised(self, x0: Tensor, k: int, noise: Tensor) -> Tensor:
+        """x0 noised by the forward process to the level of recorded step k (the state it starts at)."""
+        s = self.sampler
+        k = k + s.recorded_from
+        if hasattr(s, "alphas_cumprod"):  # DDIM: sqrt(a_t) x0 + sqrt(1 - a_t) eps
+            a = float(s._alpha_prod(s.timesteps[k : k + 1]))
+            return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+        sigma = float(s.sigmas[k])  # flow: (1 - s) x0 + s eps
+        return (1 - sigma) * x0 + sigma * noise
+
+    def lv_rerun(self, chain: Chain, rows: Tensor, generator: torch.Generator | None) -> list[Tensor]:
+        """DRaFT-LV's n final samples: the recorded x_K noised to the last step's level n times, each
+        denoised by the last step with gradient (draws per sample: the noising, then the step's noise)."""
+        sampler, adapter, o = self.sampler, self.adapter, self.options
+        device, K = chain.latents.device, sampler.recorded_steps
+        cond = {n: v[rows] for n, v in chain.cond.items()}
+        x0 = chain.latents[rows, -1].float()
+        M, g = len(rows), chain.guidance_scale
+        noisy = bool(torch.isfinite(chain.log_probs[rows, K - 1]).all())
+        kb = torch.full((M,), K - 1 + sampler.recorded_from, dtype=torch.long)
+        finals = []
+        for _ in range(o.lv_samples):
+            x = self.noised(x0, K - 1, randn(tuple(x0.shape), generator, device))
+            noise = randn(tuple(x0.shape), generator, device)
+
+            def step(x, noise=noise):
+                out = sampler.predict(adapter, x, kb, cond, g, stochastic=noisy)
+                return sampler.transition(kb, out, x, cond, noise=noise, stochastic=noisy).prev_sample
+
+            finals.append(
+                checkpoint(step, x, use_reentrant=False)
+                if o.grad_checkpointing and torch.is_grad_enabled()
+                else step(x)
+            )
+        return finals

@@ -170,3 +170,32 @@ def test_draft_raises_prompt_alignment_on_fixed_seeds(tmp_path):
     after = alignment()
     gains = [a - b for a, b in zip(after, before)]
     assert statistics.mean(gains) > 0.08 and min(gains) > 0, (before, after)
+
+
+def test_draft_lv_averages_n_one_step_denoisings_of_the_noised_final_sample(tiny_pipe):
+    """DRaFT-LV, n = 2: the recorded x_4 noised to the last step's level by diffusers' add_noise,
+    denoised once by DDIMScheduler.step(eta 1) with fresh noise, the two rewards averaged."""
+    from diffusers import DDIMScheduler
+
+    obj, adapter, _, chain = _objective(tiny_pipe, "algorithm.name=draft-lv")
+    assert obj.options.mode == "draft_lv" and obj.options.lv_samples == 2  # the paper's n
+    rows = torch.tensor([3, 1])
+    mb = Minibatch(rows, torch.zeros(2, 0, dtype=torch.long))
+    terms = obj.loss(chain, mb, 0, torch.Generator().manual_seed(5))
+    ref = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    ref.set_timesteps(4)
+    t, g = ref.timesteps[3], torch.Generator().manual_seed(5)  # the same draws, in the objective's order
+    x0, cond = chain.latents[rows, -1], {n: v[rows] for n, v in chain.cond.items()}
+    rewards = []
+    for _ in range(2):
+        x = ref.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        noise = torch.randn(x0.shape, generator=g)
+        out = ref.step(adapter(x, t.expand(2), cond, 1.0), t, x, eta=1.0, variance_noise=noise).prev_sample
+        rewards.append(adapter.decode_latents(out).mean(dim=(1, 2, 3)))  # the brightness reward
+    hand = -torch.stack(rewards).mean()
+    torch.testing.assert_close(terms["loss"], hand, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(terms["loss"], adapter), _grads(hand, adapter)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert terms["backprop_steps"].item() == 1.0
+    with pytest.raises(ConfigError, match="lv_samples must be >= 1"):
+        _objective(tiny_pipe, "algorithm.name=draft-lv", "algorithm.lv_samples=0")
