@@ -29,7 +29,9 @@ import signal
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from flowrl.errors import InputError, MissingFileError, load_weights, one_line, read_json
 
 CHECKPOINT_RE = re.compile(r"^epoch_(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -164,16 +166,38 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
     CPU (counters on a GPU would cost a host sync per parameter per step)."""
     folder = Path(folder)
     if not (folder / "state.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder} is not a complete flowrl checkpoint (no state.json); give a folder under "
             "<run>/checkpoints/ or train.resume=auto"
         )
+    state = read_json(folder / "state.json", "checkpoint state")
+    if not isinstance(state, dict) or "next_epoch" not in state:
+        raise InputError(f"checkpoint state {folder}/state.json holds no next_epoch; use another checkpoint")
     out = {
-        "trainable": load_file(str(folder / "trainable.safetensors"), device=str(map_location)),
-        "optimizer": torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
-        "state": json.loads((folder / "state.json").read_text()),
+        "trainable": load_weights(folder / "trainable.safetensors", "checkpoint weights", map_location),
+        "optimizer": _load_optimizer(folder / "optimizer.pt"),
+        "state": state,
         "ema": None,
     }
     if (folder / "ema.safetensors").is_file():
-        out["ema"] = load_file(str(folder / "ema.safetensors"), device=str(map_location))
+        out["ema"] = load_weights(folder / "ema.safetensors", "checkpoint EMA weights", map_location)
     return out
+
+
+def _load_optimizer(path: Path) -> dict:
+    """The optimizer state (``weights_only``: tensors and numbers only); a truncated, corrupt or
+    unsafe file is an InputError naming it."""
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint optimizer state {path} is missing; use another checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a short zip, a pickle of something else (refused by weights_only)
+        raise InputError(
+            f"checkpoint optimizer state {path} is truncated, corrupt or not tensors-only "
+            f"({type(e).__name__}: {one_line(e)[:200]}); use another checkpoint"
+        ) from None
+    if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
+        raise InputError(
+            f"checkpoint optimizer state {path} is not an optimizer state dict; use another checkpoint"
+        )
+    return state

@@ -8,16 +8,24 @@
 
     torchrun --nproc_per_node 2 -m flowrl.cli train TASK  (or accelerate launch) for several processes
 
-A user's mistake is one ``flowrl: error:`` line naming the cause and the fix, exit code 2.
+A user's mistake is one ``flowrl: error:`` line naming the cause and the fix, exit code 2, for
+every command (:func:`main` is the one boundary: a :class:`~flowrl.errors.FlowrlError`, a usage
+mistake, or an operating-system error on a path the user chose: a full disk, a read-only or
+missing folder). Anything else is a bug in flowrl: its traceback, a line asking to report it,
+exit code 1. Ctrl-C is one line and exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import sys
 import typing
 from pathlib import Path
+
+from flowrl.errors import ConfigError, FlowrlError, one_line
 
 # ---------------------------------------------------------------------- train / pretrain / evaluate
 
@@ -42,7 +50,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _need_env(cfg, command: str) -> None:
-    from flowrl.errors import ConfigError
 
     if cfg.kind != "env":
         raise ConfigError(
@@ -78,11 +85,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from flowrl.envs.rollouts import evaluate, format_return
-    from flowrl.errors import ConfigError
     from flowrl.guidance import ACTION_REWARDS, ChunkReward, GuidedSampler, RLGuidedAdapter
     from flowrl.models.policy import load_policy
     from flowrl.samplers import sampler_for
 
+    _check_numbers(args)
+    if args.episodes is not None and args.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}; e.g. --episodes 10")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise ConfigError(f"--out {args.out} is a folder; give a .json file path")
+        check_output_folder(str(out.parent), "--out's folder")
+    if args.policy and not (Path(args.policy) / "policy.json").is_file():
+        raise ConfigError(
+            f"--policy {args.policy} holds no policy.json; give a policy folder (the BC folder or a checkpoint)"
+        )
     cfg, name = _task_config(args)
     _need_env(cfg, "evaluate")
     if cfg.train.torch_threads is not None:
@@ -172,7 +190,6 @@ def _add_config_options(parser: argparse.ArgumentParser, options: dict) -> None:
 def _checked_sample_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts of ``flowrl sample``, each repeated --num-per-prompt times, after checking
     every option that needs no weights (so a mistake costs no model load)."""
-    from flowrl.errors import ConfigError
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -214,14 +231,72 @@ def _checked_sample_prompts(args: argparse.Namespace) -> list[str]:
         reward_kwargs(args)
     if args.save_trajectory and guide not in ("none", "rlg"):
         raise ConfigError(f"--save-trajectory records plain or RL-guided chains, not --guide {guide}")
+    _check_numbers(args)
+    if args.num_per_prompt < 1:
+        raise ConfigError(f"-n/--num-per-prompt must be >= 1, got {args.num_per_prompt}; e.g. -n 4")
+    steps = args.sampler_num_steps
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--num-steps must be >= 1, got {steps}; e.g. --num-steps 20")
+    size = args.model_tiny_image_size
+    if size < 8 or size % 8 or size > MAX_TINY_IMAGE_SIZE:
+        raise ConfigError(
+            f"--tiny-image-size must be a multiple of 8 in [8, {MAX_TINY_IMAGE_SIZE}], got {size}; e.g. --tiny-image-size 32"
+        )
+    if args.sampler_guidance_scale is not None and args.sampler_guidance_scale < 1:
+        raise ConfigError(
+            f"--guidance-scale must be >= 1 (1 = no classifier-free guidance), got {args.sampler_guidance_scale}"
+        )
+    if args.device and args.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {args.device!r}: give cpu, cuda or cuda:N")
+    check_output_folder(args.out, "--out")
     return [p for p in prompts for _ in range(args.num_per_prompt)]
+
+
+MAX_TINY_IMAGE_SIZE = 512  # the tiny model's activations grow with the square: 65536 would need terabytes
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The guidance options of sample and evaluate: finite, in range, before anything loads."""
+    for flag, value in [
+        ("--rlg-weight", args.rlg_weight),
+        ("--guide-scale", args.guide_scale),
+        ("--smc-lambda", args.smc_lambda),
+    ]:
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+    if args.particles < 1:
+        raise ConfigError(f"--particles must be >= 1, got {args.particles}; e.g. --particles 4")
+    if args.guide == "reward-grad" and args.guide_scale <= 0:
+        raise ConfigError(
+            f"--guide-scale must be > 0 for --guide reward-grad, got {args.guide_scale}; e.g. 0.1"
+        )
+    if args.guide == "smc" and args.smc_lambda <= 0:
+        raise ConfigError(f"--smc-lambda must be > 0, got {args.smc_lambda}; e.g. --smc-lambda 10")
+
+
+def check_output_folder(out: str, flag: str) -> None:
+    """An output folder that is a file, or under a file or a read-only folder, fails here, before
+    any work (the folder itself is made only when there is something to write)."""
+    import os
+
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {out} is a file, not a folder; give a folder path")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"{flag} {out}: {parent} is a file, so no folder can be made under it; give another path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: {parent} is not writable; give a folder you can write to")
 
 
 def _load_finetuned(pipe, family: str, path: Path) -> str:
     """Put a flowrl checkpoint's weights into the pipeline: a LoRA (``pytorch_lora_weights.
     safetensors`` in the folder, or that file itself) or, for a full fine-tune, the denoiser's
     diffusers folder (``unet/`` or ``transformer/``). Returns ``"lora"`` or ``"full"``."""
-    from flowrl.errors import ConfigError
     from flowrl.models import adapter_class
 
     sub = adapter_class(family).denoiser_subfolder  # the pipeline attribute and checkpoint subfolder
@@ -256,7 +331,6 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from flowrl.errors import ConfigError
     from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
     from flowrl.report import save_image_grid
     from flowrl.samplers import build_sampler
@@ -361,7 +435,6 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def reward_kwargs(args: argparse.Namespace) -> dict:
     """--reward-kwargs parsed as a JSON object, or one error naming the option and the fix."""
-    from flowrl.errors import ConfigError
 
     try:
         kwargs = json.loads(args.reward_kwargs)
@@ -398,9 +471,7 @@ def _add_guidance_arguments(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flowrl", description="RL fine-tuning of denoising generative models."
-    )
+    parser = _Parser(prog="flowrl", description="RL fine-tuning of denoising generative models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="fine-tune a model on a task file (text-to-image or environment)")
@@ -480,16 +551,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from flowrl.errors import ConfigError
-    from flowrl.rewards import RewardError
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage mistakes are one ``flowrl: error:`` line like every other."""
 
-    args = build_parser().parse_args(argv)
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+# operating-system errors on paths the user chose, and what to do about each
+OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space, or write to another disk (train.output_dir, --out)",
+    errno.EDQUOT: "the disk quota is exceeded: free space, or write to another disk (train.output_dir, --out)",
+    errno.EACCES: "permission denied: choose a folder you can write to (train.output_dir, --out)",
+    errno.EPERM: "permission denied: choose a folder you can write to (train.output_dir, --out)",
+    errno.EROFS: "the file system is read-only: choose another folder (train.output_dir, --out)",
+    errno.ENOTDIR: "a file is where a folder should be: remove it or choose another path",
+    errno.EISDIR: "a folder is where a file should be: remove it or choose another path",
+    errno.EEXIST: "something is in the way: remove it or choose another path",
+    errno.ENOENT: "check the path",
+}
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one line for an error the user caused, or None for a bug (which keeps its traceback)."""
+    if isinstance(e, FlowrlError):
+        return one_line(e)
+    if isinstance(e, OSError) and e.errno in OS_FIXES:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or one_line(e)}{where}; {OS_FIXES[e.errno]}"
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return (
+            f"out of memory ({one_line(e)[:160]}); lower train.sample_batch_size, train.minibatch_size "
+            "or the image size, or set train.gradient_checkpointing=true"
+        )
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``flowrl`` command; returns the exit code (0, 2 for a user's mistake, 1 for a bug)."""
+    import traceback
+
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help
+            return e.code if isinstance(e.code, int) else 0
         return args.func(args)
-    except (ConfigError, RewardError, FileNotFoundError) as e:
-        print(f"flowrl: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("flowrl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is not None:
+            print(f"flowrl: error: {msg}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(
+            f"flowrl: internal error ({type(e).__name__}): this is a bug in flowrl, not in your input; please "
+            "report it to flowrl's maintainers with the command and the traceback above",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

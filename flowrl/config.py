@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from flowrl.core.schedule import LR_SCHEDULES
-from flowrl.errors import ConfigError, suggest
+from flowrl.errors import ConfigError, read_text, suggest
 
 __all__ = ["ConfigError", "TaskConfig", "load_config", "config_to_dict", "field_docs"]
 
@@ -880,7 +880,7 @@ def read_task(task: str | None, overrides: list[str] | None = None) -> dict:
     if task is not None:
         path = resolve_task_path(task)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(read_text(path, "task file")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"task file {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flowrl.errors import InputError, MissingFileError
+
 FORMATS = ("npz", "d4rl", "robomimic", "minari")
 
 
@@ -51,24 +53,24 @@ class Demonstrations:
         self.episode_ends = np.asarray(self.episode_ends, dtype=np.int64)
         n = len(self.observations)
         if self.observations.ndim != 2 or self.actions.ndim != 2:
-            raise ValueError(
+            raise InputError(
                 f"demonstrations: observations and actions must be (N, D) arrays, got {self.observations.shape} "
                 f"and {self.actions.shape}; store the episodes back to back, one row per step "
                 "(flatten image or dict observations into vectors first)"
             )
         if len(self.actions) != n:
-            raise ValueError(
+            raise InputError(
                 f"demonstrations: {n} observations but {len(self.actions)} actions; store one observation per "
                 "action (drop each episode's final observation)"
             )
         ends = self.episode_ends
         if len(ends) == 0 or ends[-1] != n or (np.diff(ends) <= 0).any() or ends[0] <= 0:
-            raise ValueError(
+            raise InputError(
                 f"demonstrations: episode_ends must increase strictly and end at N={n}, got {ends[:5]}...{ends[-3:]}; "
                 "give each episode's end index (exclusive), e.g. np.cumsum(episode_lengths)"
             )
         if not (np.isfinite(self.observations).all() and np.isfinite(self.actions).all()):
-            raise ValueError(
+            raise InputError(
                 "demonstrations: observations or actions contain NaN or inf; drop or repair those episodes"
             )
 
@@ -110,7 +112,7 @@ def load_demonstrations(
     """Read demonstrations in one of :data:`FORMATS` (see the module docstring)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"demonstrations file {path} does not exist; fix demos.path, or set demos.path=null and "
             "demos.expert to generate demonstrations"
         )
@@ -118,7 +120,7 @@ def load_demonstrations(
         with np.load(path, allow_pickle=False) as f:
             missing = {"observations", "actions", "episode_ends"} - set(f.files)
             if missing:
-                raise ValueError(
+                raise InputError(
                     f"{path}: missing arrays {sorted(missing)}; save observations (N, Do), actions (N, Da) and "
                     "episode_ends (E,) with Demonstrations(...).save(path) (flowrl's npz format, see flowrl.data.demos)"
                 )
@@ -130,7 +132,7 @@ def load_demonstrations(
                 str(f["env_id"]) if "env_id" in f.files else "",
             )
     if format not in FORMATS:
-        raise ValueError(f"demos.format must be one of {FORMATS}, got {format!r}")
+        raise InputError(f"demos.format must be one of {FORMATS}, got {format!r}")
     try:
         import h5py
     except ImportError as e:
@@ -167,7 +169,7 @@ def load_demonstrations(
     if path.is_dir():
         found = sorted(path.rglob("main_data.hdf5"))
         if not found:
-            raise FileNotFoundError(f"{path}: no main_data.hdf5 below this Minari dataset folder")
+            raise MissingFileError(f"{path}: no main_data.hdf5 below this Minari dataset folder")
         path = found[0]
     with h5py.File(path, "r") as f:
         names = sorted((k for k in f if k.startswith("episode_")), key=lambda k: int(k.split("_")[-1]))

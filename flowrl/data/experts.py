@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from flowrl.data.demos import Demonstrations, load_demonstrations
+from flowrl.errors import ConfigError, MissingFileError
 
 
 class Expert(Protocol):
@@ -81,7 +82,7 @@ class LQRExpert:
         A, B = linearize(env)
         Q = np.diag(q) if q is not None else np.eye(A.shape[0])
         if Q.shape[0] != A.shape[0]:
-            raise ValueError(f"lqr expert: q needs {A.shape[0]} entries (qpos, qvel), got {len(q)}")
+            raise ConfigError(f"lqr expert: q needs {A.shape[0]} entries (qpos, qvel), got {len(q)}")
         self.K = gain_scale * lqr_gain(A, B, Q, r * np.eye(B.shape[1]))
         self.K[:, list(drop or [])] = 0.0
         self.noise_std = noise_std
@@ -121,7 +122,7 @@ EXPERTS = {"lqr": LQRExpert, "reacher_ik_pd": ReacherIKPDExpert}
 
 def make_expert(name: str, env, seed: int = 0, **kwargs) -> Expert:
     if name not in EXPERTS:
-        raise ValueError(f"demos.expert: unknown expert {name!r}; built-in experts: {sorted(EXPERTS)}")
+        raise ConfigError(f"demos.expert: unknown expert {name!r}; built-in experts: {sorted(EXPERTS)}")
     if name == "lqr":
         return LQRExpert(env, seed=seed, **kwargs)
     return EXPERTS[name](seed=seed, **kwargs)
@@ -165,7 +166,7 @@ def resolve_demonstrations(cfg, bc_dir: Path) -> Demonstrations:
         try:
             return load_demonstrations(d.path, d.format, d.obs_keys)
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{e}; the task file's header says how to get its demonstrations (Minari, D4RL or your own npz)"
             ) from e
         except (ValueError, ImportError, KeyError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowrl.errors import ConfigError
+from flowrl.errors import ConfigError, MissingFileError, read_text
 
 PROMPT_SETS: dict[str, list[str]] = {
     # DDPO's "simple_animals" style set, shortened
@@ -48,13 +48,13 @@ def load_prompts(spec) -> list[str]:
     elif isinstance(spec, str):
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"train.prompts: {spec!r} is neither a prompt set ({', '.join(PROMPT_SETS)}) nor an existing file; "
                 "give one of those names, a list, or the path of a text file with one prompt per line"
             )
         prompts = [
             ln.strip()
-            for ln in path.read_text().splitlines()
+            for ln in read_text(path, "train.prompts: prompt file").splitlines()
             if ln.strip() and not ln.lstrip().startswith("#")
         ]
         source = f"prompt file {path}"

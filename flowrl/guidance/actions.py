@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowrl.errors import ConfigError
+
 
 class ChunkReward:
     """An action reward ``reward(obs, actions)`` as a guidance reward ``(actions, obs, metadata)``."""
@@ -71,12 +73,12 @@ class SimulatedReturn:
         self.env.reset(seed=0)
         nq, nv = self.env.model.nq, self.env.model.nv
         if self.env.observation_space.shape != (nq + nv,):
-            raise ValueError(
+            raise ConfigError(
                 f"{env_id}: its observation is not the full state (qpos, qvel), so a chunk cannot be "
                 "simulated from it; use a learned reward"
             )
         if state_cost is not None and len(state_cost) != nq + nv:
-            raise ValueError(f"state_cost needs {nq + nv} weights (qpos, qvel), got {len(state_cost)}")
+            raise ConfigError(f"state_cost needs {nq + nv} weights (qpos, qvel), got {len(state_cost)}")
         self.nq, self.penalty = nq, termination_penalty
         self.state_cost = None if state_cost is None else np.asarray(state_cost, dtype=np.float64)
 

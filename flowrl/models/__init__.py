@@ -19,14 +19,13 @@ Every adapter answers the same protocol (:mod:`flowrl.models.base`): ``condition
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from flowrl.errors import ConfigError
+from flowrl.errors import ConfigError, MissingFileError, read_json
 from flowrl.models.sd import StableDiffusionAdapter, build_tiny_sd_pipeline
 
 
@@ -67,7 +66,7 @@ BUILTIN_MODELS = ("tiny", "digits")
 def adapter_class(family: str):
     """The adapter class of a model family (its module imported on demand)."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
+        raise ConfigError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
     module, _, cls = FAMILIES[family].adapter.partition(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -78,13 +77,13 @@ def _check_local(pretrained: str) -> Path | None:
     looks_local = pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1 or os.sep == "\\"
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"model.pretrained: {pretrained!r} has no model_index.json, so it is not a diffusers pipeline "
                 "folder. Save one with `pipeline.save_pretrained(folder)` or give a hub id."
             )
         return path
     if looks_local:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model.pretrained: folder {pretrained!r} does not exist. Give a local diffusers pipeline "
             "folder (one with model_index.json), a hub id such as 'runwayml/stable-diffusion-v1-5', or 'tiny'."
         )
@@ -96,28 +95,30 @@ def detect_family(pretrained: str | None, family: str = "auto") -> str:
     hub ids, policy.json for policy folders)."""
     if family != "auto":
         if family not in FAMILIES:
-            raise ValueError(f"model.family must be 'auto' or one of {sorted(FAMILIES)}, got {family!r}")
+            raise ConfigError(f"model.family must be 'auto' or one of {sorted(FAMILIES)}, got {family!r}")
         return family
     if pretrained in BUILTIN_MODELS:
         return "sd"
     if pretrained is not None and (Path(pretrained).expanduser() / "policy.json").is_file():
-        kind = json.loads((Path(pretrained).expanduser() / "policy.json").read_text()).get("kind")
+        meta = read_json(Path(pretrained).expanduser() / "policy.json", "model.pretrained: policy file")
+        kind = meta.get("kind") if isinstance(meta, dict) else None
         for name, f in FAMILIES.items():
             if f.kind == "env" and f.pipeline == kind:
                 return name
-        raise ValueError(f"model.pretrained: {pretrained}/policy.json names an unknown policy kind {kind!r}")
+        raise ConfigError(f"model.pretrained: {pretrained}/policy.json names an unknown policy kind {kind!r}")
     if pretrained is None:
-        raise ValueError("model.family=auto needs model.pretrained: set model.family (e.g. flow_policy)")
+        raise ConfigError("model.family=auto needs model.pretrained: set model.family (e.g. flow_policy)")
     path = _check_local(pretrained)
     if path is not None:
-        class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        index = read_json(path / "model_index.json", "model.pretrained: pipeline index")
+        class_name = index.get("_class_name", "") if isinstance(index, dict) else ""
     else:
         from diffusers import DiffusionPipeline
 
         try:
             class_name = DiffusionPipeline.load_config(pretrained).get("_class_name", "")
         except OSError as e:  # not on the hub, no network, HF_HUB_OFFLINE=1, gated repo
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"model.pretrained: {pretrained!r} is neither a local folder nor a reachable hub pipeline "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give a local diffusers "
                 "pipeline folder (one with model_index.json), check the hub id, or 'tiny'"
@@ -126,7 +127,7 @@ def detect_family(pretrained: str | None, family: str = "auto") -> str:
         if f.kind == "text_to_image" and class_name == f.pipeline:
             return name
     supported = ", ".join(f.pipeline for f in FAMILIES.values() if f.kind == "text_to_image")
-    raise ValueError(
+    raise ConfigError(
         f"model.pretrained: {pretrained!r} is a {class_name or 'unknown'} pipeline; flowrl supports "
         f"{supported}. Set model.family if the folder is one of those under another name."
     )

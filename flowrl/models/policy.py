@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from flowrl.core.seeding import draw_device, randn
+from flowrl.errors import InputError, MissingFileError, load_weights, read_json
 from flowrl.samplers.ddpm_policy import cosine_beta_schedule
 
 
@@ -291,19 +292,34 @@ def load_policy(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     folder (which also holds the noise network or the frozen reference)."""
     folder = Path(folder)
     if not (folder / "policy.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{folder} holds no pre-trained policy (policy.json); run `flowrl pretrain <task>` first"
         )
-    arch = json.loads((folder / "policy.json").read_text())
-    kind, noise_net, reference = arch.pop("kind"), arch.pop("noise_net", None), arch.pop("reference", False)
+    arch = read_json(folder / "policy.json", "policy file")
+    if not isinstance(arch, dict):
+        raise InputError(
+            f"{folder}/policy.json is not a policy description (a JSON object); save it with policy.save"
+        )
+    kind, noise_net, reference = (
+        arch.pop("kind", None),
+        arch.pop("noise_net", None),
+        arch.pop("reference", False),
+    )
     if kind not in POLICIES:
-        raise ValueError(f"{folder}/policy.json: unknown policy kind {kind!r}; known: {sorted(POLICIES)}")
-    policy = POLICIES[kind](**arch)
-    if noise_net is not None:  # a ReinFlow-fine-tuned flow policy
-        policy.add_noise_net(**noise_net)
-    if reference:  # a DPPO-fine-tuned diffusion policy: its frozen pre-trained network
-        policy.freeze_reference()
-    policy.load_state_dict(load_file(str(folder / "policy.safetensors")))
+        raise InputError(f"{folder}/policy.json: unknown policy kind {kind!r}; known: {sorted(POLICIES)}")
+    weights = load_weights(folder / "policy.safetensors", "policy weights")
+    try:
+        policy = POLICIES[kind](**arch)
+        if noise_net is not None:  # a ReinFlow-fine-tuned flow policy
+            policy.add_noise_net(**noise_net)
+        if reference:  # a DPPO-fine-tuned diffusion policy: its frozen pre-trained network
+            policy.freeze_reference()
+        policy.load_state_dict(weights)
+    except (TypeError, RuntimeError) as e:  # arguments or tensors that do not fit
+        raise InputError(
+            f"policy folder {folder}: policy.json and policy.safetensors do not fit each other or flowrl's "
+            f"{kind} policy ({type(e).__name__}: {str(e).splitlines()[0]}); save it again with flowrl pretrain"
+        ) from None
     return policy.to(device)
 
 

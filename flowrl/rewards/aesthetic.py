@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flowrl.errors import MissingFileError
 from flowrl.rewards import register_reward
 
 
@@ -47,7 +48,7 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         path = hf_hub_download(repo, filename)
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"aesthetic weights {path!r} not found; give a local file, hf://repo/file, or null for random weights"
         )
     if p.suffix == ".safetensors":

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flowrl.errors import ConfigError, MissingFileError
+
 TINY_CLIP_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -29,7 +31,7 @@ def load_open_clip(
 
     if pretrained is not None and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
         if not Path(pretrained).expanduser().is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"CLIP weights file {pretrained!r} does not exist; give a local file, a tag like 'openai', or null"
             )
     if model == "flowrl-tiny":
@@ -38,7 +40,7 @@ def load_open_clip(
         torch.manual_seed(0)
         net = CLIP(**TINY_CLIP_CONFIG)
         if pretrained is not None:
-            raise ValueError("flowrl-tiny is a random test model; set pretrained to null")
+            raise ConfigError("flowrl-tiny is a random test model; set pretrained to null")
         image_size = TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
     else:
         net = open_clip.create_model(model, pretrained=pretrained)

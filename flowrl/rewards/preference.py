@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from flowrl.errors import MissingFileError
 from flowrl.rewards import register_reward
 
 
@@ -72,7 +73,7 @@ def hpsv2(weights: str, clip_model: str = "ViT-H-14", device: str | torch.device
 
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"hpsv2 weights {weights!r} not found; download HPS_v2_compressed.pt and give its path"
         )
     if path.suffix == ".safetensors":

@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import queue
 import sys
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from flowrl.errors import ConfigError, FlowrlError, MissingFileError
 
 RewardFn = Callable[[Tensor, list[str], list[dict]], tuple]
 
@@ -47,8 +52,9 @@ _REGISTRY: dict[str, RewardEntry] = {}
 _BUILTINS_LOADED = False
 
 
-class RewardError(RuntimeError):
-    """A reward raised, or returned something that is not B finite floats."""
+class RewardError(FlowrlError, RuntimeError):
+    """A reward raised (``SystemExit`` and ``KeyboardInterrupt`` included), did not return within
+    its timeout, or returned something that is not B finite floats."""
 
 
 class UnknownRewardError(RewardError, KeyError):
@@ -96,10 +102,15 @@ def _import_file(path: Path):
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except BaseException as e:  # sys.exit() or Ctrl-C at import too: an error naming the script
         del sys.modules[module_name]
+        if isinstance(e, KeyboardInterrupt):
+            raise RewardError(
+                f"reward script {path} was interrupted while importing (KeyboardInterrupt)"
+            ) from e
+        what = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
         raise RewardError(
-            f"reward script {path} failed to import: {type(e).__name__}: {e}; fix the script "
+            f"reward script {path} failed to import: {what}; fix the script "
             f"(python {path} shows the full error)"
         ) from e
     return module
@@ -149,7 +160,7 @@ def resolve_reward(spec: str) -> tuple[Callable[..., RewardFn], bool]:
     if not path.is_file() and path.parent.name == "rewards" and (example_rewards_dir() / path.name).is_file():
         path = example_rewards_dir() / path.name  # rewards/<file>.py from an installed package
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"reward script {spec!r} not found (looked for {path.resolve()}); give the path of a .py file "
             "defining reward_fn(images, prompts, metadata), or a built-in reward name"
         )
@@ -175,7 +186,7 @@ def resolve_reward(spec: str) -> tuple[Callable[..., RewardFn], bool]:
     def plain(**kwargs) -> RewardFn:
         kwargs.pop("device", None)
         if kwargs:
-            raise TypeError(
+            raise ConfigError(
                 f"{name} takes no options but got {sorted(kwargs)}; define make_reward(**kwargs) to accept options"
             )
         return fn
@@ -242,6 +253,11 @@ class Reward:
             ``mean``, ``wco`` (worst-case: the minimum over members) or ``uwo`` (uncertainty-weighted:
             the mean minus ``uwo_coef`` x the variance over members).
         uwo_coef: lambda of ``uwo``.
+        timeout: seconds a batch's scoring may take (the task's ``reward_timeout``); past it the
+            run stops with a RewardError naming the reward (null: no limit). Scoring then runs in
+            flowrl's one daemon reward thread (with the caller's grad mode), so a reward that
+            never returns cannot hang the run or the interpreter's exit; a call on images that
+            need gradients (reward backprop) runs inline, untimed.
     """
 
     COMBINE = ("sum", "mean", "wco", "uwo")
@@ -253,17 +269,18 @@ class Reward:
         allow_nonfinite: bool = False,
         combine: str = "sum",
         uwo_coef: float = 1.0,
+        timeout: float | None = None,
     ):
         if combine not in self.COMBINE:
-            raise ValueError(f"reward combine must be one of {self.COMBINE}, got {combine!r}")
+            raise ConfigError(f"reward combine must be one of {self.COMBINE}, got {combine!r}")
         if combine in ("wco", "uwo") and len(specs) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"reward combine {combine!r} needs an ensemble of at least 2 rewards, got {len(specs)}"
             )
-        self.combine, self.uwo_coef = combine, uwo_coef
+        self.combine, self.uwo_coef, self.timeout = combine, uwo_coef, timeout
         self.allow_nonfinite = allow_nonfinite
         if not specs:
-            raise ValueError("no reward given: set rewards: [{name: jpeg_compressibility}] in the task file")
+            raise ConfigError("no reward given: set rewards: [{name: jpeg_compressibility}] in the task file")
         self.device = device
         self.terms: list[tuple[str, float, RewardFn]] = []
         self.differentiable = True
@@ -271,23 +288,55 @@ class Reward:
             name = spec["name"]
             factory, differentiable = resolve_reward(name)
             kwargs = dict(spec.get("kwargs") or {})
-            fn = factory(device=device, **kwargs) if _accepts(factory, "device") else factory(**kwargs)
+            try:
+                fn = factory(device=device, **kwargs) if _accepts(factory, "device") else factory(**kwargs)
+            except FlowrlError:
+                raise
+            except TypeError as e:  # options the factory does not take
+                raise ConfigError(
+                    f"reward {name!r}: its options {kwargs} do not fit its factory ({e}); fix the reward's kwargs"
+                ) from e
+            except BaseException as e:  # the factory raised, or called sys.exit()
+                if isinstance(e, KeyboardInterrupt) and not name.endswith(".py"):
+                    raise
+                raise RewardError(
+                    f"reward {name!r} failed to build: {_what(e)}; fix the reward or its kwargs"
+                ) from e
+            if not callable(fn):
+                raise RewardError(
+                    f"reward {name!r}: its factory returned {type(fn).__name__}, not a function; "
+                    "make_reward(**kwargs) must return reward_fn(images, prompts, metadata)"
+                )
             self.terms.append((name, float(spec.get("weight", 1.0)), fn))
             self.differentiable &= differentiable
-        self._pool: ThreadPoolExecutor | None = None
+        self._worker: _Worker | None = None
+        self._current = ""  # the term being scored, for a timeout's message
 
     def __call__(
         self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None
     ) -> tuple[Tensor, dict]:
         """(B,) weighted total and an info dict with each term's (B,) values under ``reward/<name>``."""
+        if self.timeout is not None and not (isinstance(images, Tensor) and images.requires_grad):
+            return self.submit(images, prompts, metadata).result()
+        return self._score(images, prompts, metadata)
+
+    def _score(self, images: Tensor, prompts: list[str], metadata: list[dict] | None) -> tuple[Tensor, dict]:
         metadata = metadata if metadata is not None else [{} for _ in prompts]
         members: list[Tensor] = []
         info: dict = {}
         for name, weight, fn in self.terms:
+            self._current = name
             try:
                 out = fn(images, prompts, metadata)
             except RewardError:
                 raise
+            except SystemExit as e:  # never a clean exit of the run
+                raise RewardError(
+                    f"reward {name!r} called sys.exit({e.code!r}) while scoring; a reward must return its values "
+                    "(raise an exception to report a problem)"
+                ) from e
+            except KeyboardInterrupt as e:
+                raise RewardError(f"reward {name!r} was interrupted (KeyboardInterrupt) while scoring") from e
             except Exception as e:
                 raise RewardError(
                     f"reward {name!r} raised {type(e).__name__}: {e}; fix the reward function (the traceback "
@@ -310,16 +359,83 @@ class Reward:
             info["reward/ensemble_std"] = stacked.std(0, unbiased=False).detach()
         return total, info
 
-    def submit(self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None) -> Future:
-        """Score in a background thread, so the next batch can be sampled meanwhile."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowrl-reward")
-        return self._pool.submit(self.__call__, images, prompts, metadata)
+    def submit(self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None) -> _Pending:
+        """Score in the background reward thread (batches in order), so the next batch can be
+        sampled meanwhile; ``.result()`` waits at most ``timeout`` seconds from the batch's start."""
+        if self._worker is None or self._worker.stuck:
+            self._worker = _Worker()
+        return self._worker.put(self, images, prompts, metadata)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+
+def _what(e: BaseException) -> str:
+    return f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+
+
+class _Pending:
+    """A batch submitted to the reward thread; :meth:`result` as a Future's, with the timeout."""
+
+    def __init__(self, reward: Reward, worker: _Worker):
+        self.reward, self.worker = reward, worker
+        self.future: Future = Future()
+        self.started = threading.Event()
+        self.start_time = 0.0
+        self.reward_batch = 0
+
+    def result(self, timeout: float | None = None):
+        limit = self.reward.timeout
+        if limit is None:
+            return self.future.result()
+        if self.started.wait(limit):
+            remaining = limit - (time.monotonic() - self.start_time)
+            try:
+                return self.future.result(timeout=max(remaining, 0.0))
+            except TimeoutError:
+                pass
+        self.worker.stuck = True  # the thread stays busy; the next batch gets a fresh one
+        raise RewardError(
+            f"reward {self.reward._current or self.reward.terms[0][0]!r} did not return within "
+            f"reward_timeout={limit:g} s for a batch of {self.reward_batch} images; make it faster, or raise "
+            "reward_timeout (null for no limit)"
+        )
+
+
+class _Worker:
+    """One daemon thread scoring batches in order (a hung reward cannot block the interpreter's
+    exit, as a ThreadPoolExecutor's worker does)."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        self.stuck = False
+        self.thread = threading.Thread(target=self._loop, name="flowrl-reward", daemon=True)
+        self.thread.start()
+
+    def put(self, reward: Reward, images, prompts, metadata) -> _Pending:
+        pending = _Pending(reward, self)
+        pending.reward_batch = len(prompts)
+        self.jobs.put((pending, images, prompts, metadata, torch.is_grad_enabled()))
+        return pending
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            pending, images, prompts, metadata, grad = job
+            pending.start_time = time.monotonic()
+            pending.started.set()
+            try:
+                with torch.set_grad_enabled(grad):
+                    pending.future.set_result(pending.reward._score(images, prompts, metadata))
+            except BaseException as e:  # _score turns a reward's own into RewardError; anything else as is
+                pending.future.set_exception(e)
 
 
 def _accepts(fn: Callable, name: str) -> bool:
