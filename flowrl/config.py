@@ -228,8 +228,12 @@ class AlgorithmConfig:
     # options are keys of this section too (e.g. ratio_scope and kl_coef for the PPO family)
     name: str = "ddpo"
     # advantage estimator (null: the method's): per_prompt (DDPO) | group (GRPO) | leave_one_out (LOOP) |
-    # batch_mean | none (REINFORCE) | gae (with a value function; env)
+    # batch_mean | none (REINFORCE) | gae (with a value function; env) | step_critic (text_to_image, PPO
+    # family: per denoising step, GAE with a learned critic V(x_k, t_k, c) on the shaped final reward; AC-Flow style)
     advantage: str | None = None
+    # step_critic: the estimator that shapes the final reward the critic learns (per_prompt | group |
+    # leave_one_out | batch_mean | none); with a zero critic and gamma = gae_lambda = 1 every step gets it
+    step_critic_shaping: str = "group"
     # PPO clip range on the ratios (DDPO: 1e-4 with mean-reduced log-probs; DPPO/ReinFlow gym: 0.01); null = no clipping
     clip_range: float | None = 1e-4
     # text_to_image: advantages are clipped to [-adv_clip_max, adv_clip_max]
@@ -246,13 +250,13 @@ class AlgorithmConfig:
     stat_buffer_size: int = 16
     # per_prompt advantages: rewards a prompt needs before its own statistics are used (else batch statistics)
     stat_min_count: int = 16
-    # gae: discount per chunk step (DPPO/ReinFlow gym: 0.99)
+    # gae: discount per chunk step (DPPO/ReinFlow gym: 0.99); step_critic: per denoising step
     gamma: float = 0.99
-    # gae: GAE lambda (DPPO/ReinFlow gym: 0.95)
+    # gae / step_critic: GAE lambda (DPPO/ReinFlow gym: 0.95)
     gae_lambda: float = 0.95
     # gae: divide rewards by the running std of the discounted return (DPPO/ReinFlow: reward_scale_running)
     reward_scaling: bool = True
-    # gae: value loss weight (DPPO/ReinFlow: 0.5)
+    # gae / step_critic: value loss weight (DPPO/ReinFlow: 0.5)
     vf_coef: float = 0.5
     # gae: first epochs that train only the value function
     critic_warmup_epochs: int = 0
@@ -531,7 +535,24 @@ class TaskConfig:
             f"algorithm.stat_buffer_size and stat_min_count must be >= 1, got {a.stat_buffer_size}, "
             f"{a.stat_min_count}; DDPO uses 16 and 16",
         )
-        if self.advantage in ("group", "leave_one_out"):
+        if self.advantage == "step_critic":
+            shapings = ("per_prompt", "group", "leave_one_out", "batch_mean", "none")
+            need(
+                a.step_critic_shaping in shapings,
+                f"algorithm.step_critic_shaping: unknown estimator {a.step_critic_shaping!r}; choose one of "
+                f"{list(shapings)}",
+            )
+            o = a.options
+            need(
+                self.method.objective == "ppo" and getattr(o, "ratio_scope", "step") == "step",
+                f"algorithm.advantage=step_critic gives each denoising step its own advantage, which only the "
+                f"PPO family's per-step ratios use (algorithm.name={a.name!r}"
+                + (", ratio_scope=chain" if self.method.objective == "ppo" else "")
+                + "); use algorithm.name=grpo or ddpo with ratio_scope=step, or another algorithm.advantage",
+            )
+        if self.advantage in ("group", "leave_one_out") or (
+            self.advantage == "step_critic" and a.step_critic_shaping in ("group", "leave_one_out")
+        ):
             need(
                 a.group_size >= 2,
                 f"algorithm.group_size must be >= 2 for {a.name}, got {a.group_size}: its {self.advantage} "

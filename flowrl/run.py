@@ -126,7 +126,7 @@ class Run:
         if t.compile:
             self.adapter.compile_network()
         self.collector = Collector(cfg, self)
-        self.value = self.collector.value_function() if cfg.advantage == "gae" else None
+        self.value = self.collector.value_function() if cfg.advantage in ("gae", "step_critic") else None
         self.objective = build_objective(
             cfg,
             self.adapter,

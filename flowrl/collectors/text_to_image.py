@@ -11,6 +11,9 @@ thread while the next batch samples. Advantages come from statistics over every 
     group          GRPO: within the G samples of one prompt draw (std over the group or the batch)
     leave_one_out  LOOP / RLOO: r_i minus the mean of the other samples of its draw
     batch_mean     REINFORCE's baseline: r - mean(r);  none: the rewards themselves
+    step_critic    per denoising step: GAE over the chain's steps with a learned critic
+                   V(x_k, t_k, c), the final reward shaped by one of the above
+                   (algorithm.step_critic_shaping; AC-Flow style, :mod:`flowrl.core.step_critic`)
 
 then clipped to [-adv_clip_max, adv_clip_max] (DDPO).
 """
@@ -26,13 +29,14 @@ from flowrl.chain import Chain
 from flowrl.collectors.base import Collector
 from flowrl.core import seeding
 from flowrl.core.advantages import PerPromptStatTracker, group_advantages, leave_one_out_advantages
+from flowrl.core.step_critic import denoising_gae
 from flowrl.errors import ConfigError
 
 
 class TextToImageCollector(Collector):
     kind = "text_to_image"
     DEFAULTS: dict = {}  # the dataclass defaults are text-to-image's (DDPO's)
-    ADVANTAGES = ("per_prompt", "group", "leave_one_out", "batch_mean", "none")
+    ADVANTAGES = ("per_prompt", "group", "leave_one_out", "batch_mean", "none", "step_critic")
     SEED_SCHEME = "text_to_image"
 
     @classmethod
@@ -102,6 +106,23 @@ class TextToImageCollector(Collector):
         )
         self.stat_tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
 
+    def value_function(self):
+        """The step critic V(x_k, t_k, c) of ``advantage: step_critic`` (else None), seeded by train.seed."""
+        if self.cfg.advantage != "step_critic":
+            return None
+        from flowrl.core.step_critic import StepCritic
+
+        run = self.run
+        width = run.adapter.condition([""], 1.0)["prompt_embeds"].shape[-1]
+        torch.manual_seed(self.cfg.train.seed)
+        critic = StepCritic(
+            run.adapter.latent_shape,
+            width,
+            self.cfg.model.value_hidden_dims,
+            time_scale=getattr(run.sampler, "num_train_timesteps", 1000),
+        )
+        return critic.to(run.device)
+
     # ------------------------------------------------------------------ one epoch
     def collect(self, epoch: int) -> tuple[Chain, dict]:
         """num_batches_per_epoch x sample_batch_size trajectories on this process, scored."""
@@ -148,6 +169,8 @@ class TextToImageCollector(Collector):
         groups = acc.gather(chain.metadata["group"])
         info: dict = {}
         estimator = self.cfg.advantage
+        if estimator == "step_critic":  # the final reward shaped by a trajectory estimator
+            estimator = a.step_critic_shaping
         if estimator == "per_prompt":
             from accelerate.utils import gather_object
 
@@ -164,12 +187,33 @@ class TextToImageCollector(Collector):
             adv = rewards - rewards.mean()
         else:  # none
             adv = rewards.clone()
-        adv = adv.clamp(-a.adv_clip_max, a.adv_clip_max)
+        mine = adv.reshape(run.world, -1)[run.rank].to(run.device)  # this process's rows
+        if self.cfg.advantage == "step_critic":
+            mine = self._step_advantages(chain, mine, info)
         info["reward_mean"] = rewards.mean().item()
         info["reward_std"] = rewards.std(unbiased=False).item()
         for k, v in chain.metadata["reward_terms"].items():
             info[k + "_mean"] = acc.gather(v).mean().item()
-        return adv.reshape(run.world, -1)[run.rank].to(run.device), info
+        return mine.clamp(-a.adv_clip_max, a.adv_clip_max), info
+
+    @torch.no_grad()
+    def _step_advantages(self, chain: Chain, shaped: Tensor, info: dict) -> Tensor:
+        """GAE over the denoising steps with the step critic (:mod:`flowrl.core.step_critic`):
+        ``metadata["step_advantages"]`` (B, K), clipped, and ``metadata["returns"]`` (B, K), the
+        critic's targets. Returns the (B,) shaped rewards, NaN on a row whose step advantages are not
+        finite (so the run's check names it)."""
+        a = self.cfg.algorithm
+        values = self.run.value.chain_values(chain).float()  # (B, K)
+        step, returns = denoising_gae(shaped.float(), values, a.gamma, a.gae_lambda)
+        chain.metadata["step_advantages"] = step.clamp(-a.adv_clip_max, a.adv_clip_max)
+        chain.metadata["returns"] = returns
+        target = returns.reshape(-1)
+        info["explained_variance"] = float(
+            1 - (target - values.reshape(-1)).var() / target.var().clamp(min=1e-8)
+        )
+        info["value_mean"] = values.mean().item()
+        finite = torch.isfinite(step).all(1)
+        return torch.where(finite, shaped, torch.full_like(shaped, float("nan")))
 
     def describe(self, chain: Chain, rows: list[int]) -> str:
         prompts = sorted({chain.prompts[i] for i in rows})

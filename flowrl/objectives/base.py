@@ -11,7 +11,8 @@ are a dataclass, ``Options``, whose fields are keys of the task's ``algorithm`` 
 The optional terms of the family, shared by every objective here:
 
     advantage normalization   A <- (A - mean_mb A) / (std_mb A + 1e-8)       (algorithm.normalize_advantages)
-    value loss                loss_value = 1/2 mean_mb (V(s) - R)^2, weight vf_coef   (GAE advantages)
+    value loss                loss_value = 1/2 mean_mb (V(s) - R)^2, weight vf_coef   (GAE advantages; with
+                              the step critic, over every denoising step of the rows: flowrl.core.step_critic)
     behavior cloning          loss_bc = the model's own denoising loss on demonstrations, weight bc_coef
                               (DPPO's optional BC regularization)
     critic warmup             the first critic_warmup_epochs train the value function alone
@@ -98,6 +99,19 @@ class Objective:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
         return adv
 
+    def pair_advantages(self, chain: Chain, mb: Minibatch, adv: Tensor) -> Tensor:
+        """(M * S,) the advantage of each (row, step) pair of the minibatch: its row's, ``adv`` (M,),
+        repeated over its S steps; with per-step advantages (``advantage: step_critic``,
+        ``metadata["step_advantages"]`` (B, K)) the pair's own, normalized over the pairs when the
+        task says so."""
+        step = chain.metadata.get("step_advantages")
+        if step is None:
+            return adv.repeat_interleave(mb.steps.shape[1])
+        out = step[mb.rows.to(step.device)[:, None], mb.steps.to(step.device)].reshape(-1)
+        if self.algo.normalize_advantages and out.numel() > 1:
+            out = (out - out.mean()) / (out.std() + 1e-8)
+        return out
+
     def add_bc(self, terms: dict[str, Tensor], generator: torch.Generator) -> None:
         """loss += bc_coef * the model's denoising loss on a random batch of demonstrations."""
         if self.algo.bc_coef <= 0:
@@ -108,10 +122,14 @@ class Objective:
         terms["loss"] = terms["loss"] + self.algo.bc_coef * terms["loss_bc"]
 
     def with_value(self, terms: dict[str, Tensor], chain: Chain, rows: Tensor) -> dict[str, Tensor]:
-        """Add the value loss of the rows' observations against their returns (GAE)."""
+        """Add the value loss of the rows' observations against their returns (GAE), or, for a
+        critic over denoising steps, of every step's state of the rows (``returns`` (B, K))."""
         if self.value is None:
             return terms
-        v = self.value(chain.cond["obs"][rows])
+        if getattr(self.value, "per_step", False):
+            v = self.value.chain_values(chain, rows)  # (M, K)
+        else:
+            v = self.value(chain.cond["obs"][rows])
         loss_v = 0.5 * ((v - chain.metadata["returns"][rows]) ** 2).mean()
         loss = self.algo.vf_coef * loss_v + (terms["loss"] if terms else 0.0)
         return {**terms, "loss": loss, "loss_value": loss_v.detach()}
