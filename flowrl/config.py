@@ -90,6 +90,13 @@ class SamplerConfig:
     # flow samplers: latest start of the SDE window (null: num_steps // 2 - sde_window, Flow-GRPO-Fast's window
     # in the first half of the chain)
     window_max_start: int | None = None
+    # flow samplers: where the SDE window lies: random (Flow-GRPO-Fast: its start drawn per batch) | progressive
+    # (MixGRPO: a sliding window that moves by window_stride every window_shift_interval epochs, then rolls back)
+    window_schedule: str = "random"
+    # progressive window: epochs it stays in place (MixGRPO's iters_per_group: 25)
+    window_shift_interval: int = 25
+    # progressive window: steps it moves by (MixGRPO's prog_overlap_step: 1; 0 = fixed at the first steps)
+    window_stride: int = 1
     # classifier-free guidance scale, used for sampling and for re-evaluating log-probs (1 = off)
     guidance_scale: float = 5.0
     # how per-step log-probs reduce over the sample's dims: mean (DDPO, Flow-GRPO; clip range per dimension) or sum

@@ -129,6 +129,7 @@ class TextToImageCollector(Collector):
         run, t, a = self.run, self.cfg.train, self.cfg.algorithm
         gen = run.seeds.generator(epoch, seeding.SAMPLE)
         rng = run.seeds.numpy(epoch, seeding.PROMPTS)
+        window = run.sampler.set_epoch(epoch)  # MixGRPO's sliding SDE window moves with the epoch
         per_batch = t.sample_batch_size // a.group_size
         chains, pending = [], []
         for i in range(t.num_batches_per_epoch):
@@ -159,7 +160,7 @@ class TextToImageCollector(Collector):
             k: torch.cat([i[k] for i in infos]) for k in infos[0] if k.startswith("reward/")
         }
         n = len(out) * run.world
-        return out, {"samples": n}
+        return out, {"samples": n, **window}
 
     def advantages(self, chain: Chain) -> tuple[Tensor, dict]:
         """(B,) advantages of this process's trajectories, from statistics over all processes."""

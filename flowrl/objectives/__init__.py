@@ -59,6 +59,16 @@ METHODS: dict[str, Method] = {
         fixed={"algorithm": {"clip_range": None}},
         cite="Williams 1992",
     ),
+    "mixgrpo": Method(
+        "ppo",
+        "group",
+        ("text_to_image",),
+        {  # MixGRPO's finetune_flux_grpo_MixGRPO.sh: a 4-step SDE window moving 1 step every 25 iterations
+            "sampler": {"sde_window": 4, "window_schedule": "progressive", "window_shift_interval": 25},
+            "algorithm": {"clip_range": 1e-4, "timestep_fraction": 1.0},
+        },
+        cite="Li et al. 2025, arXiv 2507.21802",
+    ),
     "dppo": Method(
         "ppo",
         "gae",

@@ -17,6 +17,23 @@ to ``chain_logprob_clip``; the KL / (S + 1), the entropy rate (H(x_0) + sum_k H_
 ``kl_estimator: flow_grpo`` divides the KL by Flow-GRPO's sigma_s^2 instead of the transition's
 variance (docs/faithful.md).
 
+Per-step or per-trajectory clipping: ``step`` clips each step's ratio; ``chain`` clips once per
+trajectory, the ratio exp(sum_k log pi_theta - sum_k log pi_old) over the trajectory's trained
+(stochastic) steps, on text-to-image chains (DDIM, the flow SDE/CPS, MixGRPO's window) as on robot
+policies. Its log-ratio sums S steps, so the same clip range is a tighter trust region per step.
+
+GRPO-Guard (Wang et al. 2025, arXiv 2510.22319; ``ratio_norm``, ``step_weight: inv_dt``, step scope,
+flow samplers). With the same std s under both policies and x' = mu_old + s eps, a step's log-ratio
+is <eps, Delta> / s - |Delta|^2 / (2 s^2), Delta = mu_theta - mu_old (<.>, |.|^2 reduced over the
+event as the log-prob): its mean is below 0 and its spread ~ 1 / s differs from step to step.
+RatioNorm centres and rescales it:
+
+    ratio_{b,k} = exp((log pi_theta - log pi_old + |mu_theta - mu_old|^2 / (2 s_k^2)) * s_k)   (= exp(<eps, Delta>))
+
+with mu_old the sampling policy's mean (recomputed once per epoch in ``prepare``) and s_k the step's
+std sigma_k sqrt(|dt_k|); ``step_weight: inv_dt`` divides step k's PPO term by |dt_k| (their gradient
+reweighting across noise levels), as their reference computes it per timestep.
+
     PPO-clip  loss_pg = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))  (Schulman et al. 2017, eq. 7)
     REINFORCE loss_pg = mean -A ratio (clip_range null)
     KL        loss_kl = beta mean KL(pi_theta || pi_ref), closed form for the two Gaussians of a step
@@ -35,7 +52,7 @@ import torch
 from torch import Tensor
 
 from flowrl.chain import Chain
-from flowrl.core.gaussian import gaussian_entropy, gaussian_kl, gaussian_log_prob
+from flowrl.core.gaussian import gaussian_entropy, gaussian_kl, gaussian_log_prob, reduce_event
 from flowrl.core.losses import policy_loss
 from flowrl.errors import ConfigError
 from flowrl.objectives.base import Minibatch, Objective
@@ -68,6 +85,11 @@ class PPOOptions:
     kl_estimator: str = "exact"
     # entropy bonus on the step's std (ReinFlow hopper: 0.03; 0 = off)
     ent_coef: float = 0.0
+    # GRPO-Guard's RatioNorm: each step's log-ratio + |mu_theta - mu_old|^2 / (2 std^2), times the step's std,
+    # so every step's ratio is centred on 1 with one spread (flow_sde, or flow_cps with cps_logprob normalized)
+    ratio_norm: bool = False
+    # per-step weight of the PPO term: none | inv_dt (GRPO-Guard: step k's term / |dt_k|, flow samplers)
+    step_weight: str = "none"
 
 
 class PPO(Objective):
@@ -125,6 +147,30 @@ class PPO(Objective):
                 f"algorithm.kl_estimator=flow_grpo is Flow-GRPO's KL of a flow SDE/CPS step; sampler "
                 f"{cfg.sampler.name!r} needs algorithm.kl_estimator=exact"
             )
+        if o.step_weight not in ("none", "inv_dt"):
+            raise ConfigError(f"algorithm.step_weight must be 'none' or 'inv_dt', got {o.step_weight!r}")
+        if (o.ratio_norm or o.step_weight != "none") and o.ratio_scope != "step":
+            raise ConfigError(
+                "algorithm.ratio_norm and step_weight (GRPO-Guard) shape per-step ratios; set algorithm.ratio_scope=step"
+            )
+        gaussian = cfg.sampler.name == "flow_sde" or (
+            cfg.sampler.name == "flow_cps" and cfg.sampler.cps_logprob == "normalized"
+        )
+        if o.ratio_norm and not gaussian:
+            raise ConfigError(
+                f"algorithm.ratio_norm (GRPO-Guard) centres a flow step's Gaussian log-ratio; sampler "
+                f"{cfg.sampler.name!r} needs sampler.name=flow_sde (or flow_cps with sampler.cps_logprob=normalized)"
+            )
+        if o.step_weight == "inv_dt" and cfg.sampler.name not in ("flow_sde", "flow_cps"):
+            raise ConfigError(
+                f"algorithm.step_weight=inv_dt divides by a flow step's |dt|; sampler {cfg.sampler.name!r} needs "
+                "algorithm.step_weight=none (or a flow sampler)"
+            )
+        if o.ratio_scope == "chain" and o.timestep_fraction != 1.0:
+            raise ConfigError(
+                f"algorithm.ratio_scope=chain takes one ratio over all of a trajectory's stochastic steps, so "
+                f"algorithm.timestep_fraction={o.timestep_fraction} would be ignored; set it to 1.0 (or ratio_scope=step)"
+            )
         if o.ratio_scope == "chain" and cfg.train.minibatch_unit == "pair":
             raise ConfigError(
                 "algorithm.ratio_scope=chain sums each trajectory's log-probs, so its minibatches hold whole "
@@ -144,6 +190,28 @@ class PPO(Objective):
             raise ConfigError(
                 "the sampler produced no stochastic step to train on (check sampler.eta / noise_level / sde_window)"
             )
+        if self.options.ratio_norm:
+            self._old_means(chain)
+
+    @torch.no_grad()
+    def _old_means(self, chain: Chain) -> None:
+        """GRPO-Guard: the sampling policy's mean of every stochastic step, ``metadata["old_means"]``
+        (B, K_s, *event) over the K_s columns with a log-prob (``old_mean_column`` maps a step to its
+        column), in forwards of train.minibatch_size pairs."""
+        finite = torch.isfinite(chain.log_probs).cpu()  # (B, K)
+        cols = finite.any(0)
+        column = torch.full((chain.num_steps,), -1, dtype=torch.long)
+        column[cols] = torch.arange(int(cols.sum()))
+        means = torch.zeros(
+            len(chain), int(cols.sum()), *chain.latents.shape[2:], device=chain.latents.device
+        )
+        b, k = finite.nonzero(as_tuple=True)
+        size = max(1, getattr(self.cfg.train, "minibatch_size", len(chain)))
+        for i in range(0, len(b), size):
+            bi, ki = b[i : i + size], k[i : i + size]
+            out = self.sampler.log_prob(self.adapter, chain, ki, traj_index=bi)
+            means[bi.to(means.device), column[ki].to(means.device)] = out.mean.float()
+        chain.metadata["old_means"], chain.metadata["old_mean_column"] = means, column
 
     def _chain(self, per_step: Tensor, prior) -> Tensor:
         """(M, S) per-step terms -> (M,) the chain's: their sum, or ReinFlow's (prior + sum) / (S + 1)."""
@@ -156,6 +224,14 @@ class PPO(Objective):
         if self.options.chain_logprob == "sum":
             return 0.0
         return term(chain.latents[rows, 0].float())
+
+    def _ratio_norm(self, chain: Chain, out, b: Tensor, k: Tensor, log_ratio: Tensor) -> Tensor:
+        """(P,) (log-ratio + |mu_theta - mu_old|^2 / (2 s^2)) * s, s the pairs' transition std."""
+        column = chain.metadata["old_mean_column"][k].to(b.device)
+        mu_old = chain.metadata["old_means"][b, column]
+        std = out.std.float().reshape(len(b), -1)[:, 0]  # the step's scalar std (the flow samplers')
+        bias = reduce_event((out.mean.float() - mu_old) ** 2, self.sampler.logprob_reduction) / (2 * std**2)
+        return (log_ratio + bias) * std
 
     def loss(self, chain: Chain, mb: Minibatch, epoch: int, generator: torch.Generator) -> dict[str, Tensor]:
         o, device = self.options, chain.latents.device
@@ -172,9 +248,14 @@ class PPO(Objective):
             old = chain.log_probs[b_dev, k_dev]  # (P,)
             # 2. one ratio per pair (step scope) or per row (chain scope), with its advantage
             if o.ratio_scope == "step":
-                new, adv = out.log_prob, self.pair_advantages(chain, mb, adv)  # (P,)
+                new, adv = out.log_prob, adv.repeat_interleave(S)
                 if o.denoising_discount != 1.0:
                     adv = adv * o.denoising_discount ** (chain.num_steps - 1 - k_dev).float()
+                # GRPO-Guard's RatioNorm: the log-ratio centred, on the scale of the step's std
+                if o.ratio_norm:
+                    new, old = self._ratio_norm(chain, out, b_dev, k, new - old), torch.zeros_like(old)
+                if o.step_weight == "inv_dt":  # w_p max(-A r, -A clip(r)) = max(-(w_p A) r, ...) for w_p > 0
+                    adv = adv / self.sampler.step_dt(k).to(device, non_blocking=True)
             else:
                 prior = self._prior(
                     chain, rows, lambda x0: gaussian_log_prob(x0, torch.zeros_like(x0), one, red)

@@ -54,6 +54,9 @@ def build_sampler(
     logprob_reduction: str = "mean",
     deterministic: bool = False,
     cps_logprob: str = "flow_grpo",
+    window_schedule: str = "random",
+    window_shift_interval: int = 25,
+    window_stride: int = 1,
 ):
     """A text-to-image sampler by name and scheduler config; ``deterministic=True`` gives its
     evaluation version (eta 0 / noise 0)."""
@@ -72,6 +75,9 @@ def build_sampler(
             window_max_start=window_max_start,
             logprob_reduction=logprob_reduction,
             cps_logprob=cps_logprob,
+            window_schedule=window_schedule,
+            window_shift_interval=window_shift_interval,
+            window_stride=window_stride,
         )
     if name == "lcm":
         from flowrl.samplers.lcm import LCMSampler
@@ -160,6 +166,21 @@ def validate_sampler(cfg) -> None:
         raise ConfigError(
             f"sampler.sde_window must be in [0, sampler.num_steps={s.num_steps}], got {s.sde_window}; "
             "set 0 for every step stochastic, or a window of a few steps"
+        )
+    if s.window_schedule not in ("random", "progressive"):
+        raise ConfigError(
+            f"sampler.window_schedule must be random (Flow-GRPO-Fast) or progressive (MixGRPO), got "
+            f"{s.window_schedule!r}"
+        )
+    if s.window_shift_interval < 1 or s.window_stride < 0:
+        raise ConfigError(
+            f"sampler.window_shift_interval must be >= 1 and sampler.window_stride >= 0, got "
+            f"{s.window_shift_interval} and {s.window_stride}; MixGRPO's are 25 and 1"
+        )
+    if s.window_schedule == "progressive" and s.sde_window == 0:
+        raise ConfigError(
+            "sampler.window_schedule=progressive slides an SDE window, but sampler.sde_window=0 makes every "
+            "step stochastic; set sampler.sde_window (MixGRPO: 4)"
         )
     if (
         s.name in (None, "ddim")

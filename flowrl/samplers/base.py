@@ -112,6 +112,12 @@ class ChainSampler:
     def stochastic_steps(self, generator: torch.Generator | None = None) -> set[int]:
         return set(range(self.num_steps))
 
+    def set_epoch(self, epoch: int) -> dict:
+        """Called by the collector before it samples an epoch (a window that moves with training,
+        MixGRPO's); returns values to log with the epoch's metrics."""
+        return {}
+
+
     def denoising_loss(
         self,
         adapter,

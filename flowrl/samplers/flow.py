@@ -31,9 +31,24 @@ trust region on that scale); ``cps_logprob="normalized"`` gives the true Gaussia
 log-ratio does not depend on the step's noise level (one clip range means the same at every step).
 
 With a = 0 both reduce to the Euler ODE step x' = x + dt * v (diffusers'
-FlowMatchEulerDiscreteScheduler.step). Steps outside the SDE window (Flow-GRPO-Fast) are ODE
-steps: deterministic, log-prob NaN, not trained. Under CPS the last step lands on s' = 0, so its
-std is 0: it is deterministic too (log-prob NaN, never trained).
+FlowMatchEulerDiscreteScheduler.step). Steps outside the SDE window are ODE steps: deterministic,
+log-prob NaN, not trained. Under CPS the last step lands on s' = 0, so its std is 0: it is
+deterministic too (log-prob NaN, never trained).
+
+The SDE window of w = ``sde_window`` consecutive steps (0: every step stochastic) is placed by
+``window_schedule``:
+
+    random       (Flow-GRPO-Fast) start ~ U{0, ..., min(window_max_start, K - w)}, one draw per batch
+    progressive  (MixGRPO, Li et al. 2025, arXiv 2507.21802; its GRPOTrainingStates "progressive" with
+                 prog_overlap and roll_back) a sliding window that moves with the epoch e:
+                 start(e) = stride * ((e // interval) mod P),  P = window_max_start // stride + 1
+                 (stride 0: start 0 always), window = {start, ..., min(start + w, K - 2) - 1}
+                 (MixGRPO's max_timesteps = K - 2: the last two steps stay ODE steps); the default
+                 window_max_start is K - 3, the last start whose window is not empty
+
+The progressive window is a pure function of the epoch the collector passes to :meth:`set_epoch`
+(the epoch counter is in every checkpoint, so a resumed run slides it exactly as the uninterrupted
+one).
 """
 
 from __future__ import annotations
@@ -59,11 +74,14 @@ class FlowSampler(ChainSampler):
         num_steps: K denoising steps.
         noise_level: a (Flow-GRPO: 0.7 for the SDE; CPS: 0.8). 0 gives the deterministic ODE.
         kind: ``"sde"`` or ``"cps"``.
-        sde_window: 0 = every step is stochastic; w > 0 = only a window of w consecutive steps
-            (Flow-GRPO-Fast), whose start is drawn per batch from [0, window_max_start].
-        window_max_start: last allowed window start (default K // 2 - sde_window: the window lies in
-            the first half of the chain, as Flow-GRPO-Fast's randint(0, K // 2 - window) with its
-            sde_window_range (0, K // 2)).
+        sde_window: 0 = every step is stochastic; w > 0 = only a window of w consecutive steps.
+        window_max_start: last allowed window start (``random``: default K // 2 - sde_window, the
+            window in the first half of the chain, as Flow-GRPO-Fast's randint(0, K // 2 - window)
+            with its sde_window_range (0, K // 2); ``progressive``: default K - 3).
+        window_schedule: ``"random"`` (Flow-GRPO-Fast: the start drawn per batch from [0,
+            window_max_start]) or ``"progressive"`` (MixGRPO: the window slides with the epoch).
+        window_shift_interval: progressive: epochs the window stays in place (MixGRPO's iters_per_group, 25).
+        window_stride: progressive: steps it moves by (MixGRPO's prog_overlap_step, 1; 0 = fixed at 0).
         logprob_reduction: ``"mean"`` (as Flow-GRPO) or ``"sum"``.
         image_seq_len: for schedulers with dynamic shifting, the token count that sets mu (null:
             the config's ``_image_seq_len``, which the SD3 and Flux adapters record, else base_image_seq_len).
@@ -87,6 +105,9 @@ class FlowSampler(ChainSampler):
         image_seq_len: int | None = None,
         sigma_schedule: str | None = None,
         cps_logprob: str = "flow_grpo",
+        window_schedule: str = "random",
+        window_shift_interval: int = 25,
+        window_stride: int = 1,
     ):
         import numpy as np
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -100,6 +121,18 @@ class FlowSampler(ChainSampler):
         if not 0 <= sde_window <= num_steps:
             raise ValueError(f"sampler.sde_window must be in [0, num_steps={num_steps}], got {sde_window}")
         check_reduction(logprob_reduction)
+        if window_schedule not in ("random", "progressive"):
+            raise ValueError(
+                f"sampler.window_schedule must be 'random' or 'progressive', got {window_schedule!r}"
+            )
+        if window_shift_interval < 1 or window_stride < 0:
+            raise ValueError(
+                f"sampler.window_shift_interval must be >= 1 and window_stride >= 0, got "
+                f"{window_shift_interval}, {window_stride}"
+            )
+        self.window_schedule = window_schedule
+        self.window_shift_interval, self.window_stride = window_shift_interval, window_stride
+        self.epoch = 0
         if cps_logprob not in ("flow_grpo", "normalized"):
             raise ValueError(f"sampler.cps_logprob must be 'flow_grpo' or 'normalized', got {cps_logprob!r}")
         self.cps_logprob = cps_logprob
@@ -132,7 +165,9 @@ class FlowSampler(ChainSampler):
         self.kind = kind
         self.name = f"flow_{kind}"
         self.sde_window = sde_window
-        default_start = max(0, num_steps // 2 - sde_window)
+        default_start = (
+            max(0, num_steps // 2 - sde_window) if window_schedule == "random" else max(0, num_steps - 3)
+        )
         self.window_max_start = default_start if window_max_start is None else window_max_start
         self.logprob_reduction = logprob_reduction
         self.prediction_type = "flow"
@@ -188,6 +223,11 @@ class FlowSampler(ChainSampler):
             log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, self.logprob_reduction)
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
+    def step_dt(self, k: Tensor) -> Tensor:
+        """(P,) |dt| = s - s' of steps k (P,), on the CPU (GRPO-Guard's gradient reweighting)."""
+        k = k.cpu()
+        return self.sigmas[k] - self.sigmas[k + 1]
+
     def flow_grpo_kl_std(self, k: Tensor, std: Tensor) -> Tensor:
         """The std Flow-GRPO's KL term divides by, for steps k (P,) with transition stds ``std``:
         the SDE's sigma_s = std / sqrt(|dt|) (its code omits the step's |dt|), CPS's own std."""
@@ -197,13 +237,32 @@ class FlowSampler(ChainSampler):
         dt = (self.sigmas[k] - self.sigmas[k + 1]).to(std.device).view((-1,) + (1,) * (std.ndim - 1))
         return std / dt.sqrt()
 
+    def set_epoch(self, epoch: int) -> dict:
+        """The epoch about to be sampled (the progressive window's position); returns what to log."""
+        self.epoch = epoch
+        if self.window_schedule != "progressive" or self.sde_window == 0 or self.noise_level == 0:
+            return {}
+        return {"sde_window_start": self.window_start(epoch)}
+
+    def window_start(self, epoch: int) -> int:
+        """MixGRPO's window start at ``epoch``: it moves by the stride every interval epochs and
+        rolls back to 0 once past window_max_start."""
+        if self.window_stride == 0:
+            return 0
+        positions = self.window_max_start // self.window_stride + 1
+        return self.window_stride * ((epoch // self.window_shift_interval) % positions)
+
     def stochastic_steps(self, generator: torch.Generator | None = None) -> set[int]:
-        """The stochastic steps of one batch: all K, or a window of ``sde_window`` steps whose
-        start is drawn from [0, window_max_start] (Flow-GRPO-Fast)."""
+        """The stochastic steps of one batch: all K, a window of ``sde_window`` steps whose start
+        is drawn from [0, window_max_start] (Flow-GRPO-Fast), or MixGRPO's sliding window at the
+        epoch of :meth:`set_epoch` (no draw from the generator)."""
         if self.noise_level == 0:
             return set()
         if self.sde_window == 0:
             return set(range(self.num_steps))
+        if self.window_schedule == "progressive":
+            start = self.window_start(self.epoch)
+            return set(range(start, min(start + self.sde_window, self.num_steps - 2)))
         hi = min(self.window_max_start, self.num_steps - self.sde_window)
         start = 0
         if hi > 0:
@@ -268,4 +327,7 @@ def from_config(sc, adapter, evaluation: bool = False) -> FlowSampler:
         window_max_start=sc.window_max_start,
         logprob_reduction=sc.logprob_reduction,
         cps_logprob=sc.cps_logprob,
+        window_schedule=sc.window_schedule,
+        window_shift_interval=sc.window_shift_interval,
+        window_stride=sc.window_stride,
     )
