@@ -248,7 +248,7 @@ class PPO(Objective):
             old = chain.log_probs[b_dev, k_dev]  # (P,)
             # 2. one ratio per pair (step scope) or per row (chain scope), with its advantage
             if o.ratio_scope == "step":
-                new, adv = out.log_prob, adv.repeat_interleave(S)
+                new, adv = out.log_prob, self.pair_advantages(chain, mb, adv)  # (P,)
                 if o.denoising_discount != 1.0:
                     adv = adv * o.denoising_discount ** (chain.num_steps - 1 - k_dev).float()
                 # GRPO-Guard's RatioNorm: the log-ratio centred, on the scale of the step's std
