@@ -53,19 +53,23 @@ def _setup(sd3_pipe, clip_range=0.05, **options):
     return adapter, sampler, chain, objective
 
 
-def _by_hand(adapter, sampler, chain, b, k):
-    """Flow-GRPO's SDE step of pair (b, k), from the network's velocity: (mean, std, log-prob)."""
+def _by_hand(adapter, sampler, chain, k):
+    """Flow-GRPO's SDE step k of every trajectory, from the network's velocity: (mean, std,
+    log-prob (B,), |dt|)."""
     sig = sampler.sigmas.double()
     s, s2 = float(sig[k]), float(sig[k + 1])
-    x, y = chain.latents[b, k].double(), chain.latents[b, k + 1].double()
-    cond = {n: v[b : b + 1] for n, v in chain.cond.items()}
+    x, y = chain.latents[:, k].double(), chain.latents[:, k + 1].double()
     with torch.no_grad():
-        v = adapter(chain.latents[b, k][None], sampler.model_timesteps[k].expand(1), cond, 1.0)[0].double()
+        v = adapter(
+            chain.latents[:, k], sampler.model_timesteps[k].expand(len(chain)), chain.cond, 1.0
+        ).double()
     sigma = A * math.sqrt(s / (1 - (float(sig[1]) if s == 1 else s)))
     dt = s2 - s
     mean = x + (v + sigma**2 / (2 * s) * (x + (1 - s) * v)) * dt
     std = sigma * math.sqrt(-dt)
-    logp = (-((y - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).mean()
+    logp = (
+        (-((y - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+    )
     return mean, std, logp, -dt
 
 
@@ -79,13 +83,14 @@ def test_grpo_guard_ratio_norm_and_step_weights(sd3_pipe):
     terms = objective.loss(chain, mb, 0, torch.Generator())
     assert 1 - terms["ratio_min"] < 1e-5 and terms["ratio_max"] - 1 < 1e-5  # on-policy: exactly 1
     pairs = [(int(b), int(k)) for b, ks in zip(ROWS, STEPS) for k in ks]
-    old = {p: _by_hand(adapter, sampler, chain, *p) for p in pairs}
+    old = {k: _by_hand(adapter, sampler, chain, k) for k in (1, 2, 3)}
     perturb_lora(adapter, 0.5, seed=1)
     terms = objective.loss(chain, mb, 0, torch.Generator())
+    new = {k: _by_hand(adapter, sampler, chain, k) for k in (1, 2, 3)}
     ratios, losses = [], []
     for b, k in pairs:
-        mu_old, std, lp_old, dt = old[(b, k)]
-        mu_new, _, lp_new, _ = _by_hand(adapter, sampler, chain, b, k)
+        (mu_old, std, lp_old, dt), (mu_new, _, lp_new, _) = old[k], new[k]
+        mu_old, mu_new, lp_old, lp_new = mu_old[b], mu_new[b], lp_old[b], lp_new[b]
         # RatioNorm: (log-ratio + mean (mu_new - mu_old)^2 / (2 std^2)) * std ...
         ratio = torch.exp((lp_new - lp_old + ((mu_new - mu_old) ** 2).mean() / (2 * std**2)) * std)
         # ... which is exp(mean(eps * (mu_new - mu_old))) with eps the step's sampling noise
@@ -108,13 +113,13 @@ def test_per_trajectory_clipping_on_a_flow_chain(sd3_pipe):
     assert mb.steps.tolist() == [[1, 2, 3]] * 4
     terms = objective.loss(chain, mb, 0, torch.Generator())
     assert 1 - terms["ratio_min"] < 1e-5 and terms["ratio_max"] - 1 < 1e-5
-    old = {int(b): sum(_by_hand(adapter, sampler, chain, int(b), k)[2] for k in (1, 2, 3)) for b in mb.rows}
+    old = sum(_by_hand(adapter, sampler, chain, k)[2] for k in (1, 2, 3))  # (B,) summed log-probs
     perturb_lora(adapter, 0.5, seed=1)
     terms = objective.loss(chain, mb, 0, torch.Generator())
+    new = sum(_by_hand(adapter, sampler, chain, k)[2] for k in (1, 2, 3))
     ratios, losses = [], []
     for b in mb.rows.tolist():
-        new = sum(_by_hand(adapter, sampler, chain, b, k)[2] for k in (1, 2, 3))
-        ratio, adv = torch.exp(new - old[b]), float(chain.advantages[b])
+        ratio, adv = torch.exp(new[b] - old[b]), float(chain.advantages[b])
         losses.append(torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 3e-3, 1 + 3e-3)))
         ratios.append(ratio)
     assert (torch.stack(ratios) - 1).abs().max() > 3e-3  # the clip is active
