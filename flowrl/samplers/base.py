@@ -117,7 +117,6 @@ class ChainSampler:
         MixGRPO's); returns values to log with the epoch's metrics."""
         return {}
 
-
     def denoising_loss(
         self,
         adapter,
@@ -164,8 +163,14 @@ class ChainSampler:
         device = adapter.device
         cond = adapter.condition(inputs, guidance_scale) if cond is None else cond
         B = len(inputs)
-        if latents is None:
-            latents = randn((B, *adapter.latent_shape), generator, device)
+        if latents is None:  # x_0 ~ N(0, I), or from a trained noise policy (FIND: models/noise_policy.py)
+            policy = getattr(adapter, "noise_policy", None)
+            shape = (B, *adapter.latent_shape)
+            latents = (
+                randn(shape, generator, device)
+                if policy is None
+                else policy.sample(cond, B, generator, device)
+            )
         stochastic = set() if deterministic else self.stochastic_steps(generator)
         x = latents.float()
         states, log_probs = [], []
