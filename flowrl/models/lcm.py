@@ -48,6 +48,7 @@ class LCMAdapter(StableDiffusionAdapter):
 
     family = "lcm"
     uses_cfg = False
+    trains_text_encoder = False  # model.text_encoder_finetune: not implemented for LCM yet
 
     @staticmethod
     def tiny_pipeline(image_size: int, seed: int, prediction_type: str | None):

@@ -61,6 +61,7 @@ class SDXLAdapter(StableDiffusionAdapter):
 
     family = "sdxl"
     text_encoders = ("text_encoder", "text_encoder_2")
+    trains_text_encoder = False  # model.text_encoder_finetune: not implemented for SDXL's two encoders yet
 
     @staticmethod
     def tiny_pipeline(image_size: int, seed: int, prediction_type: str | None):
