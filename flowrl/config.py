@@ -230,7 +230,7 @@ class PretrainConfig:
 @dataclass
 class AlgorithmConfig:
     # the method: ddpo | grpo | loop | reinforce | draft | alignprop | refl | raft (text_to_image) | dppo | reinflow (env) |
-    # fpo | fpo++ (both);
+    # fpo | fpo++ (both) | diffusion_nft (text_to_image);
     # each is an objective with its paper's defaults (flowrl.objectives.METHODS). The objective's own
     # options are keys of this section too (e.g. ratio_scope and kl_coef for the PPO family)
     name: str = "ddpo"

@@ -215,20 +215,23 @@ class Run:
         return folder
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's trained state and, under ``value.``, the value network's."""
+        """The model's trained state and, under ``value.``, the value network's; under ``objective.``
+        the objective's own (DiffusionNFT's old policy)."""
         out = dict(self.adapter.trainable_state_dict())
         if self.value is not None:
             out.update({f"value.{k}": v for k, v in self.value.state_dict().items()})
+        out.update({f"objective.{k}": v for k, v in self.objective.state_dict().items()})
         return out
 
     def _load(self, folder: Path) -> None:
         ckpt = load_checkpoint(folder, map_location=self.device)
         weights = ckpt["trainable"]
         self.adapter.load_trainable_state_dict(
-            {k: v for k, v in weights.items() if not k.startswith("value.")}
+            {k: v for k, v in weights.items() if not k.startswith(("value.", "objective."))}
         )
         if self.value is not None:
             self.value.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("value.")})
+        self.objective.load_state_dict({k[10:]: v for k, v in weights.items() if k.startswith("objective.")})
         self.optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
         self.start_epoch, self.global_step = state["next_epoch"], state["global_step"]
@@ -356,7 +359,8 @@ class Run:
                 torch.manual_seed(self.seeds.int(epoch, seeding.TORCH))
                 t0 = time.perf_counter()
                 self.modules.eval()
-                chain, stats = self.collector.collect(epoch)
+                with self.objective.sampling(epoch, self.global_step):  # DiffusionNFT: its old policy
+                    chain, stats = self.collector.collect(epoch)
                 t1 = time.perf_counter()
                 adv_info: dict = {}
                 problem = self.find_nonfinite(epoch, chain)

@@ -4,6 +4,7 @@
     fpo   Flow Policy Optimization (FPO, FPO++): a ratio from the flow-matching loss, no likelihood needed
     reward_backprop  the reward's gradient through the last steps of the chain: DRaFT-K, AlignProp, ReFL
     raft  reward-ranked filtered fine-tuning: the denoising loss on each prompt's best samples
+    nft   DiffusionNFT: negative-aware fine-tuning on the forward process of a flow model, no likelihood
 
 A *method* is the name a user picks (``algorithm.name``): an objective with a default advantage
 estimator and its paper's defaults, written under the task file's own values. Adding an
@@ -22,6 +23,7 @@ OBJECTIVES = {
     "fpo": "flowrl.objectives.fpo:FPO",
     "reward_backprop": "flowrl.objectives.reward_backprop:RewardBackprop",
     "raft": "flowrl.objectives.raft:RAFT",
+    "nft": "flowrl.objectives.nft:NFT",
 }
 
 
@@ -125,6 +127,13 @@ METHODS: dict[str, Method] = {
         ("text_to_image",),
         {"algorithm": {"group_size": 4}},
         cite="Dong et al. 2023, arXiv 2304.06767",
+    ),
+    "diffusion_nft": Method(
+        "nft",
+        "group",  # the reference: each prompt's mean, the whole batch's std (+1e-4)
+        ("text_to_image",),
+        {"algorithm": {"std_scope": "batch", "group_size": 24}},
+        cite="Zheng et al. 2025, arXiv 2509.16117",
     ),
     "fpo++": Method(
         "fpo",

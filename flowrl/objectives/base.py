@@ -20,6 +20,7 @@ The optional terms of the family, shared by every objective here:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,18 @@ class Objective:
 
     def loss(self, chain: Chain, mb: Minibatch, epoch: int, generator: torch.Generator) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def sampling(self, epoch: int, global_step: int):
+        """The context the run shell collects the epoch's samples in: by default the trained
+        weights; an objective that samples with another policy (DiffusionNFT's old one) swaps it in."""
+        return contextlib.nullcontext()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors of the objective a checkpoint holds for an exact resume (DiffusionNFT's old policy)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
     # ------------------------------------------------------------------ the optional terms
     def trains_policy(self, epoch: int) -> bool:
