@@ -122,23 +122,28 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(
-        {k: v.detach().float().contiguous().cpu() for k, v in trainable.items()},
-        str(tmp / "trainable.safetensors"),
-    )
-    _crash_point("save", epoch)
-    if ema is not None:
+    try:
         save_file(
-            {k: v.detach().float().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors")
+            {k: v.detach().float().contiguous().cpu() for k, v in trainable.items()},
+            str(tmp / "trainable.safetensors"),
         )
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    if extra_writer is not None:
-        extra_writer(tmp)
-    (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.rglob("*"):  # flush file contents before the rename makes them visible
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _crash_point("save", epoch)
+        if ema is not None:
+            save_file(
+                {k: v.detach().float().contiguous().cpu() for k, v in ema.items()},
+                str(tmp / "ema.safetensors"),
+            )
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        if extra_writer is not None:
+            extra_writer(tmp)
+        (tmp / "state.json").write_text(json.dumps(state))
+        for f in tmp.rglob("*"):  # flush file contents before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:  # a full disk, an unwritable file: no temporary folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # an existing folder of that name is moved aside (to a temporary name, ignored by resume) and
     # deleted only once the new one is in place, so some complete checkpoint exists at every instant
     old = None

@@ -40,7 +40,10 @@ def _task_config(args: argparse.Namespace, extra: list[str] | None = None):
 def _train(args: argparse.Namespace) -> int:
     from flowrl.run import Run
 
-    cfg, name = _task_config(args, [f"train.resume={args.resume}"] if args.resume else [])
+    extra = [f"train.resume={args.resume}"] if args.resume else []
+    if args.allow_config_change:
+        extra.append("train.resume_allow_changes=true")
+    cfg, name = _task_config(args, extra)
     run = Run(cfg, task_name=name)
     history = run.train()
     if run.accelerator.is_main_process:
@@ -478,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("task", help="task file (tasks/<name>.yaml) or the name of a built-in task")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.num_epochs=5")
     tr.add_argument("--resume", help="checkpoint folder, or 'auto' for the run's latest complete checkpoint")
+    tr.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config differs from the checkpoint's in keys that break exactness "
+        "(train.resume_allow_changes)",
+    )
     tr.set_defaults(func=_train)
 
     pt = sub.add_parser("pretrain", help="behavior-clone a policy on demonstrations (kind: env tasks)")

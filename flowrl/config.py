@@ -352,6 +352,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # resume from a checkpoint folder, or "auto" for the latest complete one in the run folder
     resume: str | None = None
+    # resume even though the config differs from the checkpoint's in keys that break exactness (seed,
+    # learning rate, ...; the CLI's --allow-config-change); false: such a resume is refused, listing the keys
+    resume_allow_changes: bool = False
     # no | fp16 | bf16 (through accelerate)
     mixed_precision: str = field(default="no", metadata={"choices": ("no", "fp16", "bf16")})
     # null | tensorboard | wandb (through accelerate), besides the JSONL metrics always written
@@ -390,6 +393,9 @@ class TaskConfig:
     reward_combine: str = "sum"
     # lambda of reward_combine: uwo
     reward_uwo_coef: float = 1.0
+    # seconds one batch's reward scoring may take before the run stops with an error naming the reward
+    # (a reward that hangs; null: no limit)
+    reward_timeout: float | None = 1800.0
     env: EnvConfig = field(default_factory=EnvConfig)
     clip_reward: ClipRewardConfig = field(default_factory=ClipRewardConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
@@ -481,11 +487,27 @@ class TaskConfig:
             m.lora_alpha is None or m.lora_alpha > 0,
             f"model.lora_alpha must be > 0 or null, got {m.lora_alpha}; set model.lora_alpha=null for alpha = rank",
         )
+        need(
+            m.tiny_image_size % 8 == 0 and 8 <= m.tiny_image_size <= 512,
+            f"model.tiny_image_size must be a multiple of 8 in [8, 512], got {m.tiny_image_size}: the tiny model's "
+            "activations grow with its square (65536 would need terabytes); set e.g. model.tiny_image_size=32",
+        )
+        for key in ("hidden_dims", "value_hidden_dims"):
+            need(
+                all(isinstance(h, int) and 1 <= h <= 65536 for h in getattr(m, key)),
+                f"model.{key} must be widths in [1, 65536], got {getattr(m, key)}; e.g. model.{key}=[256, 256]",
+            )
         # optimizer
         need(
-            o.learning_rate > 0 and o.value_learning_rate > 0,
+            0 < o.learning_rate < float("inf") and 0 < o.value_learning_rate < float("inf"),
             f"optim.learning_rate and optim.value_learning_rate must be > 0, got {o.learning_rate} and "
-            f"{o.value_learning_rate}: the optimizer would not descend; set e.g. optim.learning_rate=3e-4",
+            f"{o.value_learning_rate}, and finite: the optimizer would not descend (or make every weight NaN); "
+            "set e.g. optim.learning_rate=3e-4",
+        )
+        need(
+            0 < self.pretrain.learning_rate < float("inf"),
+            f"pretrain.learning_rate must be > 0 and finite, got {self.pretrain.learning_rate}; "
+            "set e.g. pretrain.learning_rate=1e-3",
         )
         need(
             o.max_grad_norm > 0,
@@ -592,6 +614,17 @@ class TaskConfig:
             need(
                 getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}; set 0 to turn it off"
             )
+        need(
+            t.run_name is None
+            or (t.run_name.strip() not in ("", ".", "..") and not any(c in t.run_name for c in "/\\\0")),
+            f"train.run_name {t.run_name!r} must be a plain folder name (no '/', '\\', '..' or empty): the run "
+            "folder is train.output_dir/train.run_name; set train.output_dir for another place",
+        )
+        need(
+            self.reward_timeout is None or 0 < self.reward_timeout < float("inf"),
+            f"reward_timeout must be a positive number of seconds or null (no limit), got {self.reward_timeout}; "
+            "e.g. reward_timeout=600",
+        )
         need(
             t.mixed_precision in ("no", "fp16", "bf16"),
             f"train.mixed_precision: unknown precision {t.mixed_precision!r}; set no, fp16 or bf16",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -29,8 +30,9 @@ from flowrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from flowrl.collectors import collector_class
 from flowrl.config import TaskConfig, config_to_dict
 from flowrl.core import seeding
-from flowrl.errors import ConfigError, NonFiniteError
+from flowrl.errors import ConfigError, FlowrlError, InputError, NonFiniteError, one_line
 from flowrl.report import MetricsWriter
+from flowrl.runfolder import RunFolder, check_resume
 
 
 class EMA:
@@ -71,6 +73,15 @@ class Run:
     """
 
     def __init__(self, cfg: TaskConfig, task_name: str = "task", progress: bool = True):
+        self.folder = None  # the run folder's lock and clean-up (flowrl.runfolder), taken before writing
+        try:
+            self._setup(cfg, task_name, progress)
+        except BaseException:
+            if self.folder is not None:
+                self.folder.abandon()  # unlock; remove the folder if this run made it
+            raise
+
+    def _setup(self, cfg: TaskConfig, task_name: str, progress: bool) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
@@ -86,6 +97,10 @@ class Run:
         # before anything heavy: bad prompts, reward names, model folders and resume folders fail fast
         Collector.check(cfg, task_name)
         resume_from = self._resume_folder()
+        if resume_from is not None:
+            check_resume(cfg, resume_from)  # changed keys that break exactness: refused, listed
+        self.folder = RunFolder(self.run_dir, main=os.environ.get("RANK", "0") == "0")
+        self.folder.acquire()  # a second writer of the folder stops here
         if t.torch_threads is not None:
             torch.set_num_threads(t.torch_threads)
 
@@ -151,7 +166,15 @@ class Run:
         self.start_epoch, self.global_step = 0, 0
 
         if resume_from is not None:
-            self._load(resume_from)
+            try:
+                self._load(resume_from)
+            except (KeyError, RuntimeError, ValueError) as e:  # tensors or state of another model
+                if isinstance(e, FlowrlError):
+                    raise
+                raise InputError(
+                    f"train.resume: checkpoint {resume_from} does not fit this run's model, optimizer or objective "
+                    f"({type(e).__name__}: {one_line(e)[:300]}); resume with the config it was trained with"
+                ) from e
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -255,6 +278,7 @@ class Run:
             "next_epoch": next_epoch,
             "global_step": self.global_step,
             "collector": self.collector.state_dict(),
+            "config": config_to_dict(self.cfg),  # what a resume compares its config with
         }
         if acc.scaler is not None:  # fp16: the loss scale found so far (floats and ints, JSON)
             state["grad_scaler"] = acc.scaler.state_dict()
@@ -338,13 +362,23 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict]:
-        """Run the remaining epochs; returns the metrics rows written."""
+        """Run the remaining epochs; returns the metrics rows written. A fresh run that fails
+        before it finished an epoch leaves no run folder; the folder's lock is released."""
+        history: list[dict] = []
+        try:
+            return self._train(history)
+        except BaseException:
+            self.folder.abandon(progress=self.start_epoch > 0 or len(history) > 1)
+            raise
+        finally:
+            self.folder.release()
+
+    def _train(self, history: list[dict]) -> list[dict]:
         from tqdm.auto import tqdm
 
         from flowrl.train import update
 
         t, acc = self.cfg.train, self.accelerator
-        history: list[dict] = []
         if self.start_epoch == 0:
             self._write({"epoch": 0, **self.evaluate(0)}, history)
         bar = tqdm(

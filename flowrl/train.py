@@ -41,7 +41,7 @@ from torch import Tensor
 from flowrl.chain import Chain
 from flowrl.core.schedule import lr_factor, set_lr
 from flowrl.core.seeding import OBJECTIVE
-from flowrl.errors import ConfigError
+from flowrl.errors import ConfigError, NonFiniteError
 from flowrl.objectives.base import Minibatch
 
 
@@ -192,6 +192,7 @@ def update(run, chain: Chain, epoch: int) -> dict:
                 break
         if stopped_early:
             break
+    check_weights(run)
     out = {k: (v / count).item() for k, v in sums.items()}
     names = ["grad_norm", "grad_norm_value"]
     for name, norms in zip(names, grad_norms):
@@ -225,7 +226,15 @@ def optimizer_step(
     o = cfg.optim
     acc.unscale_gradients()
     norms = [torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm) for params in groups]
-    finite = bool(torch.isfinite(torch.stack(norms)).all() & ~bad)  # the one host sync per update
+    grads_ok = torch.isfinite(torch.stack(norms)).all() & ~bad
+    previous = getattr(run, "weights_check", None)  # the last step's updated weights, not read yet
+    if previous is None:
+        finite = bool(grads_ok)  # the one host sync per update
+    else:  # read with this step's flag: still one host sync per update
+        finite, weights_ok = torch.stack([grads_ok, previous[0]]).tolist()
+        run.weights_check = None
+        if not weights_ok:
+            raise_nonfinite_weights(run, *previous[1])
     if not finite and acc.scaler is not None and not bad.item():
         # fp16 loss scaling (CUDA): an overflowing gradient is how the scaler finds its scale too
         # high. Its step skips the update and lowers the scale; the step count, learning rate and
@@ -250,8 +259,39 @@ def optimizer_step(
     opt.step()
     opt.zero_grad(set_to_none=True)
     run.global_step += 1
+    # the updated weights' finiteness as a device flag (one fused max-abs norm per parameter group),
+    # read at the next step's host sync or at the end of the update, before anything is saved
+    run.weights_check = (
+        weights_finite(groups),
+        (epoch, pass_, minibatch, run.global_step, opt.param_groups[0]["lr"]),
+    )
     for store, norm in zip(grad_norms, norms):
         store.append(norm.detach())
     if run.ema is not None:
         run.ema.update(run.adapter.trainable_state_dict())
     return "stepped"
+
+
+def weights_finite(groups: list[list]) -> Tensor:
+    """A () bool tensor on the parameters' device: every trained parameter is finite (NaN and inf
+    survive a max-abs norm; one fused ``_foreach_norm``, no host sync)."""
+    params = [p.detach() for params in groups for p in params]
+    norms = torch._foreach_norm(params, ord=float("inf"))
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+
+def check_weights(run) -> None:
+    """Read the last optimizer step's weight check (at the end of an update, before any save)."""
+    previous = getattr(run, "weights_check", None)
+    run.weights_check = None
+    if previous is not None and not bool(previous[0]):
+        raise_nonfinite_weights(run, *previous[1])
+
+
+def raise_nonfinite_weights(run, epoch: int, pass_: int, minibatch: int, step: int, lr: float) -> None:
+    """A step made weights NaN/inf: always stop (there is nothing to skip back to), nothing saved."""
+    raise NonFiniteError(
+        f"the optimizer step at epoch {epoch}, update pass {pass_}, minibatch {minibatch} (global step {step}) made "
+        f"trained weights non-finite (NaN or inf) at learning rate {lr:g}; the run stopped before saving them: "
+        "lower optim.learning_rate (or optim.max_grad_norm), and resume from the last checkpoint"
+    )

@@ -106,6 +106,24 @@ class EnvCollector(Collector):
                     f"env.id: unknown environment {e.id!r}{suggest(e.id, known)}; give a registered gymnasium id "
                     "such as InvertedPendulum-v5, Hopper-v5 or Reacher-v5 (or module:EnvId for your own env)"
                 )
+        else:  # your own env: importing the module (code that runs) registers it
+            import importlib
+
+            module, _, env_name = e.id.partition(":")
+            try:
+                importlib.import_module(module)
+            except BaseException as err:  # ImportError, an error in the module, sys.exit() at import
+                if isinstance(err, KeyboardInterrupt):
+                    raise
+                raise ConfigError(
+                    f"env.id={e.id!r}: module {module!r} could not be imported ({type(err).__name__}: {err}); "
+                    "put the module on PYTHONPATH and fix it, or give a registered gymnasium id"
+                ) from None
+            if env_name not in gym.envs.registry:
+                raise ConfigError(
+                    f"env.id={e.id!r}: importing {module!r} registered no environment {env_name!r}; call "
+                    f"gymnasium.register(id={env_name!r}, ...) in it, or fix the id after the ':'"
+                )
         if m.finetune != "full":
             raise ConfigError(
                 f"model.finetune={m.finetune!r}: policies fine-tune all weights; set model.finetune=full"

@@ -103,6 +103,7 @@ class TextToImageCollector(Collector):
             allow_nonfinite=True,  # reported with the epoch and prompts by the run shell
             combine=cfg.reward_combine,
             uwo_coef=cfg.reward_uwo_coef,
+            timeout=cfg.reward_timeout,
         )
         self.stat_tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
 

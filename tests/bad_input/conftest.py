@@ -2,6 +2,7 @@
 (no subprocess, so the corpus runs in seconds) that must end with exit code 2, one
 ``flowrl: error:`` line naming the cause, and nothing left behind in the output folder."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from flowrl.cli import main
 REPO = Path(__file__).resolve().parents[2]
 TASK = str(REPO / "tasks/jpeg_tiny.yaml")
 ROBOT_TASK = str(REPO / "tasks/robot_inverted_pendulum_reinflow.yaml")
+PROGRESS = re.compile(r"^[\w ]+:\s+\d+%\|")  # a progress bar's redraws (stderr), not a message
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -27,7 +29,11 @@ def refuse(capsys):
         capsys.readouterr()
         rc = main([str(a) for a in argv])
         err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("flowrl: warning:")]
+        lines = [
+            ln
+            for ln in err.replace("\r", "\n").splitlines()
+            if ln.strip() and not ln.startswith("flowrl: warning:") and not PROGRESS.match(ln)
+        ]
         assert rc == 2, (rc, err)
         assert len(lines) == 1 and lines[0].startswith("flowrl: error: "), err
         assert "Traceback" not in err, err
