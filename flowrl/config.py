@@ -97,6 +97,9 @@ class SamplerConfig:
     window_shift_interval: int = 25
     # progressive window: steps it moves by (MixGRPO's prog_overlap_step: 1; 0 = fixed at the first steps)
     window_stride: int = 1
+    # text_to_image: the group_size samples of a prompt draw start from one initial noise, so they differ by
+    # the SDE steps' noise alone (MixGRPO's init_same_noise)
+    group_same_noise: bool = False
     # classifier-free guidance scale, used for sampling and for re-evaluating log-probs (1 = off)
     guidance_scale: float = 5.0
     # how per-step log-probs reduce over the sample's dims: mean (DDPO, Flow-GRPO; clip range per dimension) or sum

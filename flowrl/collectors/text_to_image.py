@@ -136,9 +136,13 @@ class TextToImageCollector(Collector):
         for i in range(t.num_batches_per_epoch):
             idx = rng.integers(len(self.prompts), size=per_batch)
             prompts = [self.prompts[j] for j in idx for _ in range(a.group_size)]
+            latents = None  # MixGRPO's init_same_noise: one initial noise per prompt draw
+            if self.cfg.sampler.group_same_noise:
+                shape = (per_batch, *run.adapter.latent_shape)
+                latents = seeding.randn(shape, gen, run.device).repeat_interleave(a.group_size, 0)
             with run.accelerator.autocast():  # the precision of the training forward: ratio 1 on-policy
                 chain = run.sampler.sample(
-                    run.adapter, prompts, self.cfg.sampler.guidance_scale, generator=gen
+                    run.adapter, prompts, self.cfg.sampler.guidance_scale, generator=gen, latents=latents
                 )
             chain.samples = run.adapter.decode(chain.latents[:, -1])
             # (rank, batch, group) -> a globally unique group id for GRPO / LOOP

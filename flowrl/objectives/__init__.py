@@ -66,7 +66,12 @@ METHODS: dict[str, Method] = {
         "group",
         ("text_to_image",),
         {  # MixGRPO's finetune_flux_grpo_MixGRPO.sh: a 4-step SDE window moving 1 step every 25 iterations
-            "sampler": {"sde_window": 4, "window_schedule": "progressive", "window_shift_interval": 25},
+            "sampler": {
+                "sde_window": 4,
+                "window_schedule": "progressive",
+                "window_shift_interval": 25,
+                "group_same_noise": True,  # init_same_noise
+            },
             "algorithm": {"clip_range": 1e-4, "timestep_fraction": 1.0},
         },
         cite="Li et al. 2025, arXiv 2507.21802",

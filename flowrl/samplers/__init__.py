@@ -177,6 +177,11 @@ def validate_sampler(cfg) -> None:
             f"sampler.window_shift_interval must be >= 1 and sampler.window_stride >= 0, got "
             f"{s.window_shift_interval} and {s.window_stride}; MixGRPO's are 25 and 1"
         )
+    if s.group_same_noise and (cfg.kind != "text_to_image" or getattr(m, "noise_policy", None) is not None):
+        raise ConfigError(
+            "sampler.group_same_noise shares one N(0, I) initial noise per prompt draw of a text-to-image task; "
+            "it does not apply to this task (an env, or a model.noise_policy that draws x_T): set it to false"
+        )
     if s.window_schedule == "progressive" and s.sde_window == 0:
         raise ConfigError(
             "sampler.window_schedule=progressive slides an SDE window, but sampler.sde_window=0 makes every "
