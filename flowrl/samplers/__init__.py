@@ -177,6 +177,10 @@ def validate_sampler(cfg) -> None:
             f"sampler.window_shift_interval must be >= 1 and sampler.window_stride >= 0, got "
             f"{s.window_shift_interval} and {s.window_stride}; MixGRPO's are 25 and 1"
         )
+    if s.window_max_start is not None and s.window_max_start < 0:
+        raise ConfigError(
+            f"sampler.window_max_start must be >= 0 or null, got {s.window_max_start}; null: the schedule's default"
+        )
     if s.group_same_noise and (cfg.kind != "text_to_image" or getattr(m, "noise_policy", None) is not None):
         raise ConfigError(
             "sampler.group_same_noise shares one N(0, I) initial noise per prompt draw of a text-to-image task; "

@@ -125,6 +125,8 @@ def test_config_checks():
         load_config("mixgrpo_tiny", ["sampler.sde_window=0"])
     with pytest.raises(ConfigError, match="window_shift_interval must be >= 1"):
         load_config("mixgrpo_tiny", ["sampler.window_shift_interval=0"])
+    with pytest.raises(ConfigError, match="window_max_start must be >= 0"):
+        load_config("mixgrpo_tiny", ["sampler.window_max_start=-1"])
     with pytest.raises(ConfigError, match="group_same_noise shares one"):
         load_config("robot_inverted_pendulum_reinflow", ["sampler.group_same_noise=true"])
 
