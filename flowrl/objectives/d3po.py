@@ -5,7 +5,8 @@ github.com/yk7333/d3po, scripts/rm/train_d3po.py).
     P  pairs   S  trained steps per pair   w, l  the preferred and the other chain of a pair
 
 Each epoch's chains come in groups of G samples of one prompt (``algorithm.group_size``; D3PO: 2).
-Within a group, samples 0 and 1, 2 and 3, ... form pairs; the preferred one is the one with the
+(``sampler.group_same_noise``, the method's default, starts a group from one initial noise, as the
+reference's pair.) Within a group, samples 0 and 1, 2 and 3, ... form pairs; the preferred one is the one with the
 higher reward (ties: no preference, not trained), or the one a human-labels file names
 (``d3po_labels``, below). Every step k of a pair is one DPO term on the recorded transition's
 log-probs, current (theta) and reference (the model with LoRA disabled, or a frozen copy):
