@@ -137,3 +137,24 @@ def test_resume_is_exact(tmp_path):
         1
     ].keys()
     assert rows[1]["loss_d3po"] > 0
+
+
+@pytest.mark.slow
+def test_d3po_raises_prompt_alignment_on_fixed_seeds(tmp_path):
+    """tasks/digits_d3po.yaml as it is (10 epochs, pairs ranked by the digit classifier): the
+    deterministic-DDIM alignment of 10 samples per digit rises on each of 4 fixed evaluation seeds
+    (the same noise before and after: an unchanged model gains exactly 0). Measured +0.047 (every
+    seed +0.038 or more, see the task file); the bar, a gain on every seed and a mean > 0.02, is
+    under it."""
+    import statistics
+
+    from flowrl.demo.quickstart import measure_alignment
+
+    cfg = load_config(TASK, [f"train.output_dir={tmp_path}", "train.run_name=learn", "train.eval_every=0"])
+    run = Run(cfg, progress=False)
+    sc = run.adapter.scheduler_config
+    before = [measure_alignment(run.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in range(1000, 1004)]
+    run.train()
+    after = [measure_alignment(run.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in range(1000, 1004)]
+    gains = [x - y for x, y in zip(after, before)]
+    assert min(gains) > 0 and statistics.mean(gains) > 0.02, (before, after)
