@@ -8,6 +8,7 @@ renamed when complete, so a crash never leaves a folder that looks complete:
     ema.safetensors                  their EMA (when train.ema)
     optimizer.pt                     the optimizer state dict (tensors and numbers only)
     state.json                       next epoch, global step, reward-statistic buffers
+    config.yaml                      the config it was trained with (a resume compares its own with it)
     pytorch_lora_weights.safetensors LoRA in diffusers format (pipeline.load_lora_weights)
 
 Only folders named ``epoch_<n>`` that hold ``state.json`` (written last) count as checkpoints;

@@ -278,7 +278,6 @@ class Run:
             "next_epoch": next_epoch,
             "global_step": self.global_step,
             "collector": self.collector.state_dict(),
-            "config": config_to_dict(self.cfg),  # what a resume compares its config with
         }
         if acc.scaler is not None:  # fp16: the loss scale found so far (floats and ints, JSON)
             state["grad_scaler"] = acc.scaler.state_dict()
@@ -294,6 +293,8 @@ class Run:
         )
 
     def _write_pretrained(self, folder: Path) -> None:
+        # the config the checkpoint was trained with, which a resume compares its own with
+        (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
         with self.ema_weights():
             self.adapter.save_pretrained_weights(folder)
 

@@ -8,7 +8,7 @@ with the config it was trained with.
   when the run ends, and at exit.
 - A run that fails before it finished an epoch or wrote a checkpoint removes the run folder it
   created (no folder holding only ``config.yaml`` and the epoch-0 evaluation).
-- :func:`resume_changes` lists the keys whose change breaks a resumed run's exactness: every key
+- :func:`resume_changes` lists the keys (against the checkpoint's ``config.yaml``) whose change breaks a resumed run's exactness: every key
   but those in :data:`FREE_ON_RESUME` (``train.num_epochs`` only with a constant learning rate,
   whose schedule does not depend on the run's length).
 """
@@ -158,19 +158,18 @@ def resume_changes(saved: dict, new: dict) -> list[str]:
     ]
 
 
-def saved_config(checkpoint: Path, state: dict | None = None) -> dict | None:
-    """The config a checkpoint was trained with: its state.json's, else its run's config.yaml."""
+def saved_config(checkpoint: Path) -> dict | None:
+    """The config a checkpoint was trained with: its own config.yaml, else (a checkpoint of an
+    older flowrl) its run's."""
     import yaml
 
-    if state is not None and isinstance(state.get("config"), dict):
-        return state["config"]
-    run_config = Path(checkpoint).parent.parent / "config.yaml"
-    if run_config.is_file():
-        try:
-            data = yaml.safe_load(run_config.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError):
-            return None
-        return data if isinstance(data, dict) else None
+    for path in (Path(checkpoint) / "config.yaml", Path(checkpoint).parent.parent / "config.yaml"):
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text())
+            except (yaml.YAMLError, UnicodeDecodeError):
+                return None
+            return data if isinstance(data, dict) else None
     return None
 
 
@@ -180,8 +179,8 @@ def check_resume(cfg, checkpoint: Path) -> list[str]:
     from flowrl.config import config_to_dict
     from flowrl.errors import ConfigError, read_json
 
-    state = read_json(Path(checkpoint) / "state.json", "checkpoint state")
-    saved = saved_config(checkpoint, state if isinstance(state, dict) else None)
+    read_json(Path(checkpoint) / "state.json", "checkpoint state")  # a broken one: named here, before loading
+    saved = saved_config(checkpoint)
     if saved is None:
         return []
     changes = resume_changes(saved, config_to_dict(cfg))
