@@ -51,10 +51,21 @@ class ModelConfig:
     prediction_type: str | None = None
     # lora (peft adapter, the reference policy is the adapter disabled) or full fine-tuning (policies: full)
     finetune: str = "lora"
+    # text_to_image: a trainable policy over the initial noise x_T in front of the frozen denoiser (FIND,
+    # algorithm.name=find): free (a mean and std of the latent's shape, FIND's code) | conditional (an MLP on
+    # the prompt embedding) | null (x_T ~ N(0, I))
+    noise_policy: str | None = None
     # LoRA rank r
     lora_rank: int = 4
     # LoRA alpha (scale alpha / r); null means alpha = r
     lora_alpha: float | None = None
+    # text_to_image, sd family: the text encoder trains too (TexForce): frozen | lora (on CLIP's q/k/v/out_proj) |
+    # full; with model.finetune=frozen it trains alone. The update re-encodes the prompts' token ids with gradient
+    text_encoder_finetune: str = "frozen"
+    # LoRA rank of the text encoder (TexForce: 16); null: model.lora_rank
+    text_encoder_lora_rank: int | None = None
+    # LoRA alpha of the text encoder (TexForce: 16); null: its rank
+    text_encoder_lora_alpha: float | None = None
     # image size of the tiny pipeline, pixels (latents are half)
     tiny_image_size: int = 32
     # seed used to initialize the tiny pipeline's random weights
@@ -232,8 +243,8 @@ class PretrainConfig:
 
 @dataclass
 class AlgorithmConfig:
-    # the method: ddpo | grpo | loop | reinforce | draft | alignprop | refl | raft (text_to_image) | dppo | reinflow (env) |
-    # fpo | fpo++ (both) | diffusion_nft (text_to_image);
+    # the method: ddpo | grpo | loop | reinforce | mixgrpo | draft | draft-lv | alignprop | refl | raft | prdp | dpo |
+    # d3po | find | diffusion_nft (text_to_image) | dppo | reinflow (env) | fpo | fpo++ (both);
     # each is an objective with its paper's defaults (flowrl.objectives.METHODS). The objective's own
     # options are keys of this section too (e.g. ratio_scope and kl_coef for the PPO family)
     name: str = "ddpo"
@@ -341,6 +352,10 @@ class TrainConfig:
     num_batches_per_epoch: int = 2
     # text_to_image: prompts: a list, a named set (see flowrl.data.prompts), or a text file with one prompt per line
     prompts: typing.Any = "simple_animals"
+    # text_to_image: a JSONL file of preference pairs (prompt, chosen and rejected image paths, see
+    # flowrl.data.pairs); each epoch then takes sample_batch_size x num_batches_per_epoch pairs from it
+    # instead of sampling (Diffusion-DPO, algorithm.name=dpo); null: sample
+    pairs: str | None = None
     # text_to_image: prompts rendered into the evaluation image grid (deterministic sampler, fixed seed)
     eval_prompts: list | None = None
     # text_to_image: score rewards in a background thread while the next batch samples
@@ -477,9 +492,56 @@ class TaskConfig:
             f"{list(collector.ADVANTAGES)}",
         )
         need(
-            m.finetune in ("lora", "full"),
+            m.text_encoder_finetune in ("frozen", "lora", "full"),
+            f"model.text_encoder_finetune: unknown mode {m.text_encoder_finetune!r}"
+            f"{_suggest(m.text_encoder_finetune, ('frozen', 'lora', 'full'))}; set frozen, lora (TexForce) or full",
+        )
+        need(
+            m.noise_policy in (None, "free", "conditional"),
+            f"model.noise_policy: unknown policy {m.noise_policy!r}; set free, conditional or null",
+        )
+        need(
+            (m.noise_policy is not None) == (a.name == "find"),
+            "model.noise_policy (a policy over the initial noise) is what algorithm.name=find trains, and only it; "
+            + (
+                "set model.noise_policy=free or conditional"
+                if a.name == "find"
+                else "set model.noise_policy=null, or algorithm.name=find"
+            ),
+        )
+        trains_text = m.text_encoder_finetune != "frozen"
+        need(
+            m.finetune in ("lora", "full")
+            or (m.finetune == "frozen" and (m.noise_policy is not None or trains_text)),
             f"model.finetune: unknown mode {m.finetune!r}{_suggest(m.finetune, ('lora', 'full'))}; "
-            "set model.finetune=lora (an adapter) or model.finetune=full (all weights)",
+            "set model.finetune=lora (an adapter) or model.finetune=full (all weights)"
+            + (
+                "; frozen (the denoiser does not train) needs something else that does, e.g. "
+                "model.text_encoder_finetune=lora"
+                if m.finetune == "frozen"
+                else ""
+            ),
+        )
+        need(
+            not trains_text or (self.kind == "text_to_image" and m.noise_policy is None),
+            f"model.text_encoder_finetune={m.text_encoder_finetune} trains a text-to-image model's text encoder"
+            + (
+                ", but model.noise_policy trains only the initial noise of a frozen model"
+                if m.noise_policy is not None
+                else f", and this task is kind: {self.kind}"
+            )
+            + "; set model.text_encoder_finetune=frozen",
+        )
+        te_rank = m.lora_rank if m.text_encoder_lora_rank is None else m.text_encoder_lora_rank
+        need(
+            m.text_encoder_finetune != "lora" or te_rank >= 1,
+            f"model.text_encoder_lora_rank (null: model.lora_rank) must be >= 1 for LoRA, got {te_rank}; set e.g. "
+            "model.text_encoder_lora_rank=16 (TexForce), or model.text_encoder_finetune=full",
+        )
+        need(
+            m.text_encoder_lora_alpha is None or m.text_encoder_lora_alpha > 0,
+            f"model.text_encoder_lora_alpha must be > 0 or null, got {m.text_encoder_lora_alpha}; "
+            "set model.text_encoder_lora_alpha=null for alpha = rank",
         )
         need(
             m.finetune != "lora" or m.lora_rank >= 1,

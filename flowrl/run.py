@@ -132,7 +132,8 @@ class Run:
         # the model, its sampler, the domain, the value function, the objective
         objective_cls = cfg.method.objective_class()
         keep_reference = (
-            getattr(objective_cls, "needs_reference", False) and cfg.algorithm.options.kl_coef > 0
+            getattr(objective_cls, "needs_reference", False)
+            and getattr(cfg.algorithm.options, "kl_coef", 1) > 0  # DPO, D3PO: always
         )
         self.adapter = build_model(cfg, task_name, self.device, weight_dtype, keep_reference)
         self.sampler = sampler_for(cfg, self.adapter)

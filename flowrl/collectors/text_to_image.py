@@ -59,6 +59,11 @@ class TextToImageCollector(Collector):
                 f"train.minibatch_size ({t.minibatch_size}) must divide the samples per epoch "
                 f"(sample_batch_size x num_batches_per_epoch = {total}); set train.minibatch_size to a divisor of {total}"
             )
+        if t.pairs and cfg.method.objective != "dpo":
+            raise ConfigError(
+                f"train.pairs gives preference pairs, which only algorithm.name=dpo trains on (this task's is "
+                f"{a.name!r}); set algorithm.name=dpo, or train.pairs=null to sample"
+            )
         if not cfg.rewards:
             raise ConfigError(
                 "rewards: the list is empty, so there is nothing to optimize; give at least one, "
@@ -77,17 +82,23 @@ class TextToImageCollector(Collector):
     @classmethod
     def check(cls, cfg, task_name: str) -> None:
         from flowrl.data.prompts import load_prompts
-        from flowrl.models import detect_family
+        from flowrl.models import detect_family, text_encoder_options
         from flowrl.rewards import resolve_reward
         from flowrl.samplers import check_fits
 
         load_prompts(cfg.train.prompts)
+        if cfg.train.pairs:  # Diffusion-DPO's offline pairs (flowrl.data.pairs)
+            from flowrl.data.pairs import load_pairs
+
+            load_pairs(cfg.train.pairs)
         for i, r in enumerate(cfg.rewards):
             try:
                 resolve_reward(r.name)
             except (KeyError, AttributeError) as e:  # unknown name; a script without a reward function
                 raise ConfigError(f"rewards[{i}].name: {e.args[0] if e.args else e}") from e
-        check_fits(cfg, detect_family(cfg.model.pretrained, cfg.model.family))
+        family = detect_family(cfg.model.pretrained, cfg.model.family)
+        check_fits(cfg, family)
+        text_encoder_options(cfg.model, family)  # a family that cannot train its text encoder (TexForce)
 
     def __init__(self, cfg, run):
         from flowrl.data.prompts import load_prompts
@@ -106,6 +117,11 @@ class TextToImageCollector(Collector):
             timeout=cfg.reward_timeout,
         )
         self.stat_tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
+        self.pairs = None
+        if t.pairs:  # each epoch's rows are preference pairs from the file, not samples
+            from flowrl.data.pairs import PairSource
+
+            self.pairs = PairSource(cfg, run)
 
     def value_function(self):
         """The step critic V(x_k, t_k, c) of ``advantage: step_critic`` (else None), seeded by train.seed."""
@@ -128,6 +144,8 @@ class TextToImageCollector(Collector):
     def collect(self, epoch: int) -> tuple[Chain, dict]:
         """num_batches_per_epoch x sample_batch_size trajectories on this process, scored."""
         run, t, a = self.run, self.cfg.train, self.cfg.algorithm
+        if self.pairs is not None:
+            return self.pairs.collect(epoch)
         gen = run.seeds.generator(epoch, seeding.SAMPLE)
         rng = run.seeds.numpy(epoch, seeding.PROMPTS)
         window = run.sampler.set_epoch(epoch)  # MixGRPO's sliding SDE window moves with the epoch
@@ -170,6 +188,8 @@ class TextToImageCollector(Collector):
     def advantages(self, chain: Chain) -> tuple[Tensor, dict]:
         """(B,) advantages of this process's trajectories, from statistics over all processes."""
         run, a = self.run, self.cfg.algorithm
+        if self.pairs is not None:  # preference pairs: no reward, no advantage
+            return torch.zeros(len(chain), device=run.device), {}
         acc = run.accelerator
         rewards = acc.gather(chain.rewards)
         groups = acc.gather(chain.metadata["group"])

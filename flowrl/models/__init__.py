@@ -175,6 +175,24 @@ def build_adapter(
     return cls(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference, **family_kwargs)
 
 
+def text_encoder_options(m, family: str) -> dict:
+    """The adapter's keyword arguments for a trained text encoder (TexForce: ``model.text_encoder_finetune``),
+    empty when it is frozen; a ConfigError for a family whose adapter does not implement it."""
+    mode = getattr(m, "text_encoder_finetune", "frozen")
+    if mode == "frozen":
+        return {}
+    if not getattr(adapter_class(family), "trains_text_encoder", False):
+        raise ConfigError(
+            f"model.text_encoder_finetune={mode}: training the text encoder is implemented for the sd family "
+            f"(Stable Diffusion 1.x/2.x, the digits model), not {family} yet; set model.text_encoder_finetune=frozen"
+        )
+    return {
+        "text_encoder_finetune": mode,
+        "text_encoder_lora_rank": m.text_encoder_lora_rank,
+        "text_encoder_lora_alpha": m.text_encoder_lora_alpha,
+    }
+
+
 def build_model(cfg, task_name: str, device: torch.device, weight_dtype: torch.dtype, keep_reference: bool):
     """The adapter a task trains: a text-to-image pipeline's (loaded, wrapped, on ``device``) or a
     pre-trained policy prepared for its sampler."""
@@ -183,6 +201,7 @@ def build_model(cfg, task_name: str, device: torch.device, weight_dtype: torch.d
     cls = adapter_class(family)
     if FAMILIES[family].kind == "env":
         return cls.for_finetuning(cfg, task_name, device)
+    text = text_encoder_options(m, family)
     pipe = load_pipeline(
         m.pretrained,
         family,
@@ -191,9 +210,14 @@ def build_model(cfg, task_name: str, device: torch.device, weight_dtype: torch.d
         image_size=m.tiny_image_size,
         seed=m.tiny_seed,
     )
-    return build_adapter(
-        pipe, family, m.finetune, m.lora_rank, m.lora_alpha, weight_dtype, keep_reference
+    adapter = build_adapter(
+        pipe, family, m.finetune, m.lora_rank, m.lora_alpha, weight_dtype, keep_reference, **text
     ).to(device)
+    if getattr(m, "noise_policy", None) is not None:  # FIND: a trained x_T in front of the frozen denoiser
+        from flowrl.models.noise_policy import NoisePolicyAdapter
+
+        return NoisePolicyAdapter(adapter, m.noise_policy)
+    return adapter
 
 
 __all__ = [
@@ -206,4 +230,5 @@ __all__ = [
     "build_model",
     "detect_family",
     "load_pipeline",
+    "text_encoder_options",
 ]

@@ -2,9 +2,13 @@
 
     ppo   the PPO family on per-step log-probs: DDPO, GRPO, LOOP, REINFORCE, DPPO, ReinFlow
     fpo   Flow Policy Optimization (FPO, FPO++): a ratio from the flow-matching loss, no likelihood needed
-    reward_backprop  the reward's gradient through the last steps of the chain: DRaFT-K, AlignProp, ReFL
+    reward_backprop  the reward's gradient through the last steps of the chain: DRaFT-K, DRaFT-LV, AlignProp, ReFL
+    prdp  proximal reward difference prediction: pairs' chain log-ratio differences regressed on their reward's
     raft  reward-ranked filtered fine-tuning: the denoising loss on each prompt's best samples
+    dpo   Diffusion-DPO: preference pairs from a file (train.pairs), denoising losses against the reference's
+    d3po  D3PO / online DPO: pairs of the current chain ranked by the reward or human labels, per-step log-ratios
     nft   DiffusionNFT: negative-aware fine-tuning on the forward process of a flow model, no likelihood
+    find  FIND: a policy over the initial noise x_T of the frozen denoiser, one ratio per sample
 
 A *method* is the name a user picks (``algorithm.name``): an objective with a default advantage
 estimator and its paper's defaults, written under the task file's own values. Adding an
@@ -23,7 +27,11 @@ OBJECTIVES = {
     "fpo": "flowrl.objectives.fpo:FPO",
     "reward_backprop": "flowrl.objectives.reward_backprop:RewardBackprop",
     "raft": "flowrl.objectives.raft:RAFT",
+    "prdp": "flowrl.objectives.prdp:PRDP",
+    "dpo": "flowrl.objectives.dpo:DiffusionDPO",
+    "d3po": "flowrl.objectives.d3po:D3PO",
     "nft": "flowrl.objectives.nft:NFT",
+    "find": "flowrl.objectives.find:FIND",
 }
 
 
@@ -126,6 +134,22 @@ METHODS: dict[str, Method] = {
         fixed={"algorithm": {"mode": "refl"}},
         cite="ReFL (ImageReward): Xu et al. 2023, arXiv 2304.05977",
     ),
+    "draft-lv": Method(
+        "reward_backprop",
+        "none",
+        ("text_to_image",),
+        {"algorithm": {"lv_samples": 2}},  # DRaFT-LV's n
+        fixed={"algorithm": {"mode": "draft_lv"}},
+        cite="DRaFT-LV: Clark et al. 2024, arXiv 2309.17400",
+    ),
+    "prdp": Method(
+        "prdp",
+        "none",  # the raw rewards' differences
+        ("text_to_image",),
+        # the paper's small-scale column: 16 images per prompt, beta 3e-5, stepwise clip 1e-6
+        {"algorithm": {"group_size": 16, "kl_coef": 3e-5, "clip_range": 1e-6}},
+        cite="Deng et al. 2024, arXiv 2402.08714",
+    ),
     "raft": Method(
         "raft",
         "none",
@@ -133,12 +157,37 @@ METHODS: dict[str, Method] = {
         {"algorithm": {"group_size": 4}},
         cite="Dong et al. 2023, arXiv 2304.06767",
     ),
+    "find": Method(
+        "find",
+        "leave_one_out",  # FIND's learned reward baseline: here the mean of the prompt's other samples
+        ("text_to_image",),
+        {"algorithm": {"clip_range": 0.2, "group_size": 4}, "model": {"noise_policy": "free"}},
+        fixed={"model": {"finetune": "frozen"}},
+        cite="Chen et al. 2024, arXiv 2407.19453",
+    ),
     "diffusion_nft": Method(
         "nft",
         "group",  # the reference: each prompt's mean, the whole batch's std (+1e-4)
         ("text_to_image",),
         {"algorithm": {"std_scope": "batch", "group_size": 24}},
         cite="Zheng et al. 2025, arXiv 2509.16117",
+    ),
+    "dpo": Method(
+        "dpo",
+        "none",
+        ("text_to_image",),
+        {"algorithm": {"beta_dpo": 5000.0}},
+        cite="Diffusion-DPO: Wallace et al. 2023, arXiv 2311.12908",
+    ),
+    "d3po": Method(
+        "d3po",
+        "none",
+        ("text_to_image",),
+        {
+            "algorithm": {"group_size": 2, "d3po_beta": 0.1, "d3po_eps": 0.1},
+            "sampler": {"group_same_noise": True},
+        },
+        cite="D3PO: Yang et al. 2024, arXiv 2311.13231",
     ),
     "fpo++": Method(
         "fpo",
