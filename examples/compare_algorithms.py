@@ -49,6 +49,7 @@ METHODS = {
     "reinforce": ("digits.yaml", ["algorithm.name=reinforce"]),
     "draft": ("digits_draft.yaml", []),
     "draft-lv": ("digits_draft_lv.yaml", []),
+    "fpo": ("digits.yaml", ["algorithm.name=fpo"]),
     "raft": ("digits_raft.yaml", []),
     "prdp": ("digits_prdp.yaml", []),
     "d3po": ("digits_d3po.yaml", []),
@@ -77,9 +78,7 @@ def run_method(name: str, task: str, overrides: list[str], args, out: Path, tag:
         "train.eval_prompts=" + json.dumps(eval_prompts),
     ]
     if "thickness" in tag:  # train on ink; alignment is the held-out reward (weight 0)
-        overrides.append(
-            "rewards=[{name: digit_thickness}, {name: " + ALIGNMENT + ", weight: 0.0}]"
-        )
+        overrides.append("rewards=[{name: digit_thickness}, {name: " + ALIGNMENT + ", weight: 0.0}]")
     cfg = load_config(str(tasks_dir() / task), overrides)
     run = Run(cfg, task_name=tag, progress=not args.quiet)
     history = run.train()
@@ -89,7 +88,9 @@ def run_method(name: str, task: str, overrides: list[str], args, out: Path, tag:
             queries.append(queries[-1] + row.get("samples", per_epoch))
             seconds.append(seconds[-1] + row["time_collect"] + row["time_update"])
             reward.append(row["reward_mean"])
-        key = f"eval_reward/{ALIGNMENT}_mean" if f"eval_reward/{ALIGNMENT}_mean" in row else "eval_reward_mean"
+        key = (
+            f"eval_reward/{ALIGNMENT}_mean" if f"eval_reward/{ALIGNMENT}_mean" in row else "eval_reward_mean"
+        )
         alignment.append(row[key])
     return {"queries": queries, "seconds": seconds, "reward": reward, "alignment": alignment}
 
@@ -164,7 +165,9 @@ def plot(curves: dict, held: dict, path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=1920, help="reward queries per method (DDPO's 30 epochs)")
+    parser.add_argument(
+        "--queries", type=int, default=1920, help="reward queries per method (DDPO's 30 epochs)"
+    )
     parser.add_argument("--eval-samples", type=int, default=10, help="held-out samples per digit")
     parser.add_argument("--out", default=f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--seed", type=int, default=0)
@@ -196,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             for n, c in held.items()
         )
     (out / "table.md").write_text(text + "\n")
-    plot(curves, held, out / "compare.png", f"digits, {args.queries} reward queries per method, seed {args.seed}")
+    plot(
+        curves,
+        held,
+        out / "compare.png",
+        f"digits, {args.queries} reward queries per method, seed {args.seed}",
+    )
     print(text)
     print(f"plot: {out / 'compare.png'}")
     return 0
