@@ -53,20 +53,28 @@ METHODS = {
     "raft": ("digits_raft.yaml", []),
     "prdp": ("digits_prdp.yaml", []),
     "d3po": ("digits_d3po.yaml", []),
-    "dpo": ("digits_dpo.yaml", []),
+    "dpo": ("digits_dpo.yaml", []),  # offline: its task's epochs over a pairs file of 80 scored samples
     "find": ("digits_find.yaml", []),
     "texforce": ("digits_texforce.yaml", []),
 }
 HELD_OUT = ["ddpo", "draft", "raft"]
+OFFLINE = {"dpo": 80}  # method -> the reward queries that made its pairs file (8 samples per digit)
 ALIGNMENT = "digit_alignment"
 
 
-def run_method(name: str, task: str, overrides: list[str], args, out: Path, tag: str) -> dict:
-    """Train one method for --queries reward queries; returns its curves."""
+def run_method(name: str, task: str, overrides: list[str], args, out: Path, tag: str, queries: int) -> dict:
+    """Train one method for ``queries`` reward queries; returns its curves."""
     cfg = load_config(str(tasks_dir() / task), overrides)
     per_epoch = cfg.train.sample_batch_size * cfg.train.num_batches_per_epoch
-    epochs = max(1, math.ceil(args.queries / per_epoch))
+    epochs = max(1, math.ceil(queries / per_epoch))
     eval_prompts = [digit_prompt(d) for d in range(10) for _ in range(args.eval_samples)]
+    if name in OFFLINE:  # the pairs file is made (and scored) once; the task's own epochs train on it
+        from flowrl.data.pairs import digits_pairs
+
+        pairs = out / "pairs" / "digits.jsonl"
+        if not pairs.exists():
+            digits_pairs(pairs)
+        overrides, epochs = [*overrides, f"train.pairs={pairs}"], cfg.train.num_epochs
     overrides = [
         *overrides,
         f"train.num_epochs={epochs}",
@@ -84,10 +92,10 @@ def run_method(name: str, task: str, overrides: list[str], args, out: Path, tag:
     history = run.train()
     queries, seconds, reward, alignment = [0], [0.0], [None], []
     for row in history:
-        if "reward_mean" in row:
-            queries.append(queries[-1] + row.get("samples", per_epoch))
+        if "reward_mean" in row or (name in OFFLINE and row["epoch"] > 0):
+            queries.append(OFFLINE[name] if name in OFFLINE else queries[-1] + row.get("samples", per_epoch))
             seconds.append(seconds[-1] + row["time_collect"] + row["time_update"])
-            reward.append(row["reward_mean"])
+            reward.append(row.get("reward_mean"))
         key = (
             f"eval_reward/{ALIGNMENT}_mean" if f"eval_reward/{ALIGNMENT}_mean" in row else "eval_reward_mean"
         )
@@ -117,7 +125,7 @@ def table(curves: dict) -> str:
     target = ddpo["alignment"][-1] if ddpo else None
     t_ddpo = first_reach(ddpo, target) if ddpo else None
     common_t = min(c["seconds"][-1] for c in curves.values())
-    common_q = min(c["queries"][-1] for c in curves.values())
+    common_q = min((c["queries"][-1] for n, c in curves.items() if n not in OFFLINE), default=0)
     lines = [
         f"| method | alignment before | at {common_q} queries | at {common_t:.0f} s | final "
         "| queries | seconds | s to DDPO's final | time / DDPO's |",
@@ -174,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help=f"of {', '.join(METHODS)}")
     parser.add_argument("--held-out", nargs="*", default=HELD_OUT, help="methods also trained on ink")
     parser.add_argument("--held-out-only", action="store_true", help="only the ink runs")
+    parser.add_argument("--held-out-queries", type=int, default=960, help="reward queries of each ink run")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -186,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     curves, held = {}, {}
     if not args.held_out_only:
         for name in methods:
-            curves[name] = run_method(name, *available[name], args, out, name)
+            curves[name] = run_method(name, *available[name], args, out, name, args.queries)
     for name in args.held_out:
-        held[name] = run_method(name, *available[name], args, out, f"{name}-thickness")
+        held[name] = run_method(name, *available[name], args, out, f"{name}-thickness", args.held_out_queries)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"alignment_task": curves, "thickness_task": held}))
     text = table(curves) if curves else ""
