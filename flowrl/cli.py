@@ -332,10 +332,8 @@ def _load_finetuned(pipe, family: str, path: Path) -> str:
 
 def _sample(args: argparse.Namespace) -> int:
     import torch
-    from safetensors.torch import save_file
 
     from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
-    from flowrl.report import save_image_grid
     from flowrl.samplers import build_sampler
 
     prompts = _checked_sample_prompts(args)
@@ -363,7 +361,6 @@ def _sample(args: argparse.Namespace) -> int:
     )
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     chain = None
     g = args.sampler_guidance_scale
     if args.guide in ("none", "rlg"):
@@ -375,8 +372,32 @@ def _sample(args: argparse.Namespace) -> int:
         images = adapter.decode(chain.latents[:, -1])
     else:
         images = _guided(args, sampler, adapter, prompts, gen)
-    from PIL import Image
+    created = not out.exists()  # made only once there is something to write; removed if writing fails
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_samples(out, images, prompts, chain, args, sampler, sampler_name, family)
+    except BaseException:
+        if created:
+            import shutil
 
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(
+        f"wrote {len(images)} images to {out}"
+        + (" and trajectory.safetensors" if args.save_trajectory else "")
+    )
+    return 0
+
+
+def _write_samples(out: Path, images, prompts, chain, args, sampler, sampler_name: str, family: str) -> None:
+    """``flowrl sample``'s files: one PNG per image, grid.png, and the chain when asked."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from flowrl.report import save_image_grid
+
+    eta, noise, g = args.sampler_eta, args.sampler_noise_level, args.sampler_guidance_scale
     for i, img in enumerate(images):
         arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(out / f"{i:04d}.png")
@@ -399,11 +420,6 @@ def _sample(args: argparse.Namespace) -> int:
             str(out / "trajectory.safetensors"),
             metadata=meta,
         )
-    print(
-        f"wrote {len(images)} images to {out}"
-        + (" and trajectory.safetensors" if args.save_trajectory else "")
-    )
-    return 0
 
 
 def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen):

@@ -258,6 +258,15 @@ def test_sample_options(refuse, tmp_path, extra, cause):
     refuse(["sample", "--out", out, *extra], cause, out)
 
 
+def test_sample_failing_mid_sampling_leaves_no_folder(refuse, tmp_path):
+    """The guidance reward raises once the model has sampled: the --out folder is never made."""
+    out = tmp_path / "out"
+    script = write(tmp_path / "bad_reward.py", call_reward("raise ValueError('broken scorer')"))
+    argv = ["sample", "--prompt", "a", "--out", out, "--tiny-image-size", "8", "--num-steps", "2"]
+    refuse([*argv, "--guide", "best-of-n", "--particles", "2", "--reward", script], "broken scorer", out)
+    assert not out.exists()
+
+
 def test_sample_out_is_a_file(refuse, tmp_path):
     out = write(tmp_path / "out", "x")
     refuse(["sample", "--prompt", "a", "--out", out], "is a file, not a folder")
