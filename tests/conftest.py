@@ -6,6 +6,15 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A run with train.torch_threads (the bad-input corpus uses 1) sets the process's thread count:
+    put it back, so every test runs as it does alone."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def _tiny_pipes():
     from flowrl.models.sd import build_tiny_sd_pipeline

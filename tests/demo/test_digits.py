@@ -137,16 +137,15 @@ def test_ddpo_raises_prompt_alignment_on_fixed_seeds(tmp_path):
 
 @pytest.mark.slow
 def test_compare_algorithms_example_runs(tmp_path):
-    """examples/compare_algorithms.py, one epoch per algorithm: a table row and a curve each."""
+    """examples/compare_algorithms.py, one epoch per method (64 reward queries) and one ink run with
+    held-out alignment: a table row, a run folder and curves for each, the time-to-DDPO column."""
     out = tmp_path / "compare"
     proc = subprocess.run(
         [
             sys.executable,
             str(REPO / "examples" / "compare_algorithms.py"),
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
+            *("--methods", "ddpo", "draft", "--queries", "64", "--eval-samples", "2"),
+            *("--held-out", "ddpo", "--held-out-queries", "64", "--quiet", "--out", str(out)),
         ],
         capture_output=True,
         text=True,
@@ -154,9 +153,13 @@ def test_compare_algorithms_example_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "table.md").read_text()
-    for name in ("ddpo", "grpo", "loop", "reinforce"):
-        assert f"| {name} |" in table
+    assert "time / DDPO's" in table and "| ddpo | " in table and "Trained on ink" in table
+    for name in ("ddpo", "draft", "ddpo-thickness"):
         assert (out / name / "metrics.jsonl").is_file()
+    results = json.loads((out / "results.json").read_text())
+    for curve in [*results["alignment_task"].values(), *results["thickness_task"].values()]:
+        assert len(curve["alignment"]) == len(curve["seconds"]) == 2  # before, after the one epoch
+        assert curve["queries"] == [0, 64]
     assert (out / "compare.png").stat().st_size > 1000
 
 

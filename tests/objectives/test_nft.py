@@ -116,8 +116,10 @@ def test_at_init_the_implicit_policies_are_the_old_one(setup):
     rows = torch.arange(8)
     mb = Minibatch(rows, torch.zeros(8, 0, dtype=torch.long))
     terms = obj.loss(chain, mb, 0, torch.Generator())
-    assert float(terms["old_deviation"]) == 0.0
-    assert torch.equal(terms["loss_positive"], terms["loss_negative"])
+    # v_old and v_theta come from two copies of the same weights: equal up to float32 rounding of
+    # CPU kernels that may differ between the copies' storages (exactly 0 run alone)
+    assert float(terms["old_deviation"]) < 1e-10
+    torch.testing.assert_close(terms["loss_positive"], terms["loss_negative"], rtol=1e-6, atol=0)
     chain.advantages = torch.zeros(8)  # r = 1/2: (l+ + l-) / 2 is stationary at v_theta = v_old
     obj.loss(chain, mb, 0, torch.Generator())["loss"].backward()
     grad = torch.cat([p.grad.flatten() for p in adapter.trainable_parameters()])

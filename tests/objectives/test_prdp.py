@@ -94,9 +94,12 @@ def test_on_policy_the_log_ratio_to_the_sampler_is_zero_and_the_clip_inactive(ti
     terms = obj.loss(chain, mb, 0, torch.Generator())
     new = sampler.log_prob(adapter, chain, mb.steps.reshape(-1), traj_index=rows.repeat_interleave(3))
     ratio = torch.exp(new.log_prob - chain.log_probs.reshape(-1))
-    assert torch.equal(ratio, torch.ones_like(ratio))  # log pi_theta - log pi_old exactly 0
-    assert terms["clipfrac"].item() == 0.0 and terms["approx_kl"].item() == 0.0
-    torch.testing.assert_close(terms["loss"].detach(), terms["loss_unclipped"], rtol=0, atol=0)
+    # log pi_theta - log pi_old is 0 up to float32 rounding: this one forward over 24 (row, step) pairs
+    # and the sampler's forwards of 8 rows per step may take different CPU kernels (it is exactly 0
+    # run alone, 4e-15-level after other tests have shaped the allocator)
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-6)
+    assert terms["clipfrac"].item() == 0.0 and abs(terms["approx_kl"].item()) < 1e-10
+    torch.testing.assert_close(terms["loss"].detach(), terms["loss_unclipped"], rtol=1e-6, atol=0)
     # the reference log-probs are the pre-trained model's (the LoRA adapter disabled)
     hand_ref = _log_probs_by_hand(tiny_pipe, adapter, chain, reference=True)
     torch.testing.assert_close(chain.metadata["prdp_ref_log_probs"], hand_ref, rtol=1e-5, atol=1e-5)
