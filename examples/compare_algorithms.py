@@ -112,9 +112,9 @@ def at(curve: dict, axis: str, x: float) -> float:
     return value
 
 
-def first_reach(curve: dict, target: float) -> float | None:
-    """Seconds until the held-out alignment first reaches ``target`` (None: never)."""
-    for s, a in zip(curve["seconds"][1:], curve["alignment"][1:]):
+def first_reach(curve: dict, target: float, axis: str = "seconds") -> float | None:
+    """Seconds (or queries) until the held-out alignment first reaches ``target`` (None: never)."""
+    for s, a in zip(curve[axis][1:], curve["alignment"][1:]):
         if a >= target:
             return s
     return None
@@ -129,16 +129,18 @@ def table(curves: dict) -> str:
     common_q = min((c["queries"][-1] for n, c in curves.items() if n not in OFFLINE), default=0)
     lines = [
         f"| method | alignment before | at {common_q} queries | at {common_t:.0f} s | final "
-        "| queries | seconds | s to DDPO's final | time / DDPO's |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| queries | seconds | queries to DDPO's final | s to DDPO's final | time / DDPO's |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in curves.items():
         reach = first_reach(c, target) if target is not None else None
+        q_reach = first_reach(c, target, "queries") if target is not None else None
         ratio = f"{reach / t_ddpo:.2f}" if reach is not None and t_ddpo else "not reached"
         lines.append(
             f"| {name} | {c['alignment'][0]:.3f} | {at(c, 'queries', common_q):.3f} | "
             f"{at(c, 'seconds', common_t):.3f} | {c['alignment'][-1]:.3f} | {c['queries'][-1]} | "
-            f"{c['seconds'][-1]:.0f} | {'' if reach is None else f'{reach:.0f}'} | {ratio} |"
+            f"{c['seconds'][-1]:.0f} | {'' if q_reach is None else q_reach} | "
+            f"{'' if reach is None else f'{reach:.0f}'} | {ratio} |"
         )
     if target is not None:
         lines.append(f"\nDDPO's final held-out alignment (the target): {target:.3f}")
