@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from flowrl.data.experts import resolve_demonstrations
-from flowrl.errors import ConfigError
+from flowrl.errors import ConfigError, NonFiniteError
 from flowrl.models.policy import ChunkPolicy
 from flowrl.report import MetricsWriter
 
@@ -95,7 +95,10 @@ def pretrain(cfg: TaskConfig, task_name: str, progress: bool = True) -> dict:
     obs_w = policy.normalizer.normalize_obs(torch.as_tensor(obs_w))  # (M, To, Do)
     act_w = policy.normalizer.normalize_action(torch.as_tensor(act_w)).clamp(-1, 1)  # (M, Ta, Da)
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=pt.learning_rate, weight_decay=pt.weight_decay)
+    from flowrl.train import weights_finite
+
+    params = list(policy.parameters())
+    optimizer = torch.optim.AdamW(params, lr=pt.learning_rate, weight_decay=pt.weight_decay)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     metrics = MetricsWriter(bc_dir / "metrics.jsonl", truncate_from_epoch=0)
     t0, running, losses = time.perf_counter(), 0.0, []
@@ -106,7 +109,15 @@ def pretrain(cfg: TaskConfig, task_name: str, progress: bool = True) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        running += loss.item()
+        # the loss and a fused check of the updated weights, read with the one host sync of the step
+        loss_value, finite = torch.stack([loss.detach().float(), weights_finite([params]).float()]).tolist()
+        if finite != 1.0:
+            raise NonFiniteError(
+                f"behavior cloning step {step + 1}: the update made a weight NaN/inf (loss {loss_value:.4g}) "
+                f"and nothing was saved; lower pretrain.learning_rate (now {pt.learning_rate:g}) or check the "
+                "demonstrations for NaN/inf"
+            )
+        running += loss_value
         if (step + 1) % pt.log_every == 0 or step + 1 == pt.steps:
             n = (step % pt.log_every) + 1
             losses.append(running / n)

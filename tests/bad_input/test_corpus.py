@@ -296,6 +296,15 @@ def test_demonstrations(refuse, tmp_path, make, cause, fix):
     assert fix in msg, msg
 
 
+def test_pretrain_nonfinite_update_is_refused_and_not_saved(refuse, tmp_path):
+    """A rate that makes the behavior-cloning weights inf/NaN stops at that step; no policy is saved
+    (the generated demonstrations, a reusable cache, stay)."""
+    out = tmp_path / "out"
+    argv = ["pretrain", ROBOT_TASK, f"train.output_dir={out}", "pretrain.learning_rate=1e20"]
+    refuse([*argv, "pretrain.steps=20", "pretrain.eval_episodes=0"], "the update made a weight NaN/inf")
+    assert [p.name for p in out.rglob("*") if p.is_file()] == ["demos.npz"]
+
+
 def test_demonstrations_not_npz(refuse, tmp_path):
     out = tmp_path / "out"
     demos = write(tmp_path / "demos.npz", "observations,actions\n1,2\n")
