@@ -6,6 +6,7 @@ sampling policy exactly 0); whole prompt groups per minibatch; config errors; ex
 import copy
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,18 @@ def test_resume_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(ln) for ln in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[1]["pairs"] > 0
+
+
+@pytest.mark.slow
+def test_prdp_raises_prompt_alignment_on_fixed_seeds(tmp_path):
+    """tasks/digits_prdp.yaml for 16 epochs raises the alignment on each of the 4 fixed evaluation
+    seeds (the benchmark's held-out curve: it first dips for about 4 epochs, then climbs, 0.985 at
+    30). Measured (seed 0): 0.728 / 0.808 / 0.711 / 0.743 -> 0.911 / 0.895 / 0.904 / 0.899, a mean
+    gain of 0.154 (min 0.086), about 60 s of training on 2 idle cores. The bar is the DRaFT-K and
+    DDPO tests': a 4-seed mean of the untrained alignment has std about 0.021, so a mean gain
+    > 0.08 and a gain on every seed."""
+    from tests.conftest import digits_alignment_gains
+
+    before, after = digits_alignment_gains("digits_prdp", 16, tmp_path)
+    gains = [a - b for a, b in zip(after, before)]
+    assert statistics.mean(gains) > 0.08 and min(gains) > 0, (before, after)
