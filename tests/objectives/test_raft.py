@@ -69,3 +69,20 @@ def test_loss_is_the_denoising_loss_of_the_kept_rows(tiny_pipe):
 def test_raft_needs_groups_and_a_denoising_loss():
     with pytest.raises(ConfigError, match="raft_keep must be in"):
         load_config(str(REPO / "tasks/jpeg_tiny.yaml"), ["algorithm.name=raft", "algorithm.group_size=1"])
+
+
+@pytest.mark.slow
+def test_raft_raises_prompt_alignment_on_fixed_seeds(tmp_path):
+    """tasks/digits_raft.yaml (best of 8 per prompt, the denoising loss on it) for 9 epochs raises
+    the alignment on each of the 4 fixed evaluation seeds. Measured (seed 0): 0.728 / 0.808 /
+    0.711 / 0.743 -> 0.820 / 0.896 / 0.815 / 0.835, a mean gain of 0.094 (min 0.088), about 35 s
+    of training on 2 idle cores; 9 epochs is the benchmark's peak (its held-out alignment falls
+    after, 0.786 at 30). The bar is the DDPO and DRaFT tests': a 4-seed mean of the untrained
+    alignment has std about 0.021, so a mean gain > 0.08 and a gain on every seed."""
+    import statistics
+
+    from tests.conftest import digits_alignment_gains
+
+    before, after = digits_alignment_gains("digits_raft", 9, tmp_path)
+    gains = [a - b for a, b in zip(after, before)]
+    assert statistics.mean(gains) > 0.08 and min(gains) > 0, (before, after)
