@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,32 +43,26 @@ def perturb_lora(adapter, scale: float = 0.05, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-def digits_alignment_gains(task: str, epochs: int, out, *overrides) -> tuple[list[float], list[float]]:
-    """Train ``tasks/<task>.yaml`` for ``epochs`` epochs; the deterministic-DDIM alignment of 10
-    samples per digit on the 4 fixed evaluation seeds 1000-1003 before and after (the project's
-    learning-test protocol: the untrained seed-to-seed std is 0.043, a 4-seed mean's about 0.021)."""
+def digits_alignment_gains(task: str, out, *overrides: str, epochs: int | None = None):
+    """Train ``task`` (a name under tasks/ or a task file's path) for ``epochs`` epochs (None: the
+    file's own) and return ``(before, after, run)``: the deterministic-DDIM alignment of 10 samples
+    per digit on the 4 fixed evaluation seeds 1000-1003 before and after, and the trained run (the
+    project's learning-test protocol: the untrained seed-to-seed std is 0.043, a 4-seed mean's 0.021)."""
     from flowrl.config import load_config, tasks_dir
     from flowrl.demo.quickstart import measure_alignment
     from flowrl.run import Run
 
+    path = task if task.endswith(".yaml") else str(tasks_dir() / f"{task}.yaml")
+    extra = [] if epochs is None else [f"train.num_epochs={epochs}"]
     cfg = load_config(
-        str(tasks_dir() / f"{task}.yaml"),
-        [
-            f"train.num_epochs={epochs}",
-            f"train.output_dir={out}",
-            "train.eval_every=0",
-            "train.save_every=0",
-            *overrides,
-        ],
+        path, [*extra, f"train.output_dir={out}", "train.eval_every=0", "train.save_every=0", *overrides]
     )
-    trainer = Run(cfg, task, progress=False)
+    run = Run(cfg, Path(path).stem, progress=False)
 
     def alignment() -> list[float]:
-        sc = trainer.adapter.scheduler_config
-        return [
-            measure_alignment(trainer.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in range(1000, 1004)
-        ]
+        sc = run.adapter.scheduler_config
+        return [measure_alignment(run.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in range(1000, 1004)]
 
     before = alignment()
-    trainer.train()
-    return before, alignment()
+    run.train()
+    return before, alignment(), run

@@ -109,28 +109,9 @@ def test_ddpo_raises_prompt_alignment_on_fixed_seeds(tmp_path):
     0.871 / 0.908 / 0.898 / 0.902 after, a mean gain of 0.148. The seed-to-seed std of the
     untrained alignment is 0.043, so the std of a 4-seed mean is about 0.021: the test asks for a
     mean gain > 0.08 (about 4 of those) and a gain on every seed."""
-    from flowrl.config import load_config, tasks_dir
-    from flowrl.demo.quickstart import measure_alignment
-    from flowrl.run import Run
+    from tests.conftest import digits_alignment_gains
 
-    cfg = load_config(
-        str(tasks_dir() / "digits.yaml"),
-        ["train.num_epochs=15", f"train.output_dir={tmp_path}", "train.eval_every=0", "train.save_every=0"],
-    )
-    trainer = Run(cfg, "digits")
-    seeds = range(1000, 1004)
-
-    def alignment() -> list[float]:
-        return [
-            measure_alignment(trainer.adapter, trainer.adapter.scheduler_config, 10, 0.0, 10, seed)[
-                "alignment"
-            ]
-            for seed in seeds
-        ]
-
-    before = alignment()
-    trainer.train()
-    after = alignment()
+    before, after, _ = digits_alignment_gains("digits", tmp_path, epochs=15)
     gains = [a - b for a, b in zip(after, before)]
     assert statistics.mean(gains) > 0.08 and min(gains) > 0, (before, after)
 

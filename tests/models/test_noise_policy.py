@@ -190,28 +190,8 @@ def test_find_raises_prompt_alignment_on_fixed_seeds(tmp_path):
     std of the untrained alignment is 0.043, so a 4-seed mean has std about 0.021; the test asks
     for a mean gain > 0.05 (2.4 of those stds; FIND moves only the initial noise's distribution,
     not the weights, so it is held below the weight-training methods' 0.08) and a gain on every seed."""
-    from flowrl.config import tasks_dir
-    from flowrl.demo.quickstart import measure_alignment
+    from tests.conftest import digits_alignment_gains
 
-    cfg = load_config(
-        str(tasks_dir() / "digits_find.yaml"),
-        [
-            "train.num_epochs=5",
-            "optim.learning_rate=3e-3",
-            f"train.output_dir={tmp_path}",
-            "train.eval_every=0",
-            "train.save_every=0",
-        ],
-    )
-    trainer = Run(cfg, "digits_find", progress=False)
-    seeds = range(1000, 1004)
-
-    def alignment() -> list[float]:
-        sc = trainer.adapter.scheduler_config
-        return [measure_alignment(trainer.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in seeds]
-
-    before = alignment()
-    trainer.train()
-    after = alignment()
+    before, after, _ = digits_alignment_gains("digits_find", tmp_path, "optim.learning_rate=3e-3", epochs=5)
     gains = [a - b for a, b in zip(after, before)]
     assert statistics.mean(gains) > 0.05 and min(gains) > 0, (before, after)

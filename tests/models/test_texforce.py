@@ -271,25 +271,11 @@ def test_training_only_the_text_encoder_raises_digit_alignment_on_fixed_seeds(tm
     UNet objectives' tests ask: ten prompt embeddings are all the encoder can move."""
     import statistics
 
-    from flowrl.config import tasks_dir
-    from flowrl.demo.quickstart import measure_alignment
-    from flowrl.run import Run
+    from flowrl.demo.digits import load_digits_pipeline
+    from tests.conftest import digits_alignment_gains
 
-    cfg = load_config(
-        str(tasks_dir() / "digits_texforce.yaml"),
-        [f"train.output_dir={tmp_path}", "train.eval_every=0", "train.save_every=0"],
-    )
-    trainer = Run(cfg, "digits_texforce", progress=False)
-    unet = {k: v.clone() for k, v in trainer.adapter.unet.state_dict().items()}
-    seeds = range(1000, 1004)
-
-    def alignment() -> list[float]:
-        sc = trainer.adapter.scheduler_config
-        return [measure_alignment(trainer.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in seeds]
-
-    before = alignment()
-    trainer.train()
-    after = alignment()
+    before, after, trainer = digits_alignment_gains("digits_texforce", tmp_path)
+    unet = load_digits_pipeline(progress=False).unet.state_dict()  # the frozen UNet: the shipped weights
     gains = [a - b for a, b in zip(after, before)]
     assert statistics.mean(gains) > 0.04 and min(gains) > 0, (before, after)
     assert all(torch.equal(v, trainer.adapter.unet.state_dict()[k]) for k, v in unet.items())

@@ -148,13 +148,8 @@ def test_d3po_raises_prompt_alignment_on_fixed_seeds(tmp_path):
     under it."""
     import statistics
 
-    from flowrl.demo.quickstart import measure_alignment
+    from tests.conftest import digits_alignment_gains
 
-    cfg = load_config(TASK, [f"train.output_dir={tmp_path}", "train.run_name=learn", "train.eval_every=0"])
-    run = Run(cfg, progress=False)
-    sc = run.adapter.scheduler_config
-    before = [measure_alignment(run.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in range(1000, 1004)]
-    run.train()
-    after = [measure_alignment(run.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in range(1000, 1004)]
+    before, after, _ = digits_alignment_gains(TASK, tmp_path, "train.run_name=learn")
     gains = [x - y for x, y in zip(after, before)]
     assert min(gains) > 0 and statistics.mean(gains) > 0.02, (before, after)

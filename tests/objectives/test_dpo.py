@@ -184,17 +184,9 @@ def test_dpo_raises_prompt_alignment_on_fixed_seeds(pairs_file, tmp_path):
     before and after, so an unchanged model gains exactly 0 on every seed). Measured: see the
     task file. The bar, a gain on every seed and a mean gain > 0.01, is under the measured gain;
     DPO from 40 offline pairs moves the model less than the online methods (DDPO's bar is 0.08)."""
-    from flowrl.demo.quickstart import measure_alignment
+    from tests.conftest import digits_alignment_gains
 
     path, _ = pairs_file
-    cfg = load_config(
-        TASK,
-        [f"train.pairs={path}", f"train.output_dir={tmp_path}", "train.run_name=learn", "train.eval_every=0"],
-    )
-    run = Run(cfg, progress=False)
-    sc = run.adapter.scheduler_config
-    before = [measure_alignment(run.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in range(1000, 1004)]
-    run.train()
-    after = [measure_alignment(run.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in range(1000, 1004)]
+    before, after, _ = digits_alignment_gains(TASK, tmp_path, f"train.pairs={path}", "train.run_name=learn")
     gains = [x - y for x, y in zip(after, before)]
     assert min(gains) > 0 and statistics.mean(gains) > 0.01, (before, after)

@@ -209,6 +209,6 @@ def test_prdp_raises_prompt_alignment_on_fixed_seeds(tmp_path):
     > 0.08 and a gain on every seed."""
     from tests.conftest import digits_alignment_gains
 
-    before, after = digits_alignment_gains("digits_prdp", 16, tmp_path)
+    before, after, _ = digits_alignment_gains("digits_prdp", tmp_path, epochs=16)
     gains = [a - b for a, b in zip(after, before)]
     assert statistics.mean(gains) > 0.08 and min(gains) > 0, (before, after)

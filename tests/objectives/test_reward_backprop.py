@@ -151,23 +151,9 @@ def test_draft_raises_prompt_alignment_on_fixed_seeds(tmp_path):
     training (DDPO's 15 epochs in the same test gain 0.148). The bar is the DDPO test's
     (tests/demo/test_digits.py): the seed-to-seed std of the untrained alignment is 0.043, so a
     4-seed mean has std about 0.021; the test asks for a mean gain > 0.08 and a gain on every seed."""
-    from flowrl.config import tasks_dir
-    from flowrl.demo.quickstart import measure_alignment
+    from tests.conftest import digits_alignment_gains
 
-    cfg = load_config(
-        str(tasks_dir() / "digits_draft.yaml"),
-        ["train.num_epochs=4", f"train.output_dir={tmp_path}", "train.eval_every=0", "train.save_every=0"],
-    )
-    trainer = Run(cfg, "digits_draft")
-    seeds = range(1000, 1004)
-
-    def alignment() -> list[float]:
-        sc = trainer.adapter.scheduler_config
-        return [measure_alignment(trainer.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in seeds]
-
-    before = alignment()
-    trainer.train()
-    after = alignment()
+    before, after, _ = digits_alignment_gains("digits_draft", tmp_path, epochs=4)
     gains = [a - b for a, b in zip(after, before)]
     assert statistics.mean(gains) > 0.08 and min(gains) > 0, (before, after)
 
@@ -211,22 +197,8 @@ def test_draft_lv_raises_prompt_alignment_on_fixed_seeds(tmp_path):
     The bar: the seed-to-seed std of the untrained alignment is 0.043, so a 4-seed mean has std
     about 0.021 (paired before / after, the gain's is smaller); the test asks for a mean gain
     > 0.04 (about twice that) and a gain on every seed, below the DRaFT-K test's 0.08."""
-    from flowrl.config import tasks_dir
-    from flowrl.demo.quickstart import measure_alignment
+    from tests.conftest import digits_alignment_gains
 
-    cfg = load_config(
-        str(tasks_dir() / "digits_draft_lv.yaml"),
-        ["train.num_epochs=4", f"train.output_dir={tmp_path}", "train.eval_every=0", "train.save_every=0"],
-    )
-    trainer = Run(cfg, "digits_draft_lv")
-    seeds = range(1000, 1004)
-
-    def alignment() -> list[float]:
-        sc = trainer.adapter.scheduler_config
-        return [measure_alignment(trainer.adapter, sc, 10, 0.0, 10, s)["alignment"] for s in seeds]
-
-    before = alignment()
-    trainer.train()
-    after = alignment()
+    before, after, _ = digits_alignment_gains("digits_draft_lv", tmp_path, epochs=4)
     gains = [a - b for a, b in zip(after, before)]
     assert statistics.mean(gains) > 0.04 and min(gains) > 0, (before, after)
