@@ -31,6 +31,7 @@ from flowrl.core import seeding
 from flowrl.core.advantages import PerPromptStatTracker, group_advantages, leave_one_out_advantages
 from flowrl.core.step_critic import denoising_gae
 from flowrl.errors import ConfigError
+from flowrl.rewards.registry import mean_info
 
 
 class TextToImageCollector(Collector):
@@ -182,6 +183,7 @@ class TextToImageCollector(Collector):
         out.metadata["reward_terms"] = {
             k: torch.cat([i[k] for i in infos]) for k in infos[0] if k.startswith("reward/")
         }
+        out.metadata["reward_info"] = mean_info(infos)  # each reward's own info, as numbers
         n = len(out) * run.world
         return out, {"samples": n, **window}
 
@@ -220,6 +222,8 @@ class TextToImageCollector(Collector):
         info["reward_std"] = rewards.std(unbiased=False).item()
         for k, v in chain.metadata["reward_terms"].items():
             info[k + "_mean"] = acc.gather(v).mean().item()
+        for k, v in chain.metadata.get("reward_info", {}).items():  # reward_info/<reward>/<key>
+            info[k] = v if run.world == 1 else acc.gather(torch.tensor([v], device=run.device)).mean().item()
         return mine.clamp(-a.adv_clip_max, a.adv_clip_max), info
 
     @torch.no_grad()
@@ -268,6 +272,7 @@ class TextToImageCollector(Collector):
                 images, run.run_dir / "samples" / f"epoch_{epoch:04d}.png", labels=self.eval_prompts
             )
         row = {"eval_reward_mean": rewards.mean().item()}
+        row.update({f"eval_{k}": v for k, v in mean_info([info]).items()})
         if len(self.reward.terms) > 1:  # each term alone, a held-out one (weight 0) included
             terms = {k: v for k, v in info.items() if k.startswith("reward/")}
             row.update({f"eval_{k}_mean": v.float().mean().item() for k, v in terms.items()})

@@ -8,7 +8,8 @@ A reward function scores a batch of final samples:
     prompts  list of B strings
     metadata list of B dicts (free-form, e.g. the prompt's class)
     rewards  (B,) tensor, array or list of finite floats
-    info     dict of extra per-batch values to log (may be empty)
+    info     dict of extra per-batch values to log (may be empty): numbers, or tensors / arrays /
+             lists of numbers, logged as their mean under ``reward_info/<reward>/<key>``
 
 Built-in rewards are modules of this package (``flowrl.rewards.jpeg``, ``aesthetic``,
 ``clip_score``, ``preference``; the demo's ``flowrl.demo.rewards``) whose *factories* are registered
@@ -344,8 +345,9 @@ class Reward:
                 ) from e
             values, extra = validate_rewards(name, out, len(prompts), self.device, self.allow_nonfinite)
             members.append(weight * values)
-            info[f"reward/{Path(name).stem if name.endswith('.py') else name}"] = values.detach()
-            info.update({f"{name}/{k}": v for k, v in extra.items()})
+            label = Path(name).stem if name.endswith(".py") else name
+            info[f"reward/{label}"] = values.detach()
+            info.update({f"reward_info/{label}/{k}": v for k, v in extra.items()})
         stacked = torch.stack(members)  # (T, B) the weighted terms
         if self.combine == "sum":
             total = stacked.sum(0)
@@ -370,6 +372,30 @@ class Reward:
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+
+
+def info_scalar(value) -> float | None:
+    """A reward's info value as one number to log: a number, or the mean of a tensor, array or list
+    of numbers; None for anything else (a string, an empty list)."""
+    try:
+        if isinstance(value, Tensor):
+            value = value.detach().float().cpu().numpy()
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return float(arr.mean()) if arr.size else None
+
+
+def mean_info(infos: list[dict]) -> dict[str, float]:
+    """The ``reward_info/`` entries of several batches' info dicts as numbers (:func:`info_scalar`),
+    each the mean over the batches that have it as a number."""
+    values: dict[str, list[float]] = {}
+    for info in infos:
+        for k, v in info.items():
+            x = info_scalar(v) if k.startswith("reward_info/") else None
+            if x is not None:
+                values.setdefault(k, []).append(x)
+    return {k: sum(xs) / len(xs) for k, xs in values.items()}
 
 
 def _what(e: BaseException) -> str:
