@@ -108,6 +108,11 @@ class SamplerConfig:
     window_shift_interval: int = 25
     # progressive window: steps it moves by (MixGRPO's prog_overlap_step: 1; 0 = fixed at the first steps)
     window_stride: int = 1
+    # flow samplers: the ODE steps after the SDE window: euler | dpmpp2m (MixGRPO-Flash: DPM-Solver++ 2M midpoint)
+    ode_solver: str = "euler"
+    # flow samplers, dpmpp2m with a progressive window: fraction of the levels after the window kept (MixGRPO-Flash's
+    # dpm_post_compress_ratio 0.4; 1 = the full schedule)
+    ode_compress: float = 1.0
     # text_to_image: the group_size samples of a prompt draw start from one initial noise, so they differ by
     # the SDE steps' noise alone (MixGRPO's init_same_noise)
     group_same_noise: bool = False

@@ -57,6 +57,8 @@ def build_sampler(
     window_schedule: str = "random",
     window_shift_interval: int = 25,
     window_stride: int = 1,
+    ode_solver: str = "euler",
+    ode_compress: float = 1.0,
 ):
     """A text-to-image sampler by name and scheduler config; ``deterministic=True`` gives its
     evaluation version (eta 0 / noise 0)."""
@@ -78,6 +80,8 @@ def build_sampler(
             window_schedule=window_schedule,
             window_shift_interval=window_shift_interval,
             window_stride=window_stride,
+            ode_solver="euler" if deterministic else ode_solver,
+            ode_compress=1.0 if deterministic else ode_compress,
         )
     if name == "lcm":
         from flowrl.samplers.lcm import LCMSampler
@@ -185,6 +189,26 @@ def validate_sampler(cfg) -> None:
         raise ConfigError(
             "sampler.group_same_noise shares one N(0, I) initial noise per prompt draw of a text-to-image task; "
             "it does not apply to this task (an env, or a model.noise_policy that draws x_T): set it to false"
+        )
+    if s.ode_solver not in ("euler", "dpmpp2m") or not 0 < s.ode_compress <= 1:
+        raise ConfigError(
+            f"sampler.ode_solver must be euler or dpmpp2m and sampler.ode_compress in (0, 1], got "
+            f"{s.ode_solver!r} and {s.ode_compress}; MixGRPO-Flash's are dpmpp2m and 0.4"
+        )
+    if s.ode_compress < 1 and (
+        s.ode_solver != "dpmpp2m" or s.window_schedule != "progressive" or not s.sde_window
+    ):
+        raise ConfigError(
+            "sampler.ode_compress < 1 compresses the ODE steps after a progressive SDE window (MixGRPO-Flash); "
+            "set sampler.ode_solver=dpmpp2m, sampler.window_schedule=progressive and sampler.sde_window > 0, "
+            "or sampler.ode_compress=1"
+        )
+    if s.ode_solver != "euler" and (
+        cfg.kind != "text_to_image" or s.name not in (None, "flow_sde", "flow_cps")
+    ):
+        raise ConfigError(
+            f"sampler.ode_solver={s.ode_solver} applies to the flow samplers (flow_sde, flow_cps), not "
+            f"{s.name!r}; set sampler.ode_solver=euler"
         )
     if s.window_schedule == "progressive" and s.sde_window == 0:
         raise ConfigError(

@@ -61,6 +61,7 @@ from torch import Tensor
 from flowrl.core.gaussian import gaussian_log_prob, reduce_event
 from flowrl.core.seeding import draw_device, randn
 from flowrl.samplers.base import ChainSampler, StepOutput, check_reduction
+from flowrl.samplers.dpm import ODE_SOLVERS, compressed_sigmas, dpmpp_2m_step
 
 FLOW_SAMPLERS = ("flow_sde", "flow_cps")
 
@@ -108,6 +109,8 @@ class FlowSampler(ChainSampler):
         window_schedule: str = "random",
         window_shift_interval: int = 25,
         window_stride: int = 1,
+        ode_solver: str = "euler",
+        ode_compress: float = 1.0,
     ):
         import numpy as np
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -136,6 +139,20 @@ class FlowSampler(ChainSampler):
         if cps_logprob not in ("flow_grpo", "normalized"):
             raise ValueError(f"sampler.cps_logprob must be 'flow_grpo' or 'normalized', got {cps_logprob!r}")
         self.cps_logprob = cps_logprob
+        if ode_solver not in ODE_SOLVERS or not 0 < ode_compress <= 1:
+            raise ValueError(
+                f"sampler.ode_solver must be one of {ODE_SOLVERS} and ode_compress in (0, 1], got "
+                f"{ode_solver!r}, {ode_compress}"
+            )
+        if ode_compress < 1 and (
+            ode_solver != "dpmpp2m" or window_schedule != "progressive" or not sde_window
+        ):
+            raise ValueError(
+                "sampler.ode_compress < 1 compresses the ODE steps after a progressive SDE window (MixGRPO-Flash); "
+                "set ode_solver=dpmpp2m, window_schedule=progressive and sde_window > 0, or ode_compress=1"
+            )
+        self.ode_solver, self.ode_compress = ode_solver, ode_compress
+        self._ode = None  # while sampling: the previous step's (k, s, x0_hat), and the first DPM step
         sigma_schedule = sigma_schedule or scheduler_config.get("_sigma_schedule") or "timesteps"
         if sigma_schedule not in ("timesteps", "flux"):
             raise ValueError(
@@ -158,6 +175,7 @@ class FlowSampler(ChainSampler):
                 cfg.get("max_shift", 1.16),
             )
         scheduler.set_timesteps(num_steps, **kwargs)
+        self._scheduler, self._mu = scheduler, kwargs.get("mu")
         self.config = scheduler.config
         self.sigma_schedule = sigma_schedule
         self.num_steps = num_steps
@@ -177,6 +195,7 @@ class FlowSampler(ChainSampler):
         # the network's time input is s * 1000, as the SD3 pipeline feeds it
         self.model_timesteps = self.sigmas[:-1] * self.num_train_timesteps
         self.next_timesteps = self.sigmas[1:] * self.num_train_timesteps
+        self.full_sigmas, self.full_num_steps = self.sigmas, num_steps  # before any ode_compress
 
     # ------------------------------------------------------------------ one step
     def step(
@@ -242,7 +261,35 @@ class FlowSampler(ChainSampler):
         self.epoch = epoch
         if self.window_schedule != "progressive" or self.sde_window == 0 or self.noise_level == 0:
             return {}
-        return {"sde_window_start": self.window_start(epoch)}
+        start = self.window_start(epoch)
+        if self.ode_compress < 1:  # MixGRPO-Flash: fewer ODE levels after this epoch's window
+            last = min(start + self.sde_window, self.full_num_steps - 2) - 1
+            self._set_sigmas(compressed_sigmas(self.full_sigmas, last, self.ode_compress, self._warp))
+            return {"sde_window_start": start, "chain_steps": self.num_steps}
+        return {"sde_window_start": start}
+
+    def _warp(self, t: Tensor) -> Tensor:
+        """The scheduler's shift of unshifted times t (float64): static, or dynamic with mu."""
+        if self.config.get("use_dynamic_shifting", False):
+            return self._scheduler.time_shift(self._mu, 1.0, t)
+        shift = self.config.shift
+        return shift * t / (1 + (shift - 1) * t)
+
+    def _set_sigmas(self, sigmas: Tensor) -> None:
+        self.sigmas, self.num_steps = sigmas, len(sigmas) - 1
+        self.model_timesteps = self.sigmas[:-1] * self.num_train_timesteps
+        self.next_timesteps = self.sigmas[1:] * self.num_train_timesteps
+
+    def sample(self, *args, **kwargs):
+        """The chain (:meth:`ChainSampler.sample`); with ``ode_solver="dpmpp2m"`` the ODE steps after
+        the last SDE step are DPM-Solver++(2M) steps (:mod:`flowrl.samplers.dpm`)."""
+        if self.ode_solver == "euler":
+            return super().sample(*args, **kwargs)
+        self._ode = {"prev": None, "from": 0}  # stochastic_steps moves "from" past the window
+        try:
+            return super().sample(*args, **kwargs)
+        finally:
+            self._ode = None
 
     def window_start(self, epoch: int) -> int:
         """MixGRPO's window start at ``epoch``: it moves by the stride every interval epochs and
@@ -256,13 +303,19 @@ class FlowSampler(ChainSampler):
         """The stochastic steps of one batch: all K, a window of ``sde_window`` steps whose start
         is drawn from [0, window_max_start] (Flow-GRPO-Fast), or MixGRPO's sliding window at the
         epoch of :meth:`set_epoch` (no draw from the generator)."""
+        steps = self._stochastic_steps(generator)
+        if self._ode is not None:  # DPM-Solver++ after the window's last step (MixGRPO-Flash "post")
+            self._ode["from"] = max(steps) + 1 if steps else 0
+        return steps
+
+    def _stochastic_steps(self, generator: torch.Generator | None = None) -> set[int]:
         if self.noise_level == 0:
             return set()
         if self.sde_window == 0:
             return set(range(self.num_steps))
         if self.window_schedule == "progressive":
             start = self.window_start(self.epoch)
-            return set(range(start, min(start + self.sde_window, self.num_steps - 2)))
+            return set(range(start, min(start + self.sde_window, self.full_num_steps - 2)))
         hi = min(self.window_max_start, self.num_steps - self.sde_window)
         start = 0
         if hi > 0:
@@ -281,8 +334,19 @@ class FlowSampler(ChainSampler):
         noise=None,
         stochastic=True,
     ) -> StepOutput:
-        """Step k (B,): SDE/CPS with the sampler's noise level, or the ODE step when not stochastic."""
+        """Step k (B,): SDE/CPS with the sampler's noise level, or the ODE step when not stochastic
+        (Euler; DPM-Solver++(2M) after the window with ``ode_solver="dpmpp2m"``, while sampling)."""
         s, s_next = self.sigmas[k], self.sigmas[k + 1]
+        ode = self._ode if prev_sample is None else None
+        if ode is not None:
+            j, x = int(k[0]), sample.float()
+            x0 = x - float(s[0]) * model_output.float()
+            prev, ode["prev"] = ode["prev"], (j, float(s[0]), x0)
+            if not stochastic and j >= ode["from"]:
+                hist = prev if prev is not None and prev[0] == j - 1 else (None, None, None)
+                y = dpmpp_2m_step(x, x0, float(s[0]), float(s_next[0]), hist[2], hist[1])
+                nan = torch.full((x.shape[0],), float("nan"), device=x.device)
+                return StepOutput(y, y, torch.zeros((x.shape[0],) + (1,) * (x.ndim - 1)).to(x), nan, x0)
         return self.step(
             model_output,
             s,
@@ -330,4 +394,6 @@ def from_config(sc, adapter, evaluation: bool = False) -> FlowSampler:
         window_schedule=sc.window_schedule,
         window_shift_interval=sc.window_shift_interval,
         window_stride=sc.window_stride,
+        ode_solver="euler" if evaluation else sc.ode_solver,
+        ode_compress=1.0 if evaluation else sc.ode_compress,
     )
