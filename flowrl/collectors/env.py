@@ -128,7 +128,12 @@ class EnvCollector(Collector):
             raise ConfigError(
                 f"model.finetune={m.finetune!r}: policies fine-tune all weights; set model.finetune=full"
             )
-        sampler_of = {"dppo": "ddpm", "reinflow": "reinflow"}
+        sampler_of = {
+            "dppo": "ddpm",
+            "reinflow": "reinflow",
+            "pirl_flow_sde": "flow_sde",
+            "pirl_flow_noise": "flow_noise",
+        }
         want = sampler_of.get(cfg.algorithm.name)
         family = m.family
         if want is not None and s.name not in (None, want):
@@ -136,9 +141,14 @@ class EnvCollector(Collector):
                 f"algorithm.name={cfg.algorithm.name!r} is defined on the {want} sampler, not sampler.name={s.name!r}; "
                 f"set sampler.name={want}"
             )
-        fits = {"ddpm": "diffusion_policy", "reinflow": "flow_policy"}
+        fits = {
+            "ddpm": "diffusion_policy",
+            "reinflow": "flow_policy",
+            "flow_sde": "flow_policy",
+            "flow_noise": "flow_policy",
+        }
         if want is not None and family != "auto" and family != fits[want]:
-            other = {v: k for k, v in sampler_of.items()}[{v: k for k, v in fits.items()}.get(family, "ddpm")]
+            other = {"diffusion_policy": "dppo", "flow_policy": "reinflow"}.get(family, "dppo")
             raise ConfigError(
                 f"algorithm.name={cfg.algorithm.name!r} fine-tunes a {fits[want]} but model.family={family!r}; "
                 f"use algorithm.name={other}"

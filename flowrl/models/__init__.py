@@ -58,7 +58,7 @@ FAMILIES: dict[str, Family] = {
         "text_to_image", "flowrl.models.flux:FluxAdapter", ("flow_sde", "flow_cps"), "FluxPipeline"
     ),
     "diffusion_policy": Family("env", "flowrl.models.policy:DiffusionPolicy", ("ddpm",), "diffusion"),
-    "flow_policy": Family("env", "flowrl.models.policy:FlowPolicy", ("reinflow", "euler"), "flow"),
+    "flow_policy": Family("env", "flowrl.models.policy:FlowPolicy", ("reinflow", "euler", "flow_sde", "flow_noise"), "flow"),
 }
 BUILTIN_MODELS = ("tiny", "digits")
 

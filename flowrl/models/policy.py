@@ -418,7 +418,7 @@ class FlowPolicy(ChunkPolicy):
     def prepare(self, cfg) -> None:
         """ReinFlow learns the std of every step: a noise network, its weights seeded by train.seed."""
         s = cfg.sampler
-        if s.name == "reinflow" and self.noise_net is None:
+        if s.name in ("reinflow", "flow_noise") and self.noise_net is None:
             torch.manual_seed(cfg.train.seed)
             self.add_noise_net(s.noise_min_std, s.noise_max_std, s.noise_hidden_dims)
 

@@ -104,6 +104,26 @@ METHODS: dict[str, Method] = {
         },
         cite="Zhang et al. 2025, arXiv 2505.22094",
     ),
+    "pirl_flow_sde": Method(
+        "ppo",
+        "gae",
+        ("env",),
+        {
+            "sampler": {"name": "flow_sde", "noise_level": 0.5, "sde_window": 1},
+            "algorithm": {"ratio_scope": "step"},
+        },
+        cite="pi-RL Flow-SDE: Chen et al. 2025, arXiv 2510.25889",
+    ),
+    "pirl_flow_noise": Method(
+        "ppo",
+        "gae",
+        ("env",),
+        {
+            "sampler": {"name": "flow_noise", "noise_min_std": 0.08, "noise_max_std": 0.16},
+            "algorithm": {"ratio_scope": "chain", "chain_logprob": "reinflow"},
+        },
+        cite="pi-RL Flow-Noise: Chen et al. 2025, arXiv 2510.25889",
+    ),
     "fpo": Method(
         "fpo",
         None,

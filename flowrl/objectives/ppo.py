@@ -124,7 +124,7 @@ class PPO(Objective):
                 "algorithm.chain_logprob and chain_logprob_clip shape a chain-scope ratio, but ratio_scope=step; "
                 "set algorithm.chain_logprob=sum and algorithm.chain_logprob_clip=null (or ratio_scope=chain)"
             )
-        if o.chain_logprob == "reinflow" and cfg.sampler.name not in ("reinflow", "euler"):
+        if o.chain_logprob == "reinflow" and cfg.sampler.name not in ("reinflow", "euler", "flow_noise"):
             raise ConfigError(
                 "algorithm.chain_logprob=reinflow adds the initial noise's N(0, I) log-density, which only a "
                 f"flow policy's chain starts from; sampler {cfg.sampler.name!r} needs algorithm.chain_logprob=sum"

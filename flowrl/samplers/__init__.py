@@ -7,6 +7,8 @@ lcm       multistep consistency sampling with re-noising (LCM; RLCM)
 ddpm      DDPM with a std floor, the last K steps an MDP (diffusion policies; DPPO)
 reinflow  Euler steps of a flow policy with a learned noise std (flow policies; ReinFlow)
 euler     the flow policy's Euler steps with a fixed std (0: the ODE, exploration from x_0 alone; FPO)
+flow_sde  on a flow policy: pi-RL's Flow-SDE, the ODE made an SDE with a fixed schedule (one step or all)
+flow_noise  on a flow policy: pi-RL's Flow-Noise, a learned std and the joint chain log-prob
 
 Every one subclasses :class:`~flowrl.samplers.base.ChainSampler`; :data:`SAMPLERS` maps a name to
 the function that builds it from a task's ``sampler`` section.
@@ -31,14 +33,18 @@ SAMPLERS = {
     "ddpm": "flowrl.samplers.ddpm_policy:from_config",
     "reinflow": "flowrl.samplers.reinflow:from_config",
     "euler": "flowrl.samplers.reinflow:from_config",
+    "flow_noise": "flowrl.samplers.pi_rl:from_config",
 }
+# a name that means another chain on an env task's policy (pi-RL's Flow-SDE on a flow policy)
+ENV_SAMPLERS = {"flow_sde": "flowrl.samplers.pi_rl:from_config"}
 DEFAULT_NOISE_LEVEL = {"flow_sde": 0.7, "flow_cps": 0.8}  # Flow-GRPO's defaults
 
 
 def sampler_for(cfg, adapter, evaluation: bool = False) -> ChainSampler:
     """The sampler a task's ``sampler`` section names, for ``adapter``. ``evaluation=True`` gives
     the evaluation sampler of a text-to-image task (DDIM eta 0 / the flow ODE, eval_num_steps)."""
-    module, _, fn = SAMPLERS[cfg.sampler.name].partition(":")
+    table = ENV_SAMPLERS if cfg.kind == "env" and cfg.sampler.name in ENV_SAMPLERS else SAMPLERS
+    module, _, fn = table[cfg.sampler.name].partition(":")
     return getattr(importlib.import_module(module), fn)(cfg.sampler, adapter, evaluation)
 
 

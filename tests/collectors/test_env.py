@@ -84,6 +84,48 @@ def test_dppo_finetuning_beats_bc(bc):
     assert {"loss_pg", "approx_kl", "clipfrac", "loss_value", "explained_variance"} <= set(history[1])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "task, epochs",
+    # measured on seed 0 from the flow BC (388): Flow-SDE 569, 913, 915, 1000 after 1-4 epochs;
+    # Flow-Noise 75, 65, 70, 186, 1000 after 1-5 (it first drops, then recovers)
+    [("robot_inverted_pendulum_flow_sde", 3), ("robot_inverted_pendulum_flow_noise", 5)],
+)
+def test_pi_rl_finetuning_beats_bc(bc, task, epochs):
+    """pi-RL's Flow-SDE and Flow-Noise from the ReinFlow task's flow BC policy (the same model,
+    demonstrations and pre-training), by the module's margin."""
+    _, root, _ = bc["flow"]
+    pretrained = f"model.pretrained={root / 'robot_inverted_pendulum_reinflow_bc'}"
+    _, history = _finetune(task, root, task, [pretrained, f"train.num_epochs={epochs}", "train.eval_every=0"])
+    before, after = history[0], history[-1]  # the BC policy's ODE without ReinFlow's action clip: 388
+    assert after["eval_return_mean"] >= before["eval_return_mean"] + MARGIN, (before, after)
+
+
+@pytest.mark.parametrize("task", ["robot_inverted_pendulum_flow_sde", "robot_inverted_pendulum_flow_noise"])
+def test_pi_rl_resume_is_exact(bc, task):
+    """Flow-SDE draws its stochastic step per batch from the run's generator: resumed, it draws the same."""
+    _, root, _ = bc["flow"]
+    tiny = [
+        f"model.pretrained={root / 'robot_inverted_pendulum_reinflow_bc'}",
+        "env.n_steps=8",
+        "env.num_envs=2",
+        "train.eval_every=0",
+        "env.eval_episodes=1",
+        "train.save_every=2",
+        "train.minibatch_size=16",
+    ]
+    straight, rows = _finetune(task, root, f"straight_{task}", [*tiny, "train.num_epochs=4"])
+    _finetune(task, root, f"resumed_{task}", [*tiny, "train.num_epochs=2"])
+    resumed, rows_b = _finetune(
+        task, root, f"resumed_{task}", [*tiny, "train.num_epochs=4", "train.resume=auto"]
+    )
+    a, b = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert rows[-1]["loss_pg"] == rows_b[-1]["loss_pg"]
+
+
 @pytest.mark.parametrize("family", ["flow", "diffusion"])
 def test_resume_is_exact(bc, family):
     task, root, _ = bc[family]
