@@ -1,6 +1,7 @@
 """The ``flowrl`` command: one CLI for every task kind.
 
     flowrl train TASK [key=value ...] [--resume auto]     any task (text-to-image or environment)
+    flowrl seeds TASK [key=value ...] --seeds 0,1,2       several seeds, aggregated (mean, 95% interval, plot)
     flowrl pretrain TASK [key=value ...]                  behavior-clone a policy (kind: env)
     flowrl evaluate TASK [--policy DIR] [--guide ...]     evaluation rollouts of a policy (kind: env)
     flowrl sample --model tiny --prompt "a cat" [...]     images from a model, optionally guided
@@ -50,6 +51,15 @@ def _train(args: argparse.Namespace) -> int:
         for line in run.collector.summary(history):
             print(line)
     return 0
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    from flowrl.seeds import parse_seeds, run_seeds, summary_markdown
+
+    summary = run_seeds(args.task, args.overrides, parse_seeds(args.seeds), args.parallel, args.pretrain)
+    print(summary_markdown(summary), end="")
+    print(f"summary: {summary['root']} (summary.md, summary.json, curves.png, seed_*/)")
+    return 1 if summary["failed_seeds"] else 0
 
 
 def _need_env(cfg, command: str) -> None:
@@ -504,6 +514,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(train.resume_allow_changes)",
     )
     tr.set_defaults(func=_train)
+
+    se = sub.add_parser(
+        "seeds", help="train a task from several seeds and aggregate (mean, 95%% interval, plot)"
+    )
+    se.add_argument("task", help="task file (tasks/<name>.yaml) or the name of a built-in task")
+    se.add_argument(
+        "overrides", nargs="*", help="key=value overrides for every seed, e.g. train.num_epochs=5"
+    )
+    se.add_argument("--seeds", default="0,1,2", help="training seeds: 0,1,2 or a range 0-4 (default 0,1,2)")
+    se.add_argument(
+        "--parallel", type=int, default=1, help="seeds run at once, as processes sharing the cores"
+    )
+    se.add_argument(
+        "--pretrain", action="store_true", help="kind: env: behavior-clone a BC policy per seed first"
+    )
+    se.set_defaults(func=_seeds)
 
     pt = sub.add_parser("pretrain", help="behavior-clone a policy on demonstrations (kind: env tasks)")
     pt.add_argument("task", help="environment task file (tasks/robot_*.yaml) or its name")
