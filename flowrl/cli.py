@@ -6,6 +6,7 @@
     flowrl evaluate TASK [--policy DIR] [--guide ...]     evaluation rollouts of a policy (kind: env)
     flowrl sample --model tiny --prompt "a cat" [...]     images from a model, optionally guided
     flowrl quickstart                                     the digits demo, minutes on a CPU
+    flowrl serve-reward aesthetic [--port 8765]           a reward over HTTP (the ``remote`` reward)
 
     torchrun --nproc_per_node 2 -m flowrl.cli train TASK  (or accelerate launch) for several processes
 
@@ -451,6 +452,37 @@ def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen)
     return result.images
 
 
+def _serve_reward(args: argparse.Namespace) -> int:
+    """Serve a reward over HTTP until Ctrl-C (:mod:`flowrl.rewards.server`)."""
+    import torch
+
+    from flowrl.rewards.server import RewardServer, is_loopback
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    server = RewardServer(
+        args.reward,
+        reward_kwargs(args),
+        args.host,
+        args.port,
+        args.max_batch,
+        args.max_wait_ms / 1000,
+        device,
+        args.max_request_mb,
+    )
+    if not is_loopback(args.host):
+        print(
+            f"flowrl: warning: --host {args.host} serves the reward beyond this machine, to anyone who can "
+            "reach the port, without authentication; bind 127.0.0.1 (the default) unless the network is trusted",
+            file=sys.stderr,
+        )
+    print(f"flowrl: serving reward {args.reward!r} on {device} at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from flowrl.demo.quickstart import run
 
@@ -591,6 +623,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also save latents per step, timesteps and log-probs (safetensors)",
     )
     sa.set_defaults(func=_sample)
+
+    sr = sub.add_parser(
+        "serve-reward",
+        help="serve a reward over HTTP, for the remote reward (a heavy model in its own process or machine)",
+    )
+    sr.add_argument("reward", help="a registered reward name or a reward script path (as rewards[].name)")
+    sr.add_argument("--reward-kwargs", "--kwargs", default="{}", help="the reward's options as JSON")
+    sr.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sr.add_argument("--port", type=int, default=8765, help="port (0: a free one, printed)")
+    sr.add_argument("--max-batch", type=int, default=64, help="images scored per batch at most")
+    sr.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to join its batch"
+    )
+    sr.add_argument("--device", help="where the reward runs (default cuda if available, else cpu)")
+    sr.add_argument("--max-request-mb", type=float, default=1024.0, help="largest request accepted")
+    sr.set_defaults(func=_serve_reward)
 
     from flowrl.demo.quickstart import add_arguments
 
