@@ -80,6 +80,26 @@ class ModelConfig:
     num_train_steps: int = 20
     # hidden widths of the value network of GAE advantages (DPPO/ReinFlow: [256, 256, 256])
     value_hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 256])
+    # gaussian_policy / residual_policy / dsrl_policy: the Gaussian head's learned, state-independent std at
+    # the start (DPPO's Gaussian: fixed_std 0.1; ResiP: exp(-3); DSRL's noise policy: 1)
+    gaussian_std_init: float = 0.1
+    # Gaussian head: the lower bound of its std, clamped where it is used (DPPO's std_min 0.01)
+    gaussian_std_min: float = 0.01
+    # Gaussian head: the upper bound of its std (DPPO's std_max 0.2)
+    gaussian_std_max: float = 0.2
+    # gaussian_policy: tanh on the mean, so it stays in the normalized action range (DPPO's tanh_output)
+    gaussian_tanh_mean: bool = True
+    # residual_policy / dsrl_policy: the family of the frozen policy the head steers (what flowrl pretrain
+    # clones): diffusion_policy | flow_policy
+    base_family: str = "flow_policy"
+    # residual_policy / dsrl_policy: hidden widths of the head's MLP (ResiP: [512, 512]; DSRL: 3 x 2048 / 128)
+    head_hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
+    # residual_policy: alpha, env action = base + alpha * residual, normalized units (ResiP's action_scale 0.1)
+    residual_scale: float = 0.1
+    # residual_policy: the frozen chain's initial noise: sampled (N(0, I), as the base policy runs) | zero
+    base_noise: str = "sampled"
+    # dsrl_policy: b, the noise action w = b tanh(u) lies in [-b, b] (DSRL's action_magnitude 1.5)
+    dsrl_noise_bound: float = 1.5
 
 
 @dataclass

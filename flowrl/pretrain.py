@@ -35,9 +35,11 @@ def build_policy(cfg: TaskConfig, obs_dim: int, action_dim: int) -> ChunkPolicy:
     from flowrl.models import adapter_class
 
     m = cfg.model
-    if m.family not in ("diffusion_policy", "flow_policy"):
+    family = m.base_family if m.family in ("residual_policy", "dsrl_policy") else m.family  # a head's base
+    if family not in ("diffusion_policy", "flow_policy", "gaussian_policy"):
         raise ConfigError(
-            f"flowrl pretrain builds a policy of model.family diffusion_policy or flow_policy, not {m.family!r}"
+            "flowrl pretrain builds a policy of model.family diffusion_policy, flow_policy or gaussian_policy, "
+            f"not {family!r}"
         )
     kwargs = dict(
         obs_dim=obs_dim,
@@ -47,9 +49,17 @@ def build_policy(cfg: TaskConfig, obs_dim: int, action_dim: int) -> ChunkPolicy:
         hidden_dims=m.hidden_dims,
         time_dim=m.time_dim,
     )
-    if m.family == "diffusion_policy":
+    if family == "diffusion_policy":
         kwargs["num_train_steps"] = m.num_train_steps
-    return adapter_class(m.family)(**kwargs)
+    if family == "gaussian_policy":  # DPPO's Gaussian MLP: no time embedding; its std and its bounds
+        del kwargs["time_dim"]
+        kwargs.update(
+            std_init=m.gaussian_std_init,
+            std_min=m.gaussian_std_min,
+            std_max=m.gaussian_std_max,
+            tanh_mean=m.gaussian_tanh_mean,
+        )
+    return adapter_class(family)(**kwargs)
 
 
 def bc_sampler(cfg: TaskConfig, policy: ChunkPolicy):

@@ -59,6 +59,14 @@ FAMILIES: dict[str, Family] = {
     ),
     "diffusion_policy": Family("env", "flowrl.models.policy:DiffusionPolicy", ("ddpm",), "diffusion"),
     "flow_policy": Family("env", "flowrl.models.policy:FlowPolicy", ("reinflow", "euler", "flow_sde", "flow_noise"), "flow"),
+    # Gaussian heads (flowrl/models/gaussian_policy.py): DPPO's Gaussian MLP, ResiP's residual, DSRL's noise policy
+    "gaussian_policy": Family(
+        "env", "flowrl.models.gaussian_policy:GaussianPolicy", ("gaussian",), "gaussian"
+    ),
+    "residual_policy": Family(
+        "env", "flowrl.models.gaussian_policy:ResidualPolicy", ("gaussian",), "residual"
+    ),
+    "dsrl_policy": Family("env", "flowrl.models.gaussian_policy:DSRLPolicy", ("gaussian",), "dsrl"),
 }
 BUILTIN_MODELS = ("tiny", "digits")
 

@@ -124,6 +124,42 @@ METHODS: dict[str, Method] = {
         },
         cite="pi-RL Flow-Noise: Chen et al. 2025, arXiv 2510.25889",
     ),
+    # Gaussian heads on the PPO objective (flowrl/models/gaussian_policy.py, flowrl/samplers/gaussian.py)
+    "gaussian_ppo": Method(
+        "ppo",
+        "gae",
+        ("env",),
+        {  # DPPO's PPO_Gaussian: mean log-prob over the chunk clamped to [-5, 2], randn_clip_value 3
+            "algorithm": {"ratio_scope": "step", "clip_range": 0.01},
+            "sampler": {"logprob_reduction": "mean", "noise_clip": 3.0, "logprob_clip": [-5.0, 2.0]},
+        },
+        fixed={"model": {"family": "gaussian_policy"}, "sampler": {"name": "gaussian"}},
+        cite="DPPO's Gaussian baseline: Ren et al. 2024, arXiv 2409.00588",
+    ),
+    "residual_ppo": Method(
+        "ppo",
+        "gae",
+        ("env",),
+        {  # ResiP: clip_coef 0.2, target_kl 0.1; log-prob summed, no clamps; init_logstd -1.5
+            "algorithm": {"ratio_scope": "step", "clip_range": 0.2, "target_kl": 0.1},
+            "sampler": {"logprob_reduction": "sum", "noise_clip": None, "logprob_clip": None},
+            "model": {"gaussian_std_init": 0.22313, "gaussian_std_min": 1e-3, "gaussian_std_max": 1.0},
+        },
+        fixed={"model": {"family": "residual_policy"}, "sampler": {"name": "gaussian"}},
+        cite="ResiP: Ankile et al. 2024, arXiv 2407.16677",
+    ),
+    "dsrl_ppo": Method(
+        "ppo",
+        "gae",
+        ("env",),
+        {  # DSRL: the noise action b tanh(u), b = 1.5; a Gaussian policy's summed log-prob
+            "algorithm": {"ratio_scope": "step", "clip_range": 0.2},
+            "sampler": {"logprob_reduction": "sum", "noise_clip": None, "logprob_clip": None},
+            "model": {"gaussian_std_init": 0.5, "gaussian_std_min": 0.01, "gaussian_std_max": 1.0},
+        },
+        fixed={"model": {"family": "dsrl_policy"}, "sampler": {"name": "gaussian"}},
+        cite="DSRL: Wagenmaker et al. 2025, arXiv 2506.15799",
+    ),
     "fpo": Method(
         "fpo",
         None,

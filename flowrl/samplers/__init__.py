@@ -33,6 +33,7 @@ SAMPLERS = {
     "ddpm": "flowrl.samplers.ddpm_policy:from_config",
     "reinflow": "flowrl.samplers.reinflow:from_config",
     "euler": "flowrl.samplers.reinflow:from_config",
+    "gaussian": "flowrl.samplers.gaussian:from_config",
     "flow_noise": "flowrl.samplers.pi_rl:from_config",
 }
 # a name that means another chain on an env task's policy (pi-RL's Flow-SDE on a flow policy)
@@ -157,6 +158,10 @@ def validate_sampler(cfg) -> None:
     if family is not None:
         check_fits(cfg, family)
     needs_log_probs = cfg.method.objective_class().needs_log_probs
+    if s.name == "gaussian":  # the Gaussian heads' options (Gaussian MLP, residual, DSRL)
+        from flowrl.samplers.gaussian import validate as validate_head
+
+        validate_head(cfg)
     if s.num_steps < 1:
         raise ConfigError(
             f"sampler.num_steps must be >= 1, got {s.num_steps}: a chain needs at least one denoising step; "
