@@ -201,19 +201,22 @@ def _add_config_options(parser: argparse.ArgumentParser, options: dict) -> None:
         parser.add_argument(flag, type=base, default=default, help=help, dest=f"{section}_{name}")
 
 
-def _checked_sample_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompts of ``flowrl sample``, each repeated --num-per-prompt times, after checking
-    every option that needs no weights (so a mistake costs no model load)."""
+def _checked_sample_prompts(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    """The prompts of ``flowrl sample`` and their metadata, each repeated --num-per-prompt times,
+    after checking every option that needs no weights (so a mistake costs no model load)."""
 
     prompts = list(args.prompt or [])
+    metadata: list[dict] = [{} for _ in prompts]
     if args.prompts_file:
-        from flowrl.data.prompts import load_prompts
+        from flowrl.data.prompts import load_prompt_data
 
         if not Path(args.prompts_file).is_file():
             raise ConfigError(
-                f"--prompts-file {args.prompts_file}: no such file; give a text file with one prompt per line"
+                f"--prompts-file {args.prompts_file}: no such file; give a text file with one prompt per line "
+                'or a JSONL file with one {"prompt": ..., metadata fields} per line'
             )
-        prompts += load_prompts(args.prompts_file)
+        data = load_prompt_data(args.prompts_file, "--prompts-file")
+        prompts, metadata = prompts + data.prompts, metadata + data.metadata
     if not prompts:
         raise ConfigError("flowrl sample: give at least one --prompt or --prompts-file")
     if args.lora:
@@ -263,7 +266,8 @@ def _checked_sample_prompts(args: argparse.Namespace) -> list[str]:
     if args.device and args.device.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {args.device!r}: give cpu, cuda or cuda:N")
     check_output_folder(args.out, "--out")
-    return [p for p in prompts for _ in range(args.num_per_prompt)]
+    n = args.num_per_prompt
+    return [p for p in prompts for _ in range(n)], [m for m in metadata for _ in range(n)]
 
 
 MAX_TINY_IMAGE_SIZE = 512  # the tiny model's activations grow with the square: 65536 would need terabytes
@@ -347,7 +351,7 @@ def _sample(args: argparse.Namespace) -> int:
     from flowrl.models import FAMILIES, build_adapter, detect_family, load_pipeline
     from flowrl.samplers import build_sampler
 
-    prompts = _checked_sample_prompts(args)
+    prompts, metadata = _checked_sample_prompts(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     family = detect_family(args.model_pretrained, args.model_family)
     if FAMILIES[family].kind != "text_to_image":
@@ -382,7 +386,7 @@ def _sample(args: argparse.Namespace) -> int:
         chain = sampler.sample(adapter, prompts, g, generator=gen, progress=True)
         images = adapter.decode(chain.latents[:, -1])
     else:
-        images = _guided(args, sampler, adapter, prompts, gen)
+        images = _guided(args, sampler, adapter, prompts, gen, metadata)
     created = not out.exists()  # made only once there is something to write; removed if writing fails
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -433,7 +437,7 @@ def _write_samples(out: Path, images, prompts, chain, args, sampler, sampler_nam
         )
 
 
-def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen):
+def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen, metadata: list[dict]):
     """Images from reward-gradient guidance, best-of-N or SMC, with the reward --reward names."""
     from flowrl.guidance import GuidedSampler
     from flowrl.rewards import Reward
@@ -444,6 +448,9 @@ def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen)
         "best-of-n": {"n": args.particles},
         "smc": {"num_particles": args.particles, "lam": args.smc_lambda},
     }[args.guide]
+    from flowrl.data.prompts import WithPromptMetadata
+
+    reward = WithPromptMetadata(reward, prompts, metadata)  # the --prompts-file's metadata, by prompt
     guide = GuidedSampler(sampler, args.guide, reward, stochastic=True, **options)
     result = guide.guide(adapter, prompts, gen, args.sampler_guidance_scale)
     print(

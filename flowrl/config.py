@@ -375,14 +375,18 @@ class TrainConfig:
     sample_batch_size: int = 8
     # text_to_image: sampling batches per epoch, per process
     num_batches_per_epoch: int = 2
-    # text_to_image: prompts: a list, a named set (see flowrl.data.prompts), or a text file with one prompt per line
+    # text_to_image: prompts: a list, a named set (see flowrl.data.prompts), a text file with one prompt per line,
+    # a JSONL file (one {"prompt": ..., metadata fields} per line; the metadata reaches every reward), or a
+    # folder with splits as Flow-GRPO's datasets (train_metadata.jsonl / train.txt; this reads the train split)
     prompts: typing.Any = "simple_animals"
     # text_to_image: a JSONL file of preference pairs (prompt, chosen and rejected image paths, see
     # flowrl.data.pairs); each epoch then takes sample_batch_size x num_batches_per_epoch pairs from it
     # instead of sampling (Diffusion-DPO, algorithm.name=dpo); null: sample
     pairs: str | None = None
-    # text_to_image: prompts rendered into the evaluation image grid (deterministic sampler, fixed seed)
-    eval_prompts: list | None = None
+    # text_to_image: prompts rendered into the evaluation image grid (deterministic sampler, fixed seed):
+    # any train.prompts source (a folder gives its test split), "test" (the test split of the train.prompts
+    # folder), or null (the first 8 training prompts)
+    eval_prompts: typing.Any = None
     # text_to_image: score rewards in a background thread while the next batch samples
     async_reward: bool = True
     # evaluate every this many epochs, and before and after training (0 = only before and after)

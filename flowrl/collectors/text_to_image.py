@@ -82,12 +82,13 @@ class TextToImageCollector(Collector):
 
     @classmethod
     def check(cls, cfg, task_name: str) -> None:
-        from flowrl.data.prompts import load_prompts
+        from flowrl.data.prompts import load_eval_prompt_data, load_prompt_data
         from flowrl.models import detect_family, text_encoder_options
         from flowrl.rewards import resolve_reward
         from flowrl.samplers import check_fits
 
-        load_prompts(cfg.train.prompts)
+        train = load_prompt_data(cfg.train.prompts)
+        load_eval_prompt_data(cfg.train.eval_prompts or None, cfg.train.prompts, train)
         if cfg.train.pairs:  # Diffusion-DPO's offline pairs (flowrl.data.pairs)
             from flowrl.data.pairs import load_pairs
 
@@ -102,13 +103,15 @@ class TextToImageCollector(Collector):
         text_encoder_options(cfg.model, family)  # a family that cannot train its text encoder (TexForce)
 
     def __init__(self, cfg, run):
-        from flowrl.data.prompts import load_prompts
+        from flowrl.data.prompts import load_eval_prompt_data, load_prompt_data
         from flowrl.rewards import Reward
 
         super().__init__(cfg, run)
         t, a = cfg.train, cfg.algorithm
-        self.prompts = load_prompts(t.prompts)
-        self.eval_prompts = list(t.eval_prompts) if t.eval_prompts else self.prompts[:8]
+        self.prompt_data = load_prompt_data(t.prompts)  # prompts and per-prompt metadata
+        self.prompts = self.prompt_data.prompts
+        self.eval_data = load_eval_prompt_data(t.eval_prompts or None, t.prompts, self.prompt_data)
+        self.eval_prompts = self.eval_data.prompts
         self.reward = Reward(
             [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in cfg.rewards],
             device=run.device,
@@ -154,7 +157,7 @@ class TextToImageCollector(Collector):
         chains, pending = [], []
         for i in range(t.num_batches_per_epoch):
             idx = rng.integers(len(self.prompts), size=per_batch)
-            prompts = [self.prompts[j] for j in idx for _ in range(a.group_size)]
+            prompts, metadata = self.prompt_data.take([j for j in idx for _ in range(a.group_size)])
             latents = None  # MixGRPO's init_same_noise: one initial noise per prompt draw
             if self.cfg.sampler.group_same_noise:
                 shape = (per_batch, *run.adapter.latent_shape)
@@ -167,10 +170,11 @@ class TextToImageCollector(Collector):
             # (rank, batch, group) -> a globally unique group id for GRPO / LOOP
             group = torch.arange(per_batch, device=run.device).repeat_interleave(a.group_size)
             chain.metadata["group"] = group + per_batch * (i + t.num_batches_per_epoch * run.rank)
+            chain.metadata["prompt_metadata"] = metadata  # B dicts, what the reward received
             pending.append(
-                self.reward.submit(chain.samples, prompts)
+                self.reward.submit(chain.samples, prompts, metadata)
                 if t.async_reward
-                else self.reward(chain.samples, prompts)
+                else self.reward(chain.samples, prompts, metadata)
             )
             chains.append(chain)
         infos = []
@@ -180,6 +184,7 @@ class TextToImageCollector(Collector):
             infos.append(info)
         out = Chain.cat(chains)
         out.metadata["group"] = torch.cat([c.metadata["group"] for c in chains])
+        out.metadata["prompt_metadata"] = [m for c in chains for m in c.metadata["prompt_metadata"]]
         out.metadata["reward_terms"] = {
             k: torch.cat([i[k] for i in infos]) for k in infos[0] if k.startswith("reward/")
         }
@@ -266,7 +271,8 @@ class TextToImageCollector(Collector):
                 run.adapter, self.eval_prompts, self.cfg.sampler.guidance_scale, generator=gen
             )
             images = run.adapter.decode(chain.latents[:, -1])
-        rewards, info = self.reward(images, self.eval_prompts)
+        _, metadata = self.eval_data.take(range(len(self.eval_data)))
+        rewards, info = self.reward(images, self.eval_prompts, metadata)
         if run.accelerator.is_main_process:
             save_image_grid(
                 images, run.run_dir / "samples" / f"epoch_{epoch:04d}.png", labels=self.eval_prompts

@@ -182,16 +182,18 @@ class RewardBackprop(Objective):
         rows = mb.rows.to(chain.latents.device)
         k_start = self.start_step(generator)
         prompts = [chain.prompts[i] for i in mb.rows.tolist()] if chain.prompts else [""] * len(rows)
+        meta = chain.metadata.get("prompt_metadata")  # the prompts' metadata, as the collector scored them
+        metadata = [meta[i] for i in mb.rows.tolist()] if meta else None
         if self.options.mode == "draft_lv":
             r = torch.stack(
                 [
-                    self.reward(self.adapter.decode_latents(f), prompts)[0]
+                    self.reward(self.adapter.decode_latents(f), prompts, metadata)[0]
                     for f in self.lv_rerun(chain, rows, generator)
                 ]
             )  # (n, M)
         else:
             final = self.rerun(chain, rows, k_start, generator)
-            r, _ = self.reward(self.adapter.decode_latents(final), prompts)
+            r, _ = self.reward(self.adapter.decode_latents(final), prompts, metadata)
         loss = -self.options.reward_scale * r.mean()
         return {
             "loss": loss,

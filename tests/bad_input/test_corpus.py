@@ -143,7 +143,7 @@ def test_task_file_missing(refuse, tmp_path):
 PROMPT_FILES = {
     "not-utf8": (b"a cat\n\xff\xfe a dog\n", "is not UTF-8 text"),
     "only-comments": ("# a cat\n\n", "has no prompts"),
-    "a-folder": (None, "neither a prompt set"),
+    "a-folder": (None, "has no train split"),  # a folder is a split folder (train_metadata.jsonl, train.txt)
 }
 
 
