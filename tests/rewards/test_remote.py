@@ -29,11 +29,11 @@ from flowrl.run import Run
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = str(REPO / "tasks/digits.yaml")
 PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
-# a short digits run: the evaluation before training, 2 epochs of 2 batches, a checkpoint after each
+# a short digits run: the evaluation before training, 2 epochs of one batch, a checkpoint after each
 SHORT = [
     "train.num_epochs=2",
     "train.sample_batch_size=8",
-    "train.num_batches_per_epoch=2",
+    "train.num_batches_per_epoch=1",
     "train.minibatch_size=8",
     "sampler.num_steps=6",
     "train.eval_every=0",
@@ -355,8 +355,8 @@ def _serve(spec: str, *args: str) -> tuple[subprocess.Popen, str]:
 
 def test_server_dying_mid_run_stops_with_one_line_and_resumes(tmp_path, local_rows, capsys):
     script = _script(tmp_path, "dying.py", DYING_SCRIPT)
-    # calls: the evaluation before training, epoch 1's two batches (checkpoint 1), then it dies
-    proc, url = _serve(script, "--port", "0", "--kwargs", '{"die_after": 3}')
+    # calls: the evaluation before training, epoch 1's batch (checkpoint 1), then it dies in epoch 2
+    proc, url = _serve(script, "--port", "0", "--kwargs", '{"die_after": 2}')
     flags = [
         *SHORT,
         f"train.output_dir={tmp_path}",
@@ -396,6 +396,7 @@ def test_slow_server_scores_while_the_next_batch_samples(tmp_path):
                 *SHORT,
                 "train.num_epochs=1",
                 "train.num_batches_per_epoch=3",
+                "train.sample_batch_size=16",
                 "train.save_every=0",
                 "train.async_reward=true",
                 f"train.output_dir={tmp_path}",
@@ -418,9 +419,12 @@ def test_slow_server_scores_while_the_next_batch_samples(tmp_path):
     t0, t1 = sampling[0][0], sampling[-1][1] + 10
     scoring = [s for s in scoring if t0 <= s[0] <= t1][:3]  # the epoch's 3 batches (not the evaluations)
     assert len(sampling) == 3 and len(scoring) == 3
-    # batch i is scored while batch i + 1 samples
-    for (s0, s1), (m0, m1) in zip(scoring[:2], sampling[1:]):
-        assert s0 < m1 and m0 < s1, (scoring, sampling)
+    # batch i + 1 starts sampling before batch i's scoring ends (scored in turn, without
+    # train.async_reward it would start only once the server had answered)
+    for (_, s1), (m0, _) in zip(scoring[:2], sampling[1:]):
+        assert m0 < s1, (scoring, sampling)
+    # so the epoch's collection takes less than its sampling and scoring one after the other (by
+    # about 2 x min(sampling, scoring of a batch))
     serial = sum(b - a for a, b in sampling) + sum(b - a for a, b in scoring)
     assert history[1]["time_collect"] < serial
 
