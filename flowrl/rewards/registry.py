@@ -124,6 +124,7 @@ BUILTIN_MODULES = (
     "flowrl.rewards.aesthetic",
     "flowrl.rewards.clip_score",
     "flowrl.rewards.preference",
+    "flowrl.rewards.imagereward",
     "flowrl.rewards.remote",
     "flowrl.demo.rewards",
 )
