@@ -4,8 +4,8 @@
 
 ``registry`` holds the machinery (:class:`Reward`, :func:`register_reward`, :func:`resolve_reward`);
 the other modules are the built-in rewards (JPEG size, the LAION aesthetic predictor, CLIP score,
-PickScore and HPSv2) and ``clip``, the OpenCLIP loading they share. Reward scripts users copy and
-edit live in the checkout's top-level ``rewards/`` folder and are used by path.
+PickScore, HPSv2, ImageReward and OCR) and ``clip``, the OpenCLIP loading they share. Reward
+scripts users copy and edit live in the checkout's top-level ``rewards/`` folder and are used by path.
 """
 
 from flowrl.rewards.registry import (

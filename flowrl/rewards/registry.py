@@ -125,6 +125,7 @@ BUILTIN_MODULES = (
     "flowrl.rewards.clip_score",
     "flowrl.rewards.preference",
     "flowrl.rewards.imagereward",
+    "flowrl.rewards.ocr",
     "flowrl.rewards.remote",
     "flowrl.demo.rewards",
 )
