@@ -74,8 +74,7 @@ def _need_env(cfg, command: str) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
-    from flowrl.envs.rollouts import format_return
-    from flowrl.pretrain import pretrain
+    from flowrl.pretrain import bc_quality_lines, pretrain
 
     cfg, name = _task_config(args)
     _need_env(cfg, "pretrain")
@@ -85,10 +84,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     print(
         f"BC loss {summary['bc_loss_first']:.4f} -> {summary['bc_loss_last']:.4f} on {summary['demo_episodes']} demonstrations"
     )
-    if "eval_return_mean" in summary:
-        n = len(summary["eval_returns"])
-        print(f"BC policy, {n} evaluation episodes: return {format_return(summary)}")
-    print(f"policy folder: {summary['folder']} (policy.safetensors, policy.json, eval.json, metrics.jsonl)")
+    for line in bc_quality_lines(summary):  # the expert's return and the BC policy's
+        print(line)
+    print(
+        f"policy folder: {summary['folder']} (policy.safetensors, policy.json, eval.json, metrics.jsonl, bc_quality.png)"
+    )
     return 0
 
 
@@ -115,6 +115,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--policy {args.policy} holds no policy.json; give a policy folder (the BC folder or a checkpoint)"
         )
+    if args.video:
+        from flowrl.envs.rollouts import check_video_path, render_available
+
+        check_output_folder(str(check_video_path(args.video).parent), "--video's folder")
+        if not render_available():
+            raise ConfigError(
+                "--video: MuJoCo cannot render here; set MUJOCO_GL=egl (headless GPU/CPU) or osmesa"
+            )
     cfg, name = _task_config(args)
     _need_env(cfg, "evaluate")
     if cfg.train.torch_threads is not None:
@@ -154,6 +162,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     if args.out:
         Path(args.out).write_text(json.dumps({"guide": args.guide, **result}, indent=2))
+    if args.video:  # the BC policy and the evaluated one side by side, from the first evaluation start
+        from flowrl.envs.rollouts import record_comparison
+
+        label = ("fine-tuned" if args.policy else "BC policy") + (
+            "" if args.guide == "none" else f", {args.guide}"
+        )
+        runs = [(label, policy, sampler)]
+        if args.policy:
+            bc = load_policy(Path(args.base) if args.base else bc_dir, device)
+            runs.insert(0, ("BC policy", bc, sampler_for(cfg, bc)))
+        returns = record_comparison(runs, cfg, args.video, seed)
+        shown = ", ".join(f"{r[0]} {g:.1f}" for r, g in zip(runs, returns))
+        print(f"video: {args.video} (reset seed {seed}; returns: {shown})")
     return 0
 
 
@@ -604,6 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample every denoising step (default: for smc, and best-of-n on a DDPM policy; else the mean path)",
     )
     ev.add_argument("--out", help="also write the result as JSON to this file")
+    ev.add_argument(
+        "--video",
+        help="also render the episode from the first evaluation start to this .gif (.mp4 with PyAV): with "
+        "--policy, the BC policy (or --base) and the policy side by side",
+    )
     ev.set_defaults(func=_evaluate)
 
     sa = sub.add_parser("sample", help="generate images from a base model plus an optional trained LoRA")

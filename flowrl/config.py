@@ -192,7 +192,8 @@ class EnvConfig:
     obs_horizon: int = 1
     # Te, actions of each chunk executed before the policy is queried again (DPPO gym: 4)
     action_steps: int = 4
-    # an evaluation episode with at least this return is a success (null: success rate not logged)
+    # an evaluation episode with at least this return is a success, for envs that report no success of their
+    # own (info["is_success"] / info["success"], which is used where present); null: no success rate then
     success_return: float | None = None
     # parallel environments in rollouts, per process (DPPO/ReinFlow gym: 40)
     num_envs: int = 8
@@ -201,8 +202,11 @@ class EnvConfig:
     n_steps: int = 250
     # evaluation episodes, deterministic sampling, reset seeds train.eval_seed, +1, ... (>= 10 for a stated result)
     eval_episodes: int = 10
-    # render one evaluation episode to <run>/videos/*.gif at the end (needs a MuJoCo renderer)
+    # render one evaluation episode to <run>/videos/epoch_N.gif at every evaluation (needs a MuJoCo renderer)
     video: bool = False
+    # how the num_envs envs step: sync (in this process) | async (a subprocess each, gymnasium's
+    # AsyncVectorEnv: the same results, faster when a step costs more than its pipe, e.g. rendering)
+    vectorization: str = field(default="sync", metadata={"choices": ("sync", "async")})
 
 
 @dataclass

@@ -30,14 +30,14 @@ from flowrl.core import seeding
 from flowrl.core.gae import generalized_advantage_estimate
 from flowrl.envs.rollouts import (
     act,
-    env_kwargs,
     format_return,
     plot_learning_curve,
     record_video,
     render_available,
+    task_vector_env,
 )
 from flowrl.envs.rollouts import evaluate as evaluate_policy
-from flowrl.envs.wrappers import executed_steps, make_vector_env
+from flowrl.envs.wrappers import executed_steps
 from flowrl.errors import ConfigError, suggest
 
 # the env kind's layer of defaults (DPPO's and ReinFlow's gym settings, at laptop size)
@@ -174,6 +174,10 @@ class EnvCollector(Collector):
             raise ConfigError(
                 f"env.eval_episodes must be >= 1 (10 or more for a stated result), got {e.eval_episodes}"
             )
+        if e.vectorization not in ("sync", "async"):
+            raise ConfigError(
+                f"env.vectorization must be sync (one process) or async (a subprocess per env), got {e.vectorization!r}"
+            )
         if d.format not in DEMO_FORMATS:
             raise ConfigError(
                 f"demos.format: unknown format {d.format!r}{suggest(d.format, DEMO_FORMATS)}; choose one of {DEMO_FORMATS}"
@@ -200,7 +204,7 @@ class EnvCollector(Collector):
         self.policy = run.adapter
         self.reward_scaler = RewardScaler(cfg.algorithm.gamma)
         self.env_steps = 0
-        self.vec = make_vector_env(cfg.env.num_envs, **env_kwargs(cfg))
+        self.vec = task_vector_env(cfg, cfg.env.num_envs, clip_reward=True)
 
     def value_function(self):
         from flowrl.models.policy import ValueNet
@@ -237,6 +241,7 @@ class EnvCollector(Collector):
         rewards = np.zeros((S, N))
         terminated, done = np.zeros((S, N), bool), np.zeros((S, N), bool)
         episode_returns, chunk_steps = [], 0
+        clip_terms = {"env": [], "clip": []}  # with clip_reward: the episodes' two return terms
         for step in range(S):
             with run.accelerator.autocast():
                 chunk, chain = act(self.policy, run.sampler, obs, e.action_steps, gen, deterministic=False)
@@ -246,6 +251,8 @@ class EnvCollector(Collector):
             if ended.any():
                 real_next[ended] = np.stack(info["final_obs"][ended])
                 episode_returns += list(info["final_info"]["episode_return"][ended])
+                for k, v in clip_terms.items():
+                    v += list(info["final_info"].get(f"episode_return_{k}", np.zeros(N))[ended])
             chains.append(chain)
             next_obs_all.append(real_next)
             rewards[step], terminated[step], done[step] = reward, term, ended
@@ -271,6 +278,9 @@ class EnvCollector(Collector):
             "env_steps_epoch": steps,
             "reward_chunk_mean": float(rewards.mean()),
         }
+        if self.cfg.clip_reward.enabled:  # the two terms of the training return, apart
+            for k, v in clip_terms.items():
+                stats[f"train_return_{k}_mean"] = float(np.mean(v)) if v else None
         return chain, stats
 
     @torch.no_grad()
@@ -316,15 +326,10 @@ class EnvCollector(Collector):
         )
         row = {"env_steps": self.env_steps, **{f"eval_{k}": v for k, v in ev.items() if k != "returns"}}
         row["eval_returns"] = ev["returns"]
-        if self.cfg.env.video and epoch == self.cfg.train.num_epochs:
+        if self.cfg.env.video:  # at every evaluation: the BC policy (epoch 0), ..., the last epoch
             if render_available():
-                record_video(
-                    self.policy,
-                    run.sampler,
-                    self.cfg,
-                    run.run_dir / "videos" / f"epoch_{epoch:04d}.gif",
-                    self.cfg.eval_seed,
-                )
+                path = run.run_dir / "videos" / f"epoch_{epoch:04d}.gif"
+                record_video(self.policy, run.sampler, self.cfg, path, self.cfg.eval_seed)
             else:
                 print("env.video: no MuJoCo renderer here (try MUJOCO_GL=egl); skipped the video")
         return row

@@ -11,10 +11,15 @@ of a baseline prompt, VLM-RM's goal-baseline regularized reward is
 alpha = 0 gives 1 - 1/2 ||x - g||^2 = cos(x, g), the plain CLIP similarity; alpha = 1 keeps only
 the component along the direction from baseline to goal. Without a baseline prompt P = I.
 
-The wrapper renders after every simulator step (``render_mode="rgb_array"``; on a headless
-machine set ``MUJOCO_GL=egl``) and adds ``weight * R`` to ``env_weight`` times the env reward.
-A real CLIP (ViT-B-32 or larger) belongs on a GPU; ``model="flowrl-tiny"`` with random weights
-tests the plumbing.
+Each env renders after every simulator step (:class:`RenderFrames`, ``render_mode="rgb_array"``;
+on a headless machine set ``MUJOCO_GL=egl``); the vector wrapper :class:`CLIPRewardVectorEnv`
+scores the frames of all N envs' chunks in one CLIP forward per vector step and adds
+``weight * sum of R`` to ``env_weight`` times each chunk's env reward. The two terms stay apart in
+what is logged: ``info["reward_env"]`` and ``info["reward_clip"]`` per chunk, and at an episode's
+end ``episode_return_env`` and ``episode_return_clip`` beside the combined ``episode_return``.
+Training optimizes the combined reward; evaluation and success use the environment's own
+(:func:`flowrl.envs.rollouts.evaluate` runs without CLIP). A real CLIP (ViT-B-32 or larger) belongs
+on a GPU; ``model="flowrl-tiny"`` with random weights tests the plumbing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from flowrl.errors import FlowrlError, MissingFileError, one_line
 from flowrl.rewards.clip import load_open_clip, preprocess
 
 
@@ -68,39 +74,88 @@ class VLMRewardModel:
         return (1 - 0.5 * (residual**2).sum(-1)).cpu().numpy()
 
 
-class CLIPRewardWrapper(gym.Wrapper):
-    """reward = env_weight * env reward + weight * R(rendered frame); both terms in ``info``."""
+class RenderFrames(gym.Wrapper):
+    """Puts the frame rendered after every simulator step in ``info["frame"]`` (H, W, 3) uint8."""
 
-    def __init__(
-        self, env: gym.Env, reward_model: VLMRewardModel, weight: float = 1.0, env_weight: float = 1.0
-    ):
+    def __init__(self, env: gym.Env):
         super().__init__(env)
         if env.render_mode != "rgb_array":
             raise ValueError(
                 "the CLIP reward needs render_mode='rgb_array' (set MUJOCO_GL=egl on a headless machine)"
             )
-        self.reward_model, self.weight, self.env_weight = reward_model, weight, env_weight
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        clip_reward = float(self.reward_model(self.env.render()[None])[0])
-        info = dict(info, reward_env=float(reward), reward_clip=clip_reward)
-        return obs, self.env_weight * float(reward) + self.weight * clip_reward, terminated, truncated, info
+        return obs, reward, terminated, truncated, dict(info, frame=self.env.render())
 
 
-def clip_reward_wrapper(cfg):
-    """``env -> CLIPRewardWrapper`` for a :class:`~flowrl.robot.config.ClipRewardConfig`; the CLIP
-    model is loaded once, on first use, and shared by the envs of this process."""
-    shared: list[VLMRewardModel] = []
+class CLIPRewardVectorEnv(gym.vector.VectorWrapper):
+    """reward = env_weight * env reward + weight * R summed over each chunk's rendered frames.
 
-    def wrap(env: gym.Env) -> CLIPRewardWrapper:
-        if not shared:
-            device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-            shared.append(
-                VLMRewardModel(
-                    cfg.model, cfg.pretrained, cfg.goal_prompt, cfg.baseline_prompt, cfg.alpha, device
-                )
+    Wraps N chunked envs whose inner envs are :class:`RenderFrames`-wrapped (the chunk wrapper
+    hands on the chunk's frames as ``info["frames"]``); the frames of all N chunks, ended
+    episodes' included, go through CLIP together, once per vector step."""
+
+    def __init__(
+        self,
+        env: gym.vector.VectorEnv,
+        reward_model: VLMRewardModel,
+        weight: float = 1.0,
+        env_weight: float = 1.0,
+    ):
+        super().__init__(env)
+        self.reward_model, self.weight, self.env_weight = reward_model, weight, env_weight
+        self._clip_return = np.zeros(self.num_envs)
+
+    def reset(self, **kwargs):
+        self._clip_return[:] = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        ended = terminated | truncated
+        final = info.get("final_info", {})
+        # with same-step autoreset an ended episode's last step info is in final_info
+        frames = [(final if ended[n] else info)["frames"][n] for n in range(self.num_envs)]
+        counts = [len(f) for f in frames]
+        scores = self.reward_model(np.concatenate([np.stack(f) for f in frames if len(f)]))  # (sum counts,)
+        clip = np.array([seg.sum() for seg in np.split(scores, np.cumsum(counts)[:-1])])  # (N,)
+        self._clip_return += clip
+        info = {k: v for k, v in info.items() if k not in ("frames", "_frames")}
+        info.update(reward_env=np.asarray(reward, dtype=np.float64), reward_clip=clip)
+        if ended.any():
+            final = {k: v for k, v in final.items() if k not in ("frames", "_frames")}
+            env_return = np.where(ended, final["episode_return"], 0.0)
+            clip_return = np.where(ended, self._clip_return, 0.0)
+            final.update(
+                episode_return_env=env_return,
+                episode_return_clip=clip_return,
+                episode_return=self.env_weight * env_return + self.weight * clip_return,
             )
-        return CLIPRewardWrapper(env, shared[0], cfg.weight, cfg.env_weight)
+            info["final_info"] = final
+            self._clip_return[ended] = 0
+        return obs, self.env_weight * reward + self.weight * clip, terminated, truncated, info
 
-    return wrap
+
+_MODELS: dict[tuple, VLMRewardModel] = {}
+
+
+def shared_reward_model(cfg) -> VLMRewardModel:
+    """The :class:`VLMRewardModel` of a :class:`~flowrl.config.ClipRewardConfig`, loaded once per
+    process and shared by its vector envs. Weights that cannot be had offline are one
+    :class:`~flowrl.errors.MissingFileError` saying how to point at local weights."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    key = (cfg.model, cfg.pretrained, cfg.goal_prompt, cfg.baseline_prompt, cfg.alpha, device)
+    if key not in _MODELS:
+        try:
+            _MODELS[key] = VLMRewardModel(*key)
+        except FlowrlError:
+            raise
+        except Exception as e:  # the hub unreachable (offline), a tag OpenCLIP does not know, ...
+            raise MissingFileError(
+                f"clip_reward: the {cfg.pretrained!r} weights of {cfg.model} could not be loaded ({type(e).__name__}: "
+                f"{one_line(str(e))[:200]}); offline, download them once elsewhere (open_clip.create_model("
+                f"{cfg.model!r}, pretrained={cfg.pretrained!r})) or give a local file, clip_reward.pretrained="
+                "/path/to/open_clip_pytorch_model.bin (HF_HUB_OFFLINE=1 uses the hub cache)"
+            ) from None
+    return _MODELS[key]

@@ -20,8 +20,12 @@ class ActionChunkWrapper(gym.Wrapper):
 
     The chunk stops early at a termination or truncation. ``info`` carries ``chunk_steps`` (env
     steps executed) and, at the end of an episode, ``episode_return`` and ``episode_length``
-    (in env steps, rewards as the inner env gives them). At reset the history holds the first
-    observation To times.
+    (in env steps, rewards as the inner env gives them) and, when the env reports success
+    (``info["is_success"]`` as gymnasium-robotics, or ``info["success"]`` as Meta-World), its
+    ``episode_success``: 1.0 if any step of the episode reported it (the robomimic / Meta-World
+    convention), else 0.0. Frames an inner :class:`~flowrl.envs.clip_reward.RenderFrames` puts in
+    ``info["frame"]`` are handed on as the list ``info["frames"]``. At reset the history holds the
+    first observation To times.
     """
 
     def __init__(self, env: gym.Env, obs_horizon: int, action_steps: int):
@@ -40,6 +44,7 @@ class ActionChunkWrapper(gym.Wrapper):
         )
         self._history: deque = deque(maxlen=obs_horizon)
         self._return, self._length = 0.0, 0
+        self._success: bool | None = None  # None: the env reports no success signal
 
     def _observation(self) -> np.ndarray:
         return np.stack(self._history).astype(np.float32)  # (To, Do)
@@ -47,7 +52,7 @@ class ActionChunkWrapper(gym.Wrapper):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
         self._history.extend([obs] * self.obs_horizon)
-        self._return, self._length = 0.0, 0
+        self._return, self._length, self._success = 0.0, 0, None
         return self._observation(), info
 
     def step(self, chunk: np.ndarray):
@@ -55,9 +60,14 @@ class ActionChunkWrapper(gym.Wrapper):
         if chunk.shape != self.action_space.shape:
             raise ValueError(f"action chunk must have shape {self.action_space.shape}, got {chunk.shape}")
         total, terminated, truncated, info = 0.0, False, False, {}
-        executed = 0
+        executed, frames = 0, []
         for action in chunk:
             obs, reward, terminated, truncated, info = self.env.step(action)
+            if "frame" in info:
+                frames.append(info["frame"])
+            for key in ("is_success", "success"):
+                if key in info:
+                    self._success = bool(self._success) or bool(info[key])
             self._history.append(obs)
             total += float(reward)
             executed += 1
@@ -65,10 +75,25 @@ class ActionChunkWrapper(gym.Wrapper):
                 break
         self._return += total
         self._length += executed
-        info = dict(info, chunk_steps=executed)
+        info = {k: v for k, v in info.items() if k != "frame"}
+        info["chunk_steps"] = executed
+        if frames:
+            info["frames"] = frames
         if terminated or truncated:
             info.update(episode_return=self._return, episode_length=self._length)
+            if self._success is not None:
+                info["episode_success"] = float(self._success)
         return self._observation(), total, terminated, truncated, info
+
+
+def load_triton_before_rendering() -> None:
+    """Import triton (torch's compiler backend, which torch imports lazily, e.g. when an optimizer
+    is built) before MuJoCo's EGL renderer starts: imported after Mesa's EGL has loaded its LLVM,
+    triton's own LLVM crashes the process (a segmentation fault); imported first, both work."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
 
 
 def make_env(
@@ -86,6 +111,7 @@ def make_env(
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
     if render_mode is not None:
+        load_triton_before_rendering()
         kwargs["render_mode"] = render_mode
     env = gym.make(env_id, **kwargs)
     for wrap in inner_wrappers:
@@ -93,14 +119,18 @@ def make_env(
     return ActionChunkWrapper(env, obs_horizon, action_steps)
 
 
-def make_vector_env(num_envs: int, **make_kwargs) -> gym.vector.SyncVectorEnv:
-    """N chunked envs stepping in one process. Autoreset is "same step": when an episode ends,
-    the returned observation is already the next episode's first, and the last one of the
-    ended episode is in ``info["final_obs"]`` (for bootstrapping truncated episodes)."""
-    return gym.vector.SyncVectorEnv(
-        [lambda: make_env(**make_kwargs) for _ in range(num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
+def make_vector_env(num_envs: int, vectorization: str = "sync", **make_kwargs) -> gym.vector.VectorEnv:
+    """N chunked envs stepping in one process (``sync``) or in one subprocess each (``async``,
+    gymnasium's AsyncVectorEnv: the same steps, for envs whose step costs more than the pipe).
+    Autoreset is "same step": when an episode ends, the returned observation is already the next
+    episode's first, and the last one of the ended episode is in ``info["final_obs"]`` (for
+    bootstrapping truncated episodes)."""
+    fns = [lambda: make_env(**make_kwargs) for _ in range(num_envs)]
+    if vectorization == "async":
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    if vectorization != "sync":
+        raise ValueError(f"vectorization must be sync or async, got {vectorization!r}")
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
 def executed_steps(info: dict, ended: np.ndarray) -> np.ndarray:
