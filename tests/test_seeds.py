@@ -129,3 +129,31 @@ def test_parallel_seeds_in_subprocesses_repeat_the_in_process_runs(in_process, t
         assert a["per_seed"][seed]["final"] == b["per_seed"][seed]["final"]
         assert a["per_seed"][seed]["steps"] == b["per_seed"][seed]["steps"]
     assert (tmp_path / "robot_inverted_pendulum_reinflow_seeds" / "seed_1.log").is_file()
+
+
+def test_text_to_image_seeds_aggregate_the_evaluation_reward(tmp_path):
+    """A text-to-image task's seeds: the final evaluation reward, against samples and seconds."""
+    from flowrl.config import load_config
+    from flowrl.seeds import summarize
+
+    cfg = load_config("digits", [])
+    for seed, rewards in ((0, [0.5, 0.7]), (1, [0.5, 0.9])):
+        folder = tmp_path / f"seed_{seed}"
+        folder.mkdir()
+        rows = [
+            {"epoch": 0, "eval_reward_mean": rewards[0]},
+            {"epoch": 1, "samples": 16, "time_collect": 1.0, "time_update": 2.0},
+            {
+                "epoch": 2,
+                "samples": 16,
+                "time_collect": 1.0,
+                "time_update": 2.0,
+                "eval_reward_mean": rewards[1],
+            },
+        ]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = summarize(tmp_path, [0, 1], cfg, "digits")
+    assert s["metric"] == "eval_reward_mean" and s["final_mean"] == pytest.approx(0.8)
+    assert s["final_ci95"] == pytest.approx(12.7062 * np.std([0.7, 0.9], ddof=1) / math.sqrt(2))
+    assert s["start_mean"] == 0.5 and "success_mean" not in s and "expert_return" not in s
+    assert [(p["steps"], p["seconds"]) for p in s["curve"]] == [(0, 0), (32, 6.0)]

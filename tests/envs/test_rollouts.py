@@ -148,3 +148,31 @@ def test_pretrain_reports_bc_quality_and_evaluate_video_is_side_by_side(renderer
     assert gif.n_frames == math.ceil((length + 1) / 2) and gif.size == (2 * 256, 14 + 256)
     assert main(["evaluate", task, *common, "--video", str(tmp_path / "x.webp")]) == 2
     assert "unknown format '.webp'" in capsys.readouterr().err
+
+
+def test_training_writes_a_video_at_every_evaluation(renderer, tmp_path):
+    from flowrl.pretrain import pretrain
+    from flowrl.run import Run
+
+    task = "robot_inverted_pendulum_reinflow"
+    common = [f"train.output_dir={tmp_path}", "env.max_episode_steps=6", "demos.num_episodes=2"]
+    pretrain(
+        load_config(task, [*common, "pretrain.steps=5", "pretrain.eval_episodes=0"]), task, progress=False
+    )
+    tiny = [
+        "train.num_epochs=2",
+        "train.eval_every=1",
+        "env.n_steps=2",
+        "env.num_envs=2",
+        "env.eval_episodes=1",
+    ]
+    run = Run(
+        load_config(task, [*common, *tiny, "env.video=true", "train.minibatch_size=4"]), task, progress=False
+    )
+    run.train()
+    videos = sorted(p.name for p in (run.run_dir / "videos").iterdir())
+    assert videos == [
+        "epoch_0000.gif",
+        "epoch_0001.gif",
+        "epoch_0002.gif",
+    ]  # the BC policy, then each evaluation
