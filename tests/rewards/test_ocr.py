@@ -174,3 +174,26 @@ def test_flow_grpo_ocr_prompt_files_load(tmp_path):
         "Step Goal Achieved",
         "Lost City Near",
     ]
+
+
+def test_flow_grpo_ocr_task_file(tmp_path):
+    """tasks/flow_grpo_ocr_sd3.yaml: Flow-GRPO's objective with the ocr reward, its prompt folder's
+    train split for training and test split for evaluation."""
+    from flowrl.config import load_config
+    from flowrl.data.prompts import load_eval_prompt_data, load_prompt_data
+
+    (tmp_path / "ocr").mkdir()
+    (tmp_path / "ocr" / "train.txt").write_text('A sign that says "Open"\nA cake with "Happy Birthday"\n')
+    (tmp_path / "ocr" / "test.txt").write_text('A poster reading "Hello World"\n')
+    cfg = load_config("tasks/flow_grpo_ocr_sd3.yaml", [f"train.prompts={tmp_path / 'ocr'}"])
+    assert [r.name for r in cfg.rewards] == ["ocr"] and cfg.algorithm.name == "grpo"
+    assert (cfg.algorithm.options.kl_estimator, cfg.algorithm.options.timestep_selection) == (
+        "flow_grpo",
+        "first",
+    )
+    assert load_prompt_data(cfg.train.prompts).prompts == [
+        'A sign that says "Open"',
+        'A cake with "Happy Birthday"',
+    ]
+    evaluation = load_eval_prompt_data(cfg.train.eval_prompts, cfg.train.prompts)
+    assert [quoted_text(p) for p in evaluation.prompts] == ["Hello World"]
