@@ -120,7 +120,7 @@ class RewardBackprop(Objective):
                 raise ConfigError(
                     f"rewards[{i}].name={r.name!r} is not differentiable, and {cfg.algorithm.name} backpropagates "
                     "the reward's gradient: use a differentiable reward (aesthetic, clip_score, pickscore, hpsv2, "
-                    "digit_alignment, ...) or a policy-gradient method (algorithm.name=ddpo / grpo)"
+                    "imagereward, digit_alignment, ...) or a policy-gradient method (algorithm.name=ddpo / grpo)"
                 )
 
     @property

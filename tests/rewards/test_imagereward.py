@@ -274,3 +274,13 @@ def test_bad_files(tmp_path):
     (tmp_path / "cut" / "med_config.json").unlink()
     with pytest.raises(MissingFileError, match="med_config.json"):
         load_imagereward(str(tmp_path / "cut"))
+
+
+def test_refl_takes_imagereward_and_refuses_ocr():
+    """ReFL backpropagates its reward: imagereward (its paper's) is accepted, ocr is refused."""
+    from flowrl.config import ConfigError, load_config
+
+    cfg = load_config("tasks/jpeg_tiny.yaml", ["algorithm.name=refl", "rewards=[{name: imagereward}]"])
+    assert [r.name for r in cfg.rewards] == ["imagereward"]
+    with pytest.raises(ConfigError, match="'ocr' is not differentiable.*imagereward"):
+        load_config("tasks/jpeg_tiny.yaml", ["algorithm.name=refl", "rewards=[{name: ocr}]"])
