@@ -124,6 +124,7 @@ BUILTIN_MODULES = (
     "flowrl.rewards.aesthetic",
     "flowrl.rewards.clip_score",
     "flowrl.rewards.preference",
+    "flowrl.rewards.geneval",
     "flowrl.rewards.imagereward",
     "flowrl.rewards.ocr",
     "flowrl.rewards.remote",
