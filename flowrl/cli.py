@@ -275,6 +275,12 @@ def _checked_sample_prompts(args: argparse.Namespace) -> tuple[list[str], list[d
     steps = args.sampler_num_steps
     if steps is not None and steps < 1:
         raise ConfigError(f"--num-steps must be >= 1, got {steps}; e.g. --num-steps 20")
+    res = args.resolution
+    if res is not None and (len(res) > 2 or min(res) < 1 or max(res) > 8192):
+        raise ConfigError(
+            f"--resolution takes one size (a square) or HEIGHT WIDTH in pixels in [1, 8192], got {res}; "
+            "e.g. --resolution 512 or --resolution 512 768"
+        )
     size = args.model_tiny_image_size
     if size < 8 or size % 8 or size > MAX_TINY_IMAGE_SIZE:
         raise ConfigError(
@@ -385,7 +391,9 @@ def _sample(args: argparse.Namespace) -> int:
             "--guide rlg needs a LoRA checkpoint (its base is the model with the adapter off); "
             f"{args.lora} is a full fine-tune"
         )
-    adapter = build_adapter(pipe, family, finetune="frozen").to(device)
+    res = args.resolution
+    resolution = None if res is None else res[0] if len(res) == 1 else list(res)
+    adapter = build_adapter(pipe, family, finetune="frozen", resolution=resolution).to(device)
     eta, noise = args.sampler_eta, args.sampler_noise_level
     sampler = build_sampler(
         sampler_name,
@@ -634,6 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sa = sub.add_parser("sample", help="generate images from a base model plus an optional trained LoRA")
     _add_config_options(sa, SAMPLE_OPTIONS)
+    sa.add_argument(
+        "--resolution",
+        type=int,
+        nargs="+",
+        metavar="PX",
+        help="image size in pixels: one int (a square) or HEIGHT WIDTH [model.resolution; default: the model's own]",
+    )
     sa.add_argument(
         "--lora",
         help="fine-tuned weights: a flowrl checkpoint folder (LoRA or full fine-tune) or a pytorch_lora_weights.safetensors file",

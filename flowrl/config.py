@@ -66,7 +66,12 @@ class ModelConfig:
     text_encoder_lora_rank: int | None = None
     # LoRA alpha of the text encoder (TexForce: 16); null: its rank
     text_encoder_lora_alpha: float | None = None
-    # image size of the tiny pipeline, pixels (latents are half)
+    # text_to_image: [height, width] in pixels (one int: a square) the model trains, evaluates and samples at
+    # (Flow-GRPO: 512); null: the model's own, a checkpoint's default (1024 for SD3.5 and FLUX.1) or, for
+    # pretrained=tiny, tiny_image_size. Multiples of the VAE scale x patch size (SD, SDXL: 8; SD3, Flux: 16)
+    resolution: int | list[int] | None = None
+    # image size of the tiny pipeline, pixels (latents are half): the size it is built at; model.resolution,
+    # when set, is the size it samples at
     tiny_image_size: int = 32
     # seed used to initialize the tiny pipeline's random weights
     tiny_seed: int = 0
@@ -589,6 +594,17 @@ class TaskConfig:
             m.tiny_image_size % 8 == 0 and 8 <= m.tiny_image_size <= 512,
             f"model.tiny_image_size must be a multiple of 8 in [8, 512], got {m.tiny_image_size}: the tiny model's "
             "activations grow with its square (65536 would need terabytes); set e.g. model.tiny_image_size=32",
+        )
+        sides = [m.resolution] if isinstance(m.resolution, int) else m.resolution or []
+        need(
+            m.resolution is None or (len(sides) in (1, 2) and all(1 <= s <= 8192 for s in sides)),
+            f"model.resolution must be a size in pixels, one int (a square) or [height, width] in [1, 8192], "
+            f"got {m.resolution}; e.g. model.resolution=512 (Flow-GRPO's) or model.resolution=[512, 768]",
+        )
+        need(
+            m.pretrained != "tiny" or max(sides, default=0) <= 512,
+            f"model.resolution={m.resolution}: the tiny model's activations grow with the square of its size; "
+            "set at most 512 px a side, e.g. model.resolution=64",
         )
         for key in ("hidden_dims", "value_hidden_dims"):
             need(

@@ -178,7 +178,7 @@ def build_adapter(
     **family_kwargs,
 ):
     """The family's adapter around a loaded pipeline; ``family_kwargs`` go to its constructor
-    (e.g. Flux's ``image_size``, ``max_sequence_length``)."""
+    (e.g. ``resolution``, Flux's ``max_sequence_length``)."""
     cls = adapter_class(family)
     return cls(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference, **family_kwargs)
 
@@ -219,7 +219,15 @@ def build_model(cfg, task_name: str, device: torch.device, weight_dtype: torch.d
         seed=m.tiny_seed,
     )
     adapter = build_adapter(
-        pipe, family, m.finetune, m.lora_rank, m.lora_alpha, weight_dtype, keep_reference, **text
+        pipe,
+        family,
+        m.finetune,
+        m.lora_rank,
+        m.lora_alpha,
+        weight_dtype,
+        keep_reference,
+        resolution=m.resolution,
+        **text,
     ).to(device)
     if getattr(m, "noise_policy", None) is not None:  # FIND: a trained x_T in front of the frozen denoiser
         from flowrl.models.noise_policy import NoisePolicyAdapter

@@ -329,6 +329,38 @@ class FlowTransformerAdapter(DenoiserAdapter):
         )
 
 
+def vae_scale(vae) -> int:
+    """Pixels per latent cell: 2^(VAE levels - 1) (diffusers' ``vae_scale_factor``), 1 without a VAE."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def latent_size(
+    resolution: int | list[int] | tuple[int, int] | None,
+    default: tuple[int, int],
+    scale: int,
+    multiple: int,
+    family: str,
+) -> tuple[int, int]:
+    """(h, w) latent cells for ``model.resolution`` in pixels (an int: square; [height, width]),
+    or ``default`` (the model's own, in latent cells) when it is None. Both sides must be positive
+    multiples of ``multiple`` pixels (the VAE scale x the denoiser's patch size)."""
+    if resolution is None:
+        return default
+    h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    if min(h, w) < multiple or h % multiple or w % multiple:
+        from flowrl.errors import ConfigError
+
+        def near(s: int) -> int:
+            return max(multiple, round(s / multiple) * multiple)
+
+        raise ConfigError(
+            f"model.resolution={h}x{w}: a {family} model's height and width must be positive multiples of "
+            f"{multiple} px (VAE scale {scale} x patch {multiple // scale}); set e.g. "
+            f"model.resolution=[{near(h)}, {near(w)}]"
+        )
+    return h // scale, w // scale
+
+
 def vae_decode(vae, latents: Tensor) -> Tensor:
     """(B, 3, H, W) images in [0, 1] from latents, honouring the VAE's scaling and shift factors."""
     dtype = next(vae.parameters()).dtype

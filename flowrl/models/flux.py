@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowrl.models.base import FlowTransformerAdapter, vae_decode
+from flowrl.models.base import FlowTransformerAdapter, latent_size, vae_decode, vae_scale
 
 # whole-word pieces of the tiny T5 tokenizer (the words of flowrl's prompt sets); fixed here so the
 # tiny model's vocabulary, and so its random weights, never change with the prompt sets
@@ -99,7 +99,9 @@ class FluxAdapter(FlowTransformerAdapter):
     """The transformer of a FluxPipeline as a velocity-predicting policy network on unpacked latents.
 
     Args (beyond :class:`DenoiserAdapter`'s):
-        image_size: pixels (null: the pipeline's default, 1024 for FLUX.1).
+        resolution: (height, width) in pixels, or an int for a square (None: the VAE config's
+            ``sample_size``, 1024 for FLUX.1, which ``save_pretrained`` keeps, unlike the
+            pipeline's ``default_sample_size``; that only when the VAE config has none).
         max_sequence_length: T5 tokens (null: the T5 tokenizer's length, at most 512).
     """
 
@@ -130,23 +132,21 @@ class FluxAdapter(FlowTransformerAdapter):
         lora_alpha: float | None = None,
         weight_dtype: torch.dtype = torch.float32,
         keep_reference: bool = False,
-        image_size: int | None = None,
         max_sequence_length: int | None = None,
+        resolution: int | list[int] | None = None,
     ):
         super().__init__(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference)
-        scale = pipeline.vae_scale_factor
-        image_size = image_size or pipeline.default_sample_size * scale
-        if image_size % (2 * scale):
-            raise ValueError(
-                f"Flux image size must be a multiple of {2 * scale} (VAE x 2x2 packing), got {image_size}"
-            )
-        self.latent_size = image_size // scale
+        scale = vae_scale(self.vae)
+        own = getattr(self.vae.config, "sample_size", None)
+        side = own // scale if isinstance(own, int) else pipeline.default_sample_size
+        # latents are packed in 2x2 patches: each side a multiple of 2 cells
+        h, w = self.latent_hw = latent_size(resolution, (side, side), scale, 2 * scale, self.family)
         self.max_sequence_length = max_sequence_length or min(pipeline.tokenizer_2.model_max_length, 512)
-        self.scheduler_config.update(_sigma_schedule="flux", _image_seq_len=(self.latent_size // 2) ** 2)
+        self.scheduler_config.update(_sigma_schedule="flux", _image_seq_len=(h // 2) * (w // 2))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return (self.transformer.config.in_channels // 4, self.latent_size, self.latent_size)
+        return (self.transformer.config.in_channels // 4, *self.latent_hw)
 
     @torch.no_grad()
     def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:

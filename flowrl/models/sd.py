@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from flowrl.errors import ConfigError
-from flowrl.models.base import DenoiserAdapter, vae_decode
+from flowrl.models.base import DenoiserAdapter, latent_size, vae_decode, vae_scale
 
 TEXT_ENCODER_MODES = ("frozen", "lora", "full")
 TEXT_PREFIX = "text_encoder."  # the text encoder's parameters in trainable_state_dict
@@ -107,6 +107,8 @@ class StableDiffusionAdapter(DenoiserAdapter):
             how the text encoder trains (TexForce; see the module docstring).
         text_encoder_lora_rank, text_encoder_lora_alpha: its LoRA rank (None: ``lora_rank``) and
             alpha (None: its rank).
+        resolution: (height, width) in pixels, or an int for a square (None: the UNet's
+            ``sample_size`` x the VAE scale; see :func:`~flowrl.models.base.latent_size`).
     """
 
     family = "sd"
@@ -125,6 +127,7 @@ class StableDiffusionAdapter(DenoiserAdapter):
         text_encoder_finetune: str = "frozen",
         text_encoder_lora_rank: int | None = None,
         text_encoder_lora_alpha: float | None = None,
+        resolution: int | list[int] | None = None,
     ):
         if text_encoder_finetune not in TEXT_ENCODER_MODES:
             raise ConfigError(
@@ -151,6 +154,10 @@ class StableDiffusionAdapter(DenoiserAdapter):
         )
         self.pipeline = pipeline
         self.unet = pipeline.unet
+        size = self.unet.config.sample_size
+        scale = vae_scale(self.vae)
+        default = (size, size) if isinstance(size, int) else tuple(size)
+        self.latent_hw = latent_size(resolution, default, scale, scale, self.family)  # (h, w) latent cells
         self.tokenizer = pipeline.tokenizer
         self._negative_embeds: Tensor | None = None
         self.text_encoder_finetune = text_encoder_finetune
@@ -205,8 +212,7 @@ class StableDiffusionAdapter(DenoiserAdapter):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
+        return (self.unet.config.in_channels, *self.latent_hw)
 
     # ------------------------------------------------------------------ what trains
     def _text_trainable(self) -> list[tuple[str, nn.Parameter]]:

@@ -8,10 +8,12 @@ as in diffusers (``text_encoder_3=None``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
-from flowrl.models.base import FlowTransformerAdapter, vae_decode
+from flowrl.models.base import FlowTransformerAdapter, latent_size, vae_decode, vae_scale
 
 
 def build_tiny_sd3_pipeline(image_size: int = 32, seed: int = 0, shift: float = 3.0):
@@ -49,7 +51,13 @@ def build_tiny_sd3_pipeline(image_size: int = 32, seed: int = 0, shift: float = 
 
 
 class SD3Adapter(FlowTransformerAdapter):
-    """The transformer of a StableDiffusion3Pipeline as a velocity-predicting policy network."""
+    """The transformer of a StableDiffusion3Pipeline as a velocity-predicting policy network.
+
+    Args (beyond :class:`DenoiserAdapter`'s):
+        max_sequence_length: T5 tokens (when the pipeline has T5).
+        resolution: (height, width) in pixels, or an int for a square (None: the transformer's
+            ``sample_size`` x the VAE scale, 1024 for SD3.5; Flow-GRPO trains at 512).
+    """
 
     family = "sd3"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -58,6 +66,24 @@ class SD3Adapter(FlowTransformerAdapter):
     @staticmethod
     def tiny_pipeline(image_size: int, seed: int, prediction_type: str | None):
         return build_tiny_sd3_pipeline(image_size, seed)
+
+    @classmethod
+    def load_pipeline(cls, source: str, revision: str | None, prediction_type: str | None):
+        """The pipeline from a folder or hub id; a local folder without T5 (its model_index.json
+        entry null, as ``save_pretrained`` writes a pipeline built with ``text_encoder_3=None``, or
+        the ``text_encoder_3`` / ``tokenizer_3`` folder not downloaded) loads without it, as
+        Flow-GRPO runs SD3 (``from_pretrained`` refuses such a folder unless told)."""
+        from diffusers import StableDiffusion3Pipeline
+
+        from flowrl.errors import read_json
+
+        path, drop = Path(source).expanduser(), {}
+        if (path / "model_index.json").is_file():
+            index = read_json(path / "model_index.json", "model.pretrained: pipeline index")
+            names = ("text_encoder_3", "tokenizer_3")
+            if any(not (index.get(n) or [None])[0] or not (path / n).is_dir() for n in names):
+                drop = dict.fromkeys(names)
+        return StableDiffusion3Pipeline.from_pretrained(source, revision=revision, **drop)
 
     def __init__(
         self,
@@ -68,18 +94,29 @@ class SD3Adapter(FlowTransformerAdapter):
         weight_dtype: torch.dtype = torch.float32,
         keep_reference: bool = False,
         max_sequence_length: int = 128,
+        resolution: int | list[int] | None = None,
     ):
         super().__init__(pipeline, finetune, lora_rank, lora_alpha, weight_dtype, keep_reference)
         self.max_sequence_length = max_sequence_length
+        c, scale = self.transformer.config, vae_scale(self.vae)
+        h, w = self.latent_hw = latent_size(
+            resolution, (c.sample_size, c.sample_size), scale, scale * c.patch_size, self.family
+        )
+        top = (c.pos_embed_max_size or 0) * c.patch_size  # the position embedding is cropped from this
+        if top and max(h, w) > top:
+            from flowrl.errors import ConfigError
+
+            raise ConfigError(
+                f"model.resolution={h * scale}x{w * scale}: this SD3 transformer's position embedding covers at "
+                f"most {top * scale} px a side (pos_embed_max_size {c.pos_embed_max_size}); set a smaller model.resolution"
+            )
         # a scheduler with dynamic shifting sets its shift from the image token count, as
-        # StableDiffusion3Pipeline does: (latent side / patch size)^2 at the default resolution
-        c = self.transformer.config
-        self.scheduler_config.update(_image_seq_len=(c.sample_size // c.patch_size) ** 2)
+        # StableDiffusion3Pipeline does: (h / patch) x (w / patch) at the trained resolution
+        self.scheduler_config.update(_image_seq_len=(h // c.patch_size) * (w // c.patch_size))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        c = self.transformer.config
-        return (c.in_channels, c.sample_size, c.sample_size)
+        return (self.transformer.config.in_channels, *self.latent_hw)
 
     @torch.no_grad()
     def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:

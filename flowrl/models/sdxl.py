@@ -78,8 +78,10 @@ class SDXLAdapter(StableDiffusionAdapter):
         return pipe
 
     @property
-    def image_size(self) -> int:
-        return self.unet.config.sample_size * self.pipeline.vae_scale_factor
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels: the micro-conditioning's original and target size."""
+        h, w = self.latent_hw
+        return (h * self.pipeline.vae_scale_factor, w * self.pipeline.vae_scale_factor)
 
     @torch.no_grad()
     def condition(self, prompts: list[str], guidance_scale: float) -> dict[str, Tensor]:
@@ -90,7 +92,7 @@ class SDXLAdapter(StableDiffusionAdapter):
             do_classifier_free_guidance=cfg,
             negative_prompt=[""] * len(prompts) if cfg else None,
         )
-        size = (self.image_size, self.image_size)
+        size = self.image_size
         proj_dim = self.pipeline.text_encoder_2.config.projection_dim
         time_ids = self.pipeline._get_add_time_ids(
             size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=proj_dim

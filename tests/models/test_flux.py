@@ -137,7 +137,8 @@ def test_flux_family_is_detected_from_a_saved_pipeline(pipes, tmp_path):
     loaded = load_pipeline(str(tmp_path / "flux"), "flux")
     assert type(loaded).__name__ == FAMILIES["flux"].pipeline
     ours = build_adapter(copy.deepcopy(pipes["schnell"]), "flux", "frozen")
-    theirs = build_adapter(loaded, "flux", "frozen", image_size=32)
+    theirs = build_adapter(loaded, "flux", "frozen")  # at its own 32 px, not FluxPipeline's 1024 default
+    assert theirs.latent_shape == ours.latent_shape
     x = torch.randn(2, *ours.latent_shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([900.0, 200.0])
     with torch.no_grad():
