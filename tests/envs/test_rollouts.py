@@ -130,7 +130,7 @@ def test_record_video_writes_every_second_frame(renderer, tmp_path):
 
 def test_pretrain_reports_bc_quality_and_evaluate_video_is_side_by_side(renderer, tmp_path, capsys):
     task = "tasks/robot_inverted_pendulum_reinflow.yaml"
-    common = [f"train.output_dir={tmp_path}", "env.max_episode_steps=15", "demos.num_episodes=2"]
+    common = [f"train.output_dir={tmp_path}", "env.max_episode_steps=8", "demos.num_episodes=2"]
     assert main(["pretrain", task, *common, "pretrain.steps=20", "pretrain.eval_episodes=2"]) == 0
     out = capsys.readouterr().out
     bc = tmp_path / "robot_inverted_pendulum_reinflow_bc"
