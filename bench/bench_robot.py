@@ -1,7 +1,8 @@
 """Rollout throughput of chunked robot policies: environment steps per second with N envs and K
 denoising steps, against the raw vectorized environment.
 
-Both sides step the same ``SyncVectorEnv`` of N action-chunk envs (``flowrl.envs.wrappers``):
+Both sides step the same vector env of N action-chunk envs (``flowrl.envs.wrappers``; a
+``SyncVectorEnv``, or with ``--vectorization async`` an ``AsyncVectorEnv``):
 
     raw:     random action chunks (no policy)
     policy:  the stochastic sampler's chunk (what training rollouts do): ReinFlow with K flow
@@ -12,6 +13,7 @@ does not depend on the weights. Each setting runs for ``--seconds`` after one wa
 One torch thread, as the trainer uses by default.
 
     python bench/bench_robot.py [--env InvertedDoublePendulum-v5] [--envs 1 8 32] [--steps 1 2 4]
+    python bench/bench_robot.py --vectorization async    # one subprocess per env (env.vectorization)
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--vectorization",
+        choices=["sync", "async"],
+        default="sync",
+        help="env.vectorization: the envs in this process, or a subprocess each (AsyncVectorEnv)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -85,14 +93,17 @@ def main() -> None:
     if args.dppo:
         samplers.append(("dppo T=20 (K=10)", diffusion, DDPMPolicySampler(20, 10, 0.1), 20))
     te = args.action_steps
-    print(f"{args.env}, chunks of {te} actions, MLP {args.hidden}, {args.threads} torch thread(s)")
+    print(
+        f"{args.env}, chunks of {te} actions, MLP {args.hidden}, {args.threads} torch thread(s), "
+        f"{args.vectorization} vector env"
+    )
     print(
         f"{'N':>4} {'sampler':>18} {'denoise steps':>14} {'env steps/s':>12} {'raw env steps/s':>16} {'policy / raw':>12}"
     )
     wait_for_quiet(timeout_s=60)
     with ForeignCPU() as busy:
         for n in args.envs:
-            vec = make_vector_env(n, env_id=args.env, obs_horizon=1, action_steps=te)
+            vec = make_vector_env(n, args.vectorization, env_id=args.env, obs_horizon=1, action_steps=te)
             raw = rate(vec, args.seconds, te)
             for name, policy, sampler, forwards in samplers:
                 r = rate(vec, args.seconds, te, policy, sampler)

@@ -592,7 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     se.add_argument("--seeds", default="0,1,2", help="training seeds: 0,1,2 or a range 0-4 (default 0,1,2)")
     se.add_argument(
-        "--parallel", type=int, default=1, help="seeds run at once, as processes sharing the cores"
+        "--parallel",
+        type=int,
+        help="seeds run at once, as processes sharing the cores (default: kind env as many as the cores "
+        "allow, text-to-image 1)",
     )
     se.add_argument(
         "--pretrain", action="store_true", help="kind: env: behavior-clone a BC policy per seed first"

@@ -1,12 +1,14 @@
 """Multi-seed runs: one task, N training seeds, one table and one plot.
 
-    flowrl seeds TASK --seeds 0,1,2 [--parallel N] [--pretrain] [key=value ...]
+    flowrl seeds TASK [key=value ...] --seeds 0,1,2 [--parallel N] [--pretrain]
 
 Seed s is the task's run with ``train.seed=s`` in its own folder ``<root>/seed_<s>``, where
 ``<root>`` is ``<train.output_dir>/<task>_seeds`` (or ``<train.output_dir>/<train.run_name>``).
 With ``--parallel N > 1`` the seeds run as N processes at a time (``python -m flowrl.seeds``, one
 log file each, ``<root>/seed_<s>.log``), the machine's cores split between them
-(``train.torch_threads``); with N = 1 they run one after another in this process. Environment
+(``train.torch_threads``); with N = 1 they run one after another in this process. By default
+N is as many as the seeds and the cores allow for environment tasks (their small policies run on
+one thread each) and 1 for text-to-image tasks (whose runs would share one GPU). Environment
 tasks fine-tune the task's BC policy (``flowrl pretrain``) from every seed; ``--pretrain``
 behavior-clones a policy per seed first (``<root>/seed_<s>_bc``), so the spread includes the BC's.
 A seed whose run already finished is read, not re-run; one with checkpoints is resumed.
@@ -115,21 +117,23 @@ def run_one_seed(task: str, overrides: list[str], pretrain: bool, progress: bool
 
 
 def run_seeds(
-    task: str, overrides: list[str], seeds: list[int], parallel: int = 1, pretrain: bool = False
+    task: str, overrides: list[str], seeds: list[int], parallel: int | None = None, pretrain: bool = False
 ) -> dict:
     """Run (or resume, or read) every seed, then aggregate and write the summary; returns it."""
     from flowrl.config import load_config, resolve_task_path
 
-    if parallel < 1:
+    if parallel is not None and parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {parallel}; e.g. --parallel 2")
     name = resolve_task_path(task).stem
     cfg = load_config(task, overrides)  # every mistake in the task or the overrides fails here, once
+    cores = os.cpu_count() or 1
+    if parallel is None:
+        parallel = cores if cfg.kind == "env" else 1
     if pretrain and cfg.kind != "env":
         raise ConfigError("--pretrain behavior-clones a policy per seed: it is for kind: env tasks")
     root = (Path(cfg.train.output_dir) / (cfg.train.run_name or f"{name}_seeds")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     parallel = min(parallel, len(seeds))
-    cores = os.cpu_count() or 1
     threads = max(1, cores // parallel)
     if cfg.train.torch_threads is not None:
         threads = min(threads, cfg.train.torch_threads)

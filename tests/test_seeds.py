@@ -69,7 +69,9 @@ def in_process(tmp_path_factory):
     """Seeds 0 and 1, one after another in this process, each with its own BC policy."""
     root = tmp_path_factory.mktemp("seeds")
     n = torch.get_num_threads()
-    code = main(["seeds", TASK, f"train.output_dir={root}", *TINY, "--seeds", "0,1", "--pretrain"])
+    code = main(
+        ["seeds", TASK, f"train.output_dir={root}", *TINY, "--seeds", "0,1", "--pretrain", "--parallel", "1"]
+    )
     torch.set_num_threads(n)
     assert code == 0
     return root
