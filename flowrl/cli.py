@@ -193,12 +193,20 @@ SAMPLE_OPTIONS = {
     "--eta": (
         "sampler",
         "eta",
-        {"default": 0.0, "why": "default 0: deterministic DDIM, as evaluation samples"},
+        {
+            "default": None,
+            "why": "default 0: deterministic DDIM, as evaluation samples; 1 for --guide smc, whose "
+            "resampling needs noise",
+        },
     ),
     "--noise-level": (
         "sampler",
         "noise_level",
-        {"default": 0.0, "why": "default 0: the ODE, as evaluation samples"},
+        {
+            "default": None,
+            "why": "default 0: the ODE, as evaluation samples; for --guide smc the sampler's training "
+            "level (flow_sde 0.7, flow_cps 0.8)",
+        },
     ),
     "--guidance-scale": ("sampler", "guidance_scale", {}),
 }
@@ -394,7 +402,7 @@ def _sample(args: argparse.Namespace) -> int:
     res = args.resolution
     resolution = None if res is None else res[0] if len(res) == 1 else list(res)
     adapter = build_adapter(pipe, family, finetune="frozen", resolution=resolution).to(device)
-    eta, noise = args.sampler_eta, args.sampler_noise_level
+    eta, noise = _sample_noise(args, sampler_name)
     sampler = build_sampler(
         sampler_name,
         adapter.scheduler_config,
@@ -431,6 +439,24 @@ def _sample(args: argparse.Namespace) -> int:
         + (" and trajectory.safetensors" if args.save_trajectory else "")
     )
     return 0
+
+
+def _sample_noise(args: argparse.Namespace, sampler_name: str) -> tuple[float, float | None]:
+    """flowrl sample's --eta and --noise-level: 0 (the deterministic chain evaluation samples)
+    unless given, but for --guide smc the training sampler's noise (eta 1; the flow samplers' own
+    level): SMC's resampling differs from best-of-N only when the particles' steps draw noise, as
+    ``flowrl evaluate`` samples SMC's chunks stochastically. An explicit 0 with smc is refused."""
+    smc = args.guide == "smc"
+    eta = args.sampler_eta if args.sampler_eta is not None else 1.0 if smc else 0.0
+    noise = args.sampler_noise_level if args.sampler_noise_level is not None else None if smc else 0.0
+    if smc and (eta if sampler_name == "ddim" else noise) == 0:
+        flag = "--eta" if sampler_name == "ddim" else "--noise-level"
+        raise ConfigError(
+            f"--guide smc with {flag} 0: every step is deterministic, so resampled particles stay identical "
+            f"copies and SMC is best-of-N; drop {flag} (smc's default samples with noise) or use --guide best-of-n"
+        )
+    args.sampler_eta, args.sampler_noise_level = eta, noise
+    return eta, noise
 
 
 def _write_samples(out: Path, images, prompts, chain, args, sampler, sampler_name: str, family: str) -> None:

@@ -16,6 +16,8 @@ At the end each prompt returns its highest-reward particle. Any reward works (no
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -67,6 +69,13 @@ def smc_guidance(
     prev_r = torch.zeros(G, P, device=device)
     best_r = torch.full((G, P), -float("inf"), device=device)
     stochastic = set() if deterministic else sampler.stochastic_steps(generator)
+    if not stochastic or getattr(sampler, "eta", None) == 0:
+        warnings.warn(
+            "smc_guidance: the chain draws no noise (deterministic, eta 0 or noise level 0), so resampled "
+            "particles stay identical copies and the result is best-of-N's; sample with noise (eta 1, the "
+            "flow samplers' noise level)",
+            stacklevel=2,
+        )
     ess_history, resampled_at, reward_evals = [], [], 0
     for k in range(K):
         kb = torch.full((G * P,), k, dtype=torch.long)
