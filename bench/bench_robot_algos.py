@@ -25,6 +25,7 @@ The seconds-to-target is only as fine as ``--eval-every``. One torch thread (``-
 
     python bench/bench_robot_algos.py                       # InvertedPendulum-v5, ~3-6 min on 1 core
     python bench/bench_robot_algos.py --iterations 15 --seed 1
+    python bench/bench_robot_algos.py --seeds 0,1,2                # 3 seeds: mean +- 95% interval
     python bench/bench_robot_algos.py --task-pair robot_double_pendulum_reinflow my_double_pendulum_dppo.yaml
     python bench/bench_robot_algos.py --task-pair robot_double_pendulum_reinflow robot_double_pendulum_reinflow \\
         --set-dppo model.family=diffusion_policy algorithm.name=dppo algorithm.ratio_scope=step \\
@@ -33,6 +34,10 @@ The seconds-to-target is only as fine as ``--eval-every``. One torch thread (``-
 Writes ``--out`` (default bench/out): ``robot_algos_<env>.md`` (the table), ``.json`` (the curves)
 and ``.png`` (evaluation return against env steps and against training seconds, both
 algorithms), plus the demonstrations, BC policies and run folders under ``<out>/<env>/``.
+With ``--seeds 0,1,2`` every seed runs both algorithms (one table each, the same demonstrations),
+and an aggregate table gives, per algorithm, the mean and 95% t interval over seeds
+(``flowrl.seeds.mean_interval``) of the final return and of the env steps and training seconds
+to the target (over the seeds that reached it); the plot shows the seeds' mean curves.
 """
 
 from __future__ import annotations
@@ -197,7 +202,64 @@ def table(results: list[dict], target: float) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], target: float, path: Path, title: str) -> None:
+def aggregate_table(by_seed: dict[int, list[dict]], target: float) -> str:
+    """Per algorithm over seeds: the final return, and the env steps and training seconds to the
+    target over the seeds that reached it, each mean +/- the 95% t interval."""
+    from flowrl.seeds import mean_interval
+
+    def pm(values, spec):
+        if not values:
+            return "not reached"
+        m, ci = mean_interval(values)
+        return fmt(m, spec) + ("" if ci is None else f" ± {fmt(ci, spec)}")
+
+    lines = [
+        f"| algorithm | seeds reaching {target:g} | final return | env steps to {target:g} | train s to {target:g} |",
+        "|---|---|---|---|---|",
+    ]
+    seconds = {}
+    for i, algo in enumerate(ALGOS):
+        runs = [results[i] for results in by_seed.values()]
+        hits = [r["reached"] for r in runs if r["reached"]]
+        seconds[algo] = [h["train_seconds"] for h in hits]
+        lines.append(
+            f"| {algo} | {len(hits)}/{len(runs)} | {pm([r['final_return'] for r in runs], '.1f')} "
+            f"| {pm([h['env_steps'] for h in hits], '.0f')} | {pm(seconds[algo], '.1f')} |"
+        )
+    if seconds["reinflow"] and seconds["dppo"]:
+        saved = 1 - np.mean(seconds["reinflow"]) / np.mean(seconds["dppo"])
+        lines += ["", f"ReinFlow's mean training seconds to {target:g} are {saved:.1%} less than DPPO's."]
+    return "\n".join(lines)
+
+
+def mean_curves(by_seed: dict[int, list[dict]]) -> list[dict]:
+    """Per algorithm, the seeds' evaluations averaged at the iterations every seed evaluated:
+    steps and seconds their means, the return its mean with the 95% t interval as the band."""
+    from flowrl.seeds import mean_interval
+
+    out = []
+    for i, algo in enumerate(ALGOS):
+        curves = [{p["iteration"]: p for p in results[i]["curve"]} for results in by_seed.values()]
+        common = sorted(set.intersection(*(set(c) for c in curves)))
+        points = []
+        for it in common:
+            m, ci = mean_interval([c[it]["eval_return_mean"] for c in curves])
+            points.append(
+                {
+                    "env_steps": float(np.mean([c[it]["env_steps"] for c in curves])),
+                    "train_seconds": float(np.mean([c[it]["train_seconds"] for c in curves])),
+                    "eval_return_mean": m,
+                    "eval_return_std": ci or 0.0,
+                }
+            )
+        first = next(iter(by_seed.values()))[i]
+        out.append(
+            {"algorithm": f"{algo}, {len(curves)} seeds", "sampler": first["sampler"], "curve": points}
+        )
+    return out
+
+
+def plot(results: list[dict], target: float, path: Path, title: str, band: str = "mean +/- std") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +279,7 @@ def plot(results: list[dict], target: float, path: Path, title: str) -> None:
         ax.axhline(target, ls="--", color="gray", lw=1, label=f"target {target:g}")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("deterministic eval return (mean +/- std)")
+    axes[0].set_ylabel(f"deterministic eval return ({band})")
     axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -241,6 +303,7 @@ def main() -> None:
     )
     ap.add_argument("--target-frac", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0, help="train.seed: BC init/minibatches and RL rollouts")
+    ap.add_argument("--seeds", help="several train.seed values, e.g. 0,1,2 (overrides --seed)")
     ap.add_argument("--bc-steps", type=int, default=None, help="default: each task's pretrain.steps")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for both tasks")
     ap.add_argument("--set-reinflow", nargs="*", default=[], metavar="KEY=VALUE")
@@ -255,7 +318,6 @@ def main() -> None:
 
     tasks = dict(zip(ALGOS, args.task_pair or find_task_pair(args.env)))
     common = [
-        f"train.seed={args.seed}",
         f"train.num_epochs={args.iterations}",
         f"train.eval_every={args.eval_every}",
         "train.save_every=0",
@@ -310,39 +372,50 @@ def main() -> None:
     if demos is None and ref.demos.obs_keys:
         demo_override.append(f"demos.obs_keys={json.dumps(ref.demos.obs_keys)}")
 
-    # 2. BC + RL per algorithm, one after the other (one process, one thread)
-    results = []
-    for algo in ALGOS:
-        r = run_algo(algo, tasks[algo], demo_override + per_algo[algo], work)
-        r["reached"] = first_reach(r["curve"], target)
-        results.append(r)
+    # 2. BC + RL per algorithm and seed, one after the other (one process, one thread)
+    from flowrl.seeds import parse_seeds
+
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    by_seed: dict[int, list[dict]] = {}
+    for seed in seeds:
+        folder = work / f"seed_{seed}" if len(seeds) > 1 else work
+        results = []
+        for algo in ALGOS:
+            r = run_algo(algo, tasks[algo], [*demo_override, *per_algo[algo], f"train.seed={seed}"], folder)
+            r["reached"], r["seed"] = first_reach(r["curve"], target), seed
+            results.append(r)
+        by_seed[seed] = results
     if results[0]["steps_per_iteration"] != results[1]["steps_per_iteration"]:
         print("note: the tasks collect different env steps per iteration; compare on the env-step axis")
 
     # 3. report
     title = (
-        f"{env_id}: ReinFlow ({tasks['reinflow']}) vs DPPO ({tasks['dppo']}), seed {args.seed}, "
+        f"{env_id}: ReinFlow ({tasks['reinflow']}) vs DPPO ({tasks['dppo']}), "
+        f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}, "
         f"{args.threads} torch thread(s), eval {ref.env.eval_episodes} fixed-seed episodes"
     )
-    md = "\n".join(
-        [
-            f"# {title}",
-            "",
-            f"Target return {target:g}; {args.iterations} iterations x "
-            f"up to {results[0]['steps_per_iteration']} env steps, evaluation every {args.eval_every}; "
-            "train s = rollout + PPO update (evaluation excluded); BC s = behavior-cloning time "
-            f"(same {demo_path.name}, {ref.demos.num_episodes if demos is not None else '?'} demonstration episodes).",
-            "",
-            table(results, target),
-            "",
-        ]
-    )
+    lines = [
+        f"# {title}",
+        "",
+        f"Target return {target:g}; {args.iterations} iterations x "
+        f"up to {results[0]['steps_per_iteration']} env steps, evaluation every {args.eval_every}; "
+        "train s = rollout + PPO update (evaluation excluded); BC s = behavior-cloning time "
+        f"(same {demo_path.name}, {ref.demos.num_episodes if demos is not None else '?'} demonstration episodes).",
+        "",
+    ]
+    if len(seeds) > 1:
+        lines += [f"## {len(seeds)} seeds: mean ± 95% interval (t)", "", aggregate_table(by_seed, target), ""]
+    for seed, results in by_seed.items():
+        lines += ([f"## seed {seed}", ""] if len(seeds) > 1 else []) + [table(results, target), ""]
+    md = "\n".join(lines)
     stem = f"robot_algos_{env_id}"
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(
-        json.dumps({"target": target, "tasks": tasks, "args": vars(args), "results": results}, indent=2)
+        json.dumps({"target": target, "tasks": tasks, "args": vars(args), "results": by_seed}, indent=2)
     )
-    plot(results, target, out / f"{stem}.png", title.replace("), seed", "),\nseed"))
+    shown = mean_curves(by_seed) if len(seeds) > 1 else by_seed[seeds[0]]
+    band = "mean +/- 95% interval over seeds" if len(seeds) > 1 else "mean +/- std"
+    plot(shown, target, out / f"{stem}.png", title.replace("), seed", "),\nseed"), band)
     print()
     print(md)
     print(f"wrote {out / stem}.md, .json, .png")
