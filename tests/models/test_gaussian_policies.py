@@ -222,3 +222,15 @@ def test_policies_save_and_load(tmp_path):
 def test_bad_head_options_stop_with_a_clear_message(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config("robot_inverted_pendulum_gaussian", overrides)
+
+
+def test_scratch_gaussian_policy_takes_the_env_bounds():
+    cfg = load_config("robot_inverted_pendulum_gaussian", ["model.pretrained=scratch"])
+    a, b = (GaussianPolicy.for_finetuning(cfg, "t", torch.device("cpu")) for _ in range(2))
+    assert a.normalizer.action_low.tolist() == [-3.0] and a.normalizer.action_high.tolist() == [3.0]
+    assert torch.equal(a.normalizer.obs_mean, torch.zeros(4)) and torch.equal(
+        a.normalizer.obs_std, torch.ones(4)
+    )
+    assert all(
+        torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict()
+    )  # seeded by train.seed
