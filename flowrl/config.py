@@ -145,7 +145,8 @@ class SamplerConfig:
     guidance_scale: float = 5.0
     # how per-step log-probs reduce over the sample's dims: mean (DDPO, Flow-GRPO; clip range per dimension) or sum
     logprob_reduction: str = "mean"
-    # ddpm: K, the last DDPM steps fine-tuned (DPPO: 10 of 20)
+    # ddpm: K, the last DDPM steps fine-tuned (DPPO: 10 of 20); ddim on a diffusion policy (DPPO's DDIM): the
+    # last K of the num_steps DDIM steps (DPPO: all 5)
     ft_steps: int = 10
     # ddpm: floor on every step's std while fine-tuning (DPPO: 0.1)
     min_std: float = 0.1
@@ -166,6 +167,9 @@ class SamplerConfig:
     noise_clip: float | None = 3.0
     # ddpm: clamp of each element's log-density before the mean over the chunk (DPPO: [-5, 2]); null = exact
     logprob_clip: list[float] | None = field(default_factory=lambda: [-5.0, 2.0])
+    # ddpm, ddim on a diffusion policy: the log-prob covers the chunk's first h actions (DPPO's reward_horizon,
+    # the executed env.action_steps); null = the whole chunk
+    logprob_horizon: int | None = None
     # ddpm: evaluation chain: posterior (DPPO: DDPM std floored at 1e-3, the last step noiseless) | mean (mean path)
     eval_noise: str = "posterior"
     # lcm: the last step: renoise (RLCM: re-noised to t_{K-1}'s own level, its log-prob trained; the image is

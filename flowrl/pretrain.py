@@ -71,10 +71,9 @@ def bc_sampler(cfg: TaskConfig, policy: ChunkPolicy):
 
     from flowrl.samplers import sampler_for
 
-    if policy.family == "diffusion_policy":  # the task's DDPM chain with all T steps its own
-        cfg = dataclasses.replace(
-            cfg, sampler=dataclasses.replace(cfg.sampler, ft_steps=policy.num_train_steps)
-        )
+    if policy.family == "diffusion_policy":  # the task's DDPM (DDIM) chain with all T (S) steps its own
+        every = cfg.sampler.num_steps if cfg.sampler.name == "ddim" else policy.num_train_steps
+        cfg = dataclasses.replace(cfg, sampler=dataclasses.replace(cfg.sampler, ft_steps=every))
     return sampler_for(cfg, policy)
 
 

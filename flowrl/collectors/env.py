@@ -136,7 +136,8 @@ class EnvCollector(Collector):
         }
         want = sampler_of.get(cfg.algorithm.name)
         family = m.family
-        if want is not None and s.name not in (None, want):
+        also = {"ddpm": ("ddim",)}  # DPPO fine-tunes DDPM or DDIM chains
+        if want is not None and s.name not in (None, want, *also.get(want, ())):
             raise ConfigError(
                 f"algorithm.name={cfg.algorithm.name!r} is defined on the {want} sampler, not sampler.name={s.name!r}; "
                 f"set sampler.name={want}"

@@ -46,6 +46,7 @@ reduction (``sampler.logprob_reduction``: mean makes it per dimension, as DDPO's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,15 @@ class PPOOptions:
     ratio_norm: bool = False
     # per-step weight of the PPO term: none | inv_dt (GRPO-Guard: step k's term / |dt_k|, flow samplers)
     step_weight: str = "none"
+    # DPPO's clip schedule over the K recorded denoising steps (step scope): step k's clip range goes from this
+    # (k = 0, the noisiest) to algorithm.clip_range (the last), base + (clip - base) (e^{r t} - 1) / (e^r - 1),
+    # t = k / (K - 1) (DPPO's clip_ploss_coef_base, 1e-3 in its robomimic configs; null = one clip range)
+    clip_range_base: float | None = None
+    # the schedule's rate r (DPPO's clip_ploss_coef_rate 3)
+    clip_range_rate: float = 3.0
+    # DPPO: clamp each minibatch's (normalized) advantages to their [lo, hi] quantiles (its
+    # clip_advantage_lower/upper_quantile; null = off, as [0, 1])
+    adv_quantiles: list[float] | None = None
 
 
 class PPO(Objective):
@@ -166,6 +176,18 @@ class PPO(Objective):
                 f"algorithm.step_weight=inv_dt divides by a flow step's |dt|; sampler {cfg.sampler.name!r} needs "
                 "algorithm.step_weight=none (or a flow sampler)"
             )
+        if o.clip_range_base is not None and (
+            o.ratio_scope != "step" or cfg.algorithm.clip_range is None or o.clip_range_base <= 0
+        ):
+            raise ConfigError(
+                f"algorithm.clip_range_base={o.clip_range_base} schedules a per-step clip range from it to "
+                "algorithm.clip_range (DPPO): it needs ratio_scope=step, a clip_range and a base > 0 (DPPO: 1e-3)"
+            )
+        q = o.adv_quantiles
+        if q is not None and (len(q) != 2 or not 0 <= q[0] < q[1] <= 1 or o.ratio_scope != "step"):
+            raise ConfigError(
+                f"algorithm.adv_quantiles must be [lo, hi] with 0 <= lo < hi <= 1 (ratio_scope=step), or null; got {q}"
+            )
         if o.ratio_scope == "chain" and o.timestep_fraction != 1.0:
             raise ConfigError(
                 f"algorithm.ratio_scope=chain takes one ratio over all of a trajectory's stochastic steps, so "
@@ -240,6 +262,7 @@ class PPO(Objective):
         terms: dict[str, Tensor] = {}
         red, one = self.sampler.logprob_reduction, torch.ones((), device=device)
         if self.trains_policy(epoch):
+            clip = self.algo.clip_range  # a float, or (P,) per pair with DPPO's clip schedule
             adv = self.minibatch_advantages(chain, rows)  # (M,)
             b, k = mb.rows.repeat_interleave(S), mb.steps.reshape(-1)  # (P,) each, CPU
             # 1. log pi_theta of each pair under the current parameters, in one forward
@@ -249,6 +272,13 @@ class PPO(Objective):
             # 2. one ratio per pair (step scope) or per row (chain scope), with its advantage
             if o.ratio_scope == "step":
                 new, adv = out.log_prob, self.pair_advantages(chain, mb, adv)  # (P,)
+                if o.adv_quantiles is not None:  # DPPO: the minibatch's advantages clamped to its quantiles
+                    lo, hi = torch.quantile(adv, torch.tensor(o.adv_quantiles, device=adv.device))
+                    adv = adv.clamp(lo, hi)
+                if o.clip_range_base is not None and chain.num_steps > 1:  # DPPO's clip schedule over steps
+                    base, r = o.clip_range_base, o.clip_range_rate
+                    t = k_dev.float() / (chain.num_steps - 1)
+                    clip = base + (self.algo.clip_range - base) * torch.expm1(r * t) / math.expm1(r)
                 if o.denoising_discount != 1.0:
                     adv = adv * o.denoising_discount ** (chain.num_steps - 1 - k_dev).float()
                 # GRPO-Guard's RatioNorm: the log-ratio centred, on the scale of the step's std
@@ -280,6 +310,6 @@ class PPO(Objective):
                         chain, rows, lambda x0: gaussian_entropy(torch.ones_like(x0), x0.shape[1:], red)
                     )
                     entropy = self._chain(entropy.view(M, S), h0)
-            terms = policy_loss(new, old, adv, self.algo.clip_range, kl, o.kl_coef, entropy, o.ent_coef)
+            terms = policy_loss(new, old, adv, clip, kl, o.kl_coef, entropy, o.ent_coef)
             self.add_bc(terms, generator)
         return self.with_value(terms, chain, rows)

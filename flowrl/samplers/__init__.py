@@ -9,6 +9,7 @@ reinflow  Euler steps of a flow policy with a learned noise std (flow policies; 
 euler     the flow policy's Euler steps with a fixed std (0: the ODE, exploration from x_0 alone; FPO)
 flow_sde  on a flow policy: pi-RL's Flow-SDE, the ODE made an SDE with a fixed schedule (one step or all)
 flow_noise  on a flow policy: pi-RL's Flow-Noise, a learned std and the joint chain log-prob
+ddim      on a diffusion policy: DPPO's DDIM fine-tuning (DDIM steps over the DDPM schedule, std floor)
 
 Every one subclasses :class:`~flowrl.samplers.base.ChainSampler`; :data:`SAMPLERS` maps a name to
 the function that builds it from a task's ``sampler`` section.
@@ -37,7 +38,10 @@ SAMPLERS = {
     "flow_noise": "flowrl.samplers.pi_rl:from_config",
 }
 # a name that means another chain on an env task's policy (pi-RL's Flow-SDE on a flow policy)
-ENV_SAMPLERS = {"flow_sde": "flowrl.samplers.pi_rl:from_config"}
+ENV_SAMPLERS = {
+    "flow_sde": "flowrl.samplers.pi_rl:from_config",
+    "ddim": "flowrl.samplers.ddim_policy:from_config",
+}
 DEFAULT_NOISE_LEVEL = {"flow_sde": 0.7, "flow_cps": 0.8}  # Flow-GRPO's defaults
 
 
@@ -244,6 +248,17 @@ def validate_sampler(cfg) -> None:
         raise ConfigError(
             f"sampler.logprob_reduction: unknown reduction {s.logprob_reduction!r}; "
             "set sampler.logprob_reduction=mean (DDPO, Flow-GRPO) or sum"
+        )
+    if s.name == "ddim" and cfg.kind == "env":
+        if not 1 <= s.ft_steps <= s.num_steps <= m.num_train_steps:
+            raise ConfigError(
+                f"sampler.ft_steps <= sampler.num_steps <= model.num_train_steps must hold for DPPO's DDIM, got "
+                f"{s.ft_steps}, {s.num_steps}, {m.num_train_steps}; DPPO: 5 DDIM steps, all fine-tuned, of 100"
+            )
+    if s.logprob_horizon is not None and not 1 <= s.logprob_horizon <= m.action_horizon:
+        raise ConfigError(
+            f"sampler.logprob_horizon must be in [1, model.action_horizon={m.action_horizon}] or null, got "
+            f"{s.logprob_horizon}; DPPO's reward_horizon is env.action_steps"
         )
     if s.name == "ddpm":
         if not 1 <= s.ft_steps <= m.num_train_steps:

@@ -64,6 +64,8 @@ class DDPMPolicySampler(ChainSampler):
             (-5, 2)); null: the exact density.
         eval_noise: the evaluation chain (``stochastic=False``): ``"posterior"`` (DPPO: the
             posterior std floored at 1e-3, the last step noiseless) or ``"mean"`` (the mean path).
+        logprob_horizon: h, the log-prob covers the chunk's first h actions only (DPPO's
+            ``reward_horizon``: the executed ones); null: the whole chunk.
     """
 
     name = "ddpm"
@@ -82,7 +84,11 @@ class DDPMPolicySampler(ChainSampler):
         noise_clip: float | None = 3.0,
         logprob_clip: tuple[float, float] | None = (-5.0, 2.0),
         eval_noise: str = "posterior",
+        logprob_horizon: int | None = None,
     ):
+        if logprob_horizon is not None and logprob_horizon < 1:
+            raise ValueError(f"sampler.logprob_horizon must be >= 1 or null, got {logprob_horizon}")
+        self.logprob_horizon = logprob_horizon
         if num_train_steps < 1:
             raise ValueError(f"model.num_train_steps must be >= 1, got {num_train_steps}")
         if not 1 <= ft_steps <= num_train_steps:
@@ -183,8 +189,13 @@ class DDPMPolicySampler(ChainSampler):
         if deterministic:
             log_prob = torch.full(sample.shape[:1], float("nan"), device=sample.device)
         else:
+            h = self.logprob_horizon  # DPPO's reward_horizon: the first h actions of the chunk
             log_prob = gaussian_log_prob(
-                prev_sample.detach(), mean, std, self.logprob_reduction, clamp=self.logprob_clip
+                prev_sample[:, :h].detach(),
+                mean[:, :h],
+                std.expand_as(mean)[:, :h],
+                self.logprob_reduction,
+                clamp=self.logprob_clip,
             )
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
@@ -243,4 +254,5 @@ def from_config(sc, adapter, evaluation: bool = False) -> DDPMPolicySampler:
         noise_clip=sc.noise_clip,
         logprob_clip=sc.logprob_clip,
         eval_noise=sc.eval_noise,
+        logprob_horizon=sc.logprob_horizon,
     )
