@@ -10,6 +10,9 @@ folder's ``policy.json``):
     flux              Flux (dev / schnell)       packed-latent velocity, flow     FluxAdapter
     diffusion_policy  DDPM policy, action chunks eps, DPPO's DDPM chain         DiffusionPolicy
     flow_policy       flow policy, action chunks velocity, ReinFlow / Euler     FlowPolicy
+    gaussian_policy   Gaussian MLP policy        mean + learned std, one step     GaussianPolicy
+    residual_policy   residual on a frozen chain Gaussian correction (ResiP)      ResidualPolicy
+    dsrl_policy       noise policy, frozen chain Gaussian initial noise (DSRL)    DSRLPolicy
 
 Every adapter answers the same protocol (:mod:`flowrl.models.base`): ``condition(inputs)``,
 ``forward(x, t, cond)``, ``reference_forward``, ``trainable_parameters()`` and their state,

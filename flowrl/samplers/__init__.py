@@ -10,6 +10,7 @@ euler     the flow policy's Euler steps with a fixed std (0: the ODE, exploratio
 flow_sde  on a flow policy: pi-RL's Flow-SDE, the ODE made an SDE with a fixed schedule (one step or all)
 flow_noise  on a flow policy: pi-RL's Flow-Noise, a learned std and the joint chain log-prob
 ddim      on a diffusion policy: DPPO's DDIM fine-tuning (DDIM steps over the DDPM schedule, std floor)
+gaussian  a Gaussian head's one-step chain, beside a frozen policy's deterministic chain (Gaussian MLP, residual, DSRL)
 
 Every one subclasses :class:`~flowrl.samplers.base.ChainSampler`; :data:`SAMPLERS` maps a name to
 the function that builds it from a task's ``sampler`` section.
