@@ -405,7 +405,7 @@ class Run:
                     problem = self.find_nonfinite(epoch, chain, chain.advantages, "advantages")
                 if problem is None:
                     self.modules.train()
-                    update_info = update(self, chain, epoch)
+                    update_info = self.mean_over_ranks(update(self, chain, epoch))
                 else:  # on_nonfinite=skip: no statistics, no update from this epoch
                     self.nonfinite(problem, "check the reward, the model's precision and optim.learning_rate")
                     finite = chain.rewards[torch.isfinite(chain.rewards)]
@@ -430,6 +430,16 @@ class Run:
             if t.log_with:
                 acc.end_training()
         return history
+
+    def mean_over_ranks(self, info: dict) -> dict:
+        """``info`` with its float values averaged over the processes, in one all-reduce of them
+        stacked: each rank's loss, clipfrac, approx_kl, ... are means over its own minibatches, so the
+        run's are their mean (the same on every rank; ranks hold equal numbers of minibatches)."""
+        keys = [k for k, v in info.items() if isinstance(v, float)]
+        if self.world == 1 or not keys:
+            return info
+        values = torch.tensor([info[k] for k in keys], dtype=torch.float64, device=self.device)
+        return {**info, **dict(zip(keys, self.accelerator.reduce(values, "mean").tolist()))}
 
     def _write(self, row: dict, history: list[dict]) -> None:
         history.append(row)

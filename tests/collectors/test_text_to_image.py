@@ -227,15 +227,19 @@ def test_two_process_training_keeps_ranks_in_sync(tmp_path):
     """torchrun, 2 CPU processes (accelerate picks gloo): gradients are averaged, weights stay identical."""
     script = tmp_path / "two_proc.py"
     script.write_text(
-        "import sys, torch\n"
+        "import json, sys, torch\n"
         "from safetensors.torch import save_file\n"
+        "import flowrl.train\n"
         "from flowrl.config import load_config\n"
         "from flowrl.run import Run\n"
+        "raw, own_update = [], flowrl.train.update\n"  # each rank's own diagnostics, before the run reduces them
+        "flowrl.train.update = lambda run, chain, epoch: raw.append(own_update(run, chain, epoch)) or raw[-1]\n"
         f"cfg = load_config({str(REPO / 'tasks/jpeg_tiny.yaml')!r}, {SMALL!r} + ['train.num_epochs=2', 'train.eval_every=0', "
         f"'train.output_dir={tmp_path}', 'train.run_name=ddp', 'algorithm.name=grpo', 'algorithm.group_size=2'])\n"
         "tr = Run(cfg)\n"
         "assert tr.world == 2, tr.world\n"
         "tr.train()\n"
+        f"open('{tmp_path}/raw%d.json' % tr.rank, 'w').write(json.dumps(raw))\n"
         "save_file({k: v.contiguous() for k, v in tr.adapter.trainable_state_dict().items()}, "
         f"'{tmp_path}/rank%d.safetensors' % tr.rank)\n"
     )
@@ -258,6 +262,13 @@ def test_two_process_training_keeps_ranks_in_sync(tmp_path):
     assert any(not torch.equal(a[k], init[k]) for k in a)  # and they did train
     rows = [json.loads(ln) for ln in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
     assert rows[1]["samples"] == 16  # 2 processes x 2 batches x 4
+    # the logged update diagnostics are the mean over ranks, not rank 0's (issue 19)
+    raw = [json.loads((tmp_path / f"raw{r}.json").read_text()) for r in (0, 1)]
+    assert raw[0][0]["loss"] != raw[1][0]["loss"]  # the ranks' own losses differ
+    for epoch, row in enumerate(rows[1:]):
+        for key in ("loss", "clipfrac", "approx_kl"):
+            mean = (raw[0][epoch][key] + raw[1][epoch][key]) / 2
+            assert row[key] == pytest.approx(mean, rel=1e-6, abs=1e-12), (epoch, key)
 
 
 @pytest.mark.slow
