@@ -419,6 +419,9 @@ class TrainConfig:
     mixed_precision: str = field(default="no", metadata={"choices": ("no", "fp16", "bf16")})
     # null | tensorboard | wandb (through accelerate), besides the JSONL metrics always written
     log_with: str | None = None
+    # text_to_image with train.log_with: this many of each epoch's samples go to the tracker with "prompt |
+    # reward" captions (ddpo-pytorch's); 0: numbers only
+    log_images: int = 4
     # a non-finite sample, reward, advantage, log-prob, loss or gradient: stop (naming the epoch, step and
     # inputs) or skip (no update from that batch or epoch; counted as skipped_updates)
     on_nonfinite: str = "stop"
@@ -750,6 +753,10 @@ class TaskConfig:
         need(
             t.log_with in (None, "tensorboard", "wandb"),
             f"train.log_with: unknown tracker {t.log_with!r}; set null, tensorboard or wandb",
+        )
+        need(
+            0 <= t.log_images <= 64,
+            f"train.log_images must be in [0, 64] images per epoch, got {t.log_images}; e.g. train.log_images=4",
         )
         need(
             t.timestep_batch >= 0,

@@ -106,6 +106,32 @@ def image_grid(
     return grid
 
 
+def log_sample_images(
+    trackers, images: torch.Tensor, prompts: list[str], rewards: torch.Tensor, step: int, n: int = 4
+):
+    """The first ``n`` of (B, C, H, W) images in [0, 1] with "prompt | reward" captions (ddpo-pytorch's)
+    on accelerate's trackers: TensorBoard, whose images take no caption, gets them as one grid with
+    the captions drawn in (tag ``samples``) and as text (``samples_captions``); W&B as captioned
+    ``wandb.Image`` s under ``samples``. Other trackers: nothing."""
+    n = min(n, len(images))
+    captions = [f"{p[:40]} | {r:.4g}" for p, r in zip(prompts[:n], rewards[:n].float().tolist())]
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            grid = np.asarray(image_grid(images[:n], captions, ncol=n))  # (H, W, 3) uint8
+            tracker.log_images({"samples": grid[None]}, step=step, dataformats="NHWC")
+            tracker.log({"samples_captions": "\n\n".join(captions)}, step=step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            pixels = (images[:n].detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+            pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (n, H, W, C)
+            pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels  # grayscale: (n, H, W)
+            tracker.log(
+                {"samples": [wandb.Image(p, caption=c) for p, c in zip(pixels, captions)]},
+                step=step,
+            )
+
+
 def save_image_grid(
     images: torch.Tensor, path: str | os.PathLike, labels: list[str] | None = None, ncol: int | None = None
 ) -> None:

@@ -31,7 +31,7 @@ from flowrl.collectors import collector_class
 from flowrl.config import TaskConfig, config_to_dict
 from flowrl.core import seeding
 from flowrl.errors import ConfigError, FlowrlError, InputError, NonFiniteError, one_line
-from flowrl.report import MetricsWriter
+from flowrl.report import MetricsWriter, log_sample_images
 from flowrl.runfolder import RunFolder, check_resume
 
 
@@ -422,6 +422,11 @@ class Run:
                 if (t.eval_every and done % t.eval_every == 0) or done == t.num_epochs:
                     row.update(self.evaluate(done))
                 self._write(row, history)
+                if t.log_with and t.log_images and chain.samples is not None and chain.prompts:
+                    if acc.is_main_process:  # this process's first samples, as ddpo-pytorch logs them
+                        log_sample_images(
+                            acc.trackers, chain.samples, chain.prompts, chain.rewards, done, t.log_images
+                        )
                 bar.set_postfix(self.collector.postfix(row))
                 if done == t.num_epochs or (t.save_every and done % t.save_every == 0):
                     self.save(done)

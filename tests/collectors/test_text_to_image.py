@@ -155,7 +155,14 @@ def test_every_algorithm_trains(tmp_path, algo):
     for row in history:
         assert all(v == v for v in row.values() if isinstance(v, float))  # no NaN
     if "train.log_with=tensorboard" in algo:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
         assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+        # accelerate's folder of the run's scalars (the config's hparams go to a subfolder)
+        logs = tmp_path / "run" / "logs" / "run"
+        events = EventAccumulator(str(logs), size_guidance={"images": 0}).Reload()
+        assert [e.step for e in events.Images("samples")] == [1, 2]  # each epoch's captioned samples
+        assert {"loss", "reward_mean"} <= set(events.Tags()["scalars"])
     if "algorithm.kl_coef=0.04" in algo or "algorithm.kl_coef=0.1" in algo:
         assert history[0]["kl_ref"] >= 0 and history[1]["kl_ref"] > 0
 
