@@ -86,7 +86,7 @@ class ModelConfig:
     # hidden widths of the value network of GAE advantages (DPPO/ReinFlow: [256, 256, 256])
     value_hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 256])
     # gaussian_policy / residual_policy / dsrl_policy: the Gaussian head's learned, state-independent std at
-    # the start (DPPO's Gaussian: fixed_std 0.1; ResiP: exp(-3); DSRL's noise policy: 1)
+    # the start (DPPO's Gaussian: fixed_std 0.1; ResiP: exp(-1.5), init_logstd; the DSRL task: 0.5)
     gaussian_std_init: float = 0.1
     # Gaussian head: the lower bound of its std, clamped where it is used (DPPO's std_min 0.01)
     gaussian_std_min: float = 0.01
@@ -97,7 +97,7 @@ class ModelConfig:
     # residual_policy / dsrl_policy: the family of the frozen policy the head steers (what flowrl pretrain
     # clones): diffusion_policy | flow_policy
     base_family: str = "flow_policy"
-    # residual_policy / dsrl_policy: hidden widths of the head's MLP (ResiP: [512, 512]; DSRL: 3 x 2048 / 128)
+    # residual_policy / dsrl_policy: hidden widths of the head's MLP (ResiP: [256, 256]; DSRL gym: 3 x 128)
     head_hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
     # residual_policy: alpha, env action = base + alpha * residual, normalized units (ResiP's action_scale 0.1)
     residual_scale: float = 0.1
