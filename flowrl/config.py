@@ -250,7 +250,8 @@ class DemoConfig:
     format: str = "npz"
     # robomimic: observation keys to concatenate (null: all, sorted)
     obs_keys: list | None = None
-    # scripted expert that generates demonstrations when `path` is null: lqr | reacher_ik_pd
+    # scripted expert that generates demonstrations when `path` is null: lqr | reacher_ik_pd | policy (a
+    # trained flowrl policy folder, expert_kwargs.path; see flowrl.data.policy_expert)
     expert: str | None = None
     # the expert's options (gains, weakening, noise_std), see flowrl.data.experts
     expert_kwargs: dict = field(default_factory=dict)

@@ -183,7 +183,8 @@ class EnvCollector(Collector):
             raise ConfigError(
                 f"demos.format: unknown format {d.format!r}{suggest(d.format, DEMO_FORMATS)}; choose one of {DEMO_FORMATS}"
             )
-        if d.path is None and d.expert is None:
+        from_scratch = m.pretrained == "scratch" and cfg.algorithm.bc_coef <= 0  # PPO needs no demonstrations
+        if d.path is None and d.expert is None and not from_scratch:
             raise ConfigError(
                 "demos: give a demonstrations file (demos.path) or a scripted expert (demos.expert)"
             )

@@ -10,6 +10,10 @@ They are deliberately imperfect, so the cloned policy leaves room for RL:
   controller on the joint angles with gains ``kp``, ``kd``, which overshoots and spends control.
   It reads only the observation.
 
+- ``policy``: a trained flowrl policy folder of any family (a BC folder or a checkpoint) rolled
+  out as the demonstrator, e.g. a locomotion expert trained from scratch with the Gaussian PPO
+  baseline; see :mod:`flowrl.data.policy_expert`.
+
 Each adds Gaussian action noise ``noise_std`` (in the env's units) so the data covers more states.
 Expert names are looked up in :data:`EXPERTS`; :func:`collect_demonstrations` runs one.
 """
@@ -117,14 +121,20 @@ class ReacherIKPDExpert:
         return self.kp * best - self.kd * dq + self.noise_std * self.rng.normal(size=2)
 
 
-EXPERTS = {"lqr": LQRExpert, "reacher_ik_pd": ReacherIKPDExpert}
+def _policy_expert(env, seed: int = 0, **kwargs):
+    from flowrl.data.policy_expert import PolicyExpert
+
+    return PolicyExpert(env, seed=seed, **kwargs)
+
+
+EXPERTS = {"lqr": LQRExpert, "reacher_ik_pd": ReacherIKPDExpert, "policy": _policy_expert}
 
 
 def make_expert(name: str, env, seed: int = 0, **kwargs) -> Expert:
     if name not in EXPERTS:
         raise ConfigError(f"demos.expert: unknown expert {name!r}; built-in experts: {sorted(EXPERTS)}")
-    if name == "lqr":
-        return LQRExpert(env, seed=seed, **kwargs)
+    if name in ("lqr", "policy"):  # these read the env (its simulator, its spaces)
+        return EXPERTS[name](env, seed=seed, **kwargs)
     return EXPERTS[name](seed=seed, **kwargs)
 
 
@@ -145,6 +155,8 @@ def collect_demonstrations(
     obs_list, act_list, rew_list, ends = [], [], [], []
     for ep in range(num_episodes):
         obs, _ = env.reset(seed=seed + ep)
+        if hasattr(policy, "reset"):  # an expert with memory (a chunked policy) starts each episode afresh
+            policy.reset()
         done = False
         while not done:
             action = np.clip(policy(env, obs), low, high).astype(np.float32)

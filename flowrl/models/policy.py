@@ -305,6 +305,8 @@ def load_policy(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         arch.pop("noise_net", None),
         arch.pop("reference", False),
     )
+    import flowrl.models.gaussian_policy  # noqa: F401  (registers the Gaussian heads' kinds)
+
     if kind not in POLICIES:
         raise InputError(f"{folder}/policy.json: unknown policy kind {kind!r}; known: {sorted(POLICIES)}")
     weights = load_weights(folder / "policy.safetensors", "policy weights")
