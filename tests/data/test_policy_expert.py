@@ -142,3 +142,22 @@ def test_locomotion_task_files_load():
         assert cfg.demos.path is None and cfg.demos.expert == "policy"
         assert cfg.demos.expert_kwargs == {"path": path}
         assert cfg.env.id == LOCOMOTION_EXPERTS[expert]
+
+
+def test_hopper_expert_from_scratch_demonstrates_from_its_checkpoint(tmp_path):
+    """The Hopper expert task runs from scratch with no demonstrations (one tiny iteration here),
+    and its checkpoint folder demonstrates through the sampler of the run's own config.yaml: the
+    demonstrations have the checkpoint's evaluation returns from the same reset seeds."""
+    from flowrl.run import Run
+
+    task = "robot_hopper_gaussian_expert"
+    tiny = ["env.num_envs=2", "env.n_steps=16", "env.eval_episodes=1", "train.num_epochs=1"]
+    tiny += ["train.eval_every=0", "train.save_every=1", "train.minibatch_size=16", "train.device=cpu"]
+    cfg = load_config(task, [f"train.output_dir={tmp_path}", *tiny])
+    assert cfg.demos.path is None and cfg.demos.expert is None  # nothing to download or script
+    run = Run(cfg, task, progress=False)
+    run.train()
+    folder = run.run_dir / "checkpoints" / "epoch_000001"
+    assert (folder / "config.yaml").is_file()
+    demos = collect_demonstrations("Hopper-v5", "policy", 2, SEED, expert_kwargs={"path": str(folder)})
+    assert np.allclose(demos.episode_returns(), _policy_returns(folder, cfg, 2))
