@@ -99,7 +99,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from flowrl.envs.rollouts import evaluate, format_return
-    from flowrl.guidance import ACTION_REWARDS, ChunkReward, GuidedSampler, RLGuidedAdapter
+    from flowrl.guidance import ChunkReward, GuidedSampler, RLGuidedAdapter
+    from flowrl.guidance.actions import ACTION_REWARDS, action_reward_factory
     from flowrl.models.policy import load_policy
     from flowrl.samplers import sampler_for
 
@@ -125,6 +126,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
     cfg, name = _task_config(args)
     _need_env(cfg, "evaluate")
+    factory = None
+    if args.guide not in ("none", "rlg"):  # the action reward, before any policy loads
+        if not args.reward:
+            raise ConfigError(
+                f"flowrl evaluate: --guide {args.guide} needs --reward, one of {sorted(ACTION_REWARDS)} "
+                "or a script file.py defining action_reward(obs, actions)"
+            )
+        factory = action_reward_factory(args.reward)
+        kwargs = reward_kwargs(args)
     if cfg.train.torch_threads is not None:
         torch.set_num_threads(cfg.train.torch_threads)
     d = cfg.train.device
@@ -137,22 +147,26 @@ def _evaluate(args: argparse.Namespace) -> int:
         if args.base or not policy.has_reference:
             base = load_policy(Path(args.base) if args.base else bc_dir, device)
         policy = RLGuidedAdapter(policy, args.rlg_weight, base=base)
-    elif args.guide != "none":
-        if args.reward not in ACTION_REWARDS:
-            raise ConfigError(
-                f"flowrl evaluate: --guide {args.guide} needs --reward, one of {sorted(ACTION_REWARDS)}"
-            )
-        kwargs = reward_kwargs(args)
+    elif factory is not None:
         if args.reward == "simulated_return":
             kwargs.setdefault("env_id", cfg.env.id)
-        reward = ACTION_REWARDS[args.reward](**kwargs)
+        reward = _build_action_reward(args.reward, factory, kwargs)
+        timeout, option = (
+            (args.reward_timeout, "--reward-timeout")
+            if args.reward_timeout is not None
+            else (cfg.reward_timeout, "reward_timeout")
+        )
         options = {
             "reward-grad": {"scale": args.guide_scale},
             "best-of-n": {"n": args.particles},
             "smc": {"num_particles": args.particles, "lam": args.smc_lambda},
         }[args.guide]
         sampler = GuidedSampler(
-            sampler, args.guide, ChunkReward(reward), stochastic=args.stochastic, **options
+            sampler,
+            args.guide,
+            ChunkReward(reward, args.reward, timeout, option),
+            stochastic=args.stochastic,
+            **options,
         )
     n = args.episodes or cfg.env.eval_episodes
     seed = cfg.eval_seed if args.seed is None else args.seed  # default: training's evaluation starts
@@ -176,6 +190,26 @@ def _evaluate(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{r[0]} {g:.1f}" for r, g in zip(runs, returns))
         print(f"video: {args.video} (reset seed {seed}; returns: {shown})")
     return 0
+
+
+def _build_action_reward(spec: str, factory, kwargs: dict):
+    """An action reward from its factory; options it does not take, a raise or ``sys.exit()`` in
+    it are one error naming the reward."""
+    from flowrl.rewards import RewardError
+
+    try:
+        return factory(**kwargs)
+    except FlowrlError:
+        raise
+    except TypeError as e:
+        raise ConfigError(
+            f"--reward {spec}: its options {kwargs} do not fit ({e}); fix --reward-kwargs"
+        ) from e
+    except BaseException as e:
+        what = f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+        raise RewardError(
+            f"action reward {spec!r} failed to build: {what}; fix the reward or --reward-kwargs"
+        ) from e
 
 
 # ---------------------------------------------------------------------- sample
@@ -306,6 +340,7 @@ def _checked_sample_prompts(args: argparse.Namespace) -> tuple[list[str], list[d
 
 
 MAX_TINY_IMAGE_SIZE = 512  # the tiny model's activations grow with the square: 65536 would need terabytes
+SAMPLE_REWARD_TIMEOUT = 1800.0  # flowrl sample's default --reward-timeout: the task schema's reward_timeout
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -319,6 +354,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be a finite number, got {value}")
     if args.particles < 1:
         raise ConfigError(f"--particles must be >= 1, got {args.particles}; e.g. --particles 4")
+    if args.reward_timeout is not None and not 0 < args.reward_timeout < math.inf:
+        raise ConfigError(
+            f"--reward-timeout must be a positive number of seconds, got {args.reward_timeout}; e.g. --reward-timeout 600"
+        )
     if args.guide == "reward-grad" and args.guide_scale <= 0:
         raise ConfigError(
             f"--guide-scale must be > 0 for --guide reward-grad, got {args.guide_scale}; e.g. 0.1"
@@ -497,7 +536,13 @@ def _guided(args: argparse.Namespace, sampler, adapter, prompts: list[str], gen,
     from flowrl.guidance import GuidedSampler
     from flowrl.rewards import Reward
 
-    reward = Reward([{"name": args.reward, "kwargs": reward_kwargs(args)}], device=adapter.device)
+    timeout = SAMPLE_REWARD_TIMEOUT if args.reward_timeout is None else args.reward_timeout
+    reward = Reward(
+        [{"name": args.reward, "kwargs": reward_kwargs(args)}],
+        device=adapter.device,
+        timeout=timeout,
+        timeout_option="--reward-timeout",
+    )
     options = {
         "reward-grad": {"scale": args.guide_scale},
         "best-of-n": {"n": args.particles},
@@ -587,6 +632,12 @@ def _add_guidance_arguments(
     parser.add_argument("--reward", help=reward_help)
     parser.add_argument("--reward-kwargs", default="{}", help="the reward's options as JSON")
     parser.add_argument(
+        "--reward-timeout",
+        type=float,
+        help="seconds one scoring call of the guidance reward may take before the command stops, naming it "
+        "(default: the task's reward_timeout; sample: 1800)",
+    )
+    parser.add_argument(
         "--guide-scale", type=float, default=0.1, help=f"reward-gradient step (units of the {what}'s RMS)"
     )
     parser.add_argument("--particles", type=int, default=4, help="N for best-of-n, particles for smc")
@@ -648,7 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guidance_arguments(
         ev,
         guide_help="inference-time guidance: RL guidance, reward gradient, best-of-N, SMC over action chunks",
-        reward_help="action reward: target | smoothness | simulated_return",
+        reward_help="action reward: target | smoothness | simulated_return, or a script file.py[:name] "
+        "defining action_reward(obs, actions) or make_action_reward(**kwargs)",
         what="chunk",
     )
     ev.add_argument(

@@ -19,16 +19,74 @@ from flowrl.errors import ConfigError
 
 
 class ChunkReward:
-    """An action reward ``reward(obs, actions)`` as a guidance reward ``(actions, obs, metadata)``."""
+    """An action reward ``reward(obs, actions)`` as a guidance reward ``(actions, obs, metadata)``.
 
-    def __init__(self, reward):
+    Every call is guarded (:class:`flowrl.rewards.registry.guarded`): with a ``timeout`` it runs in
+    a reward thread and may take at most that many seconds, and a raise, ``sys.exit()`` or
+    ``KeyboardInterrupt`` inside the reward is a RewardError naming it (``name``)."""
+
+    def __init__(
+        self,
+        reward,
+        name: str | None = None,
+        timeout: float | None = None,
+        timeout_option: str = "reward_timeout",
+    ):
+        from flowrl.rewards.registry import guarded
+
         self.reward = reward
         self.differentiable = getattr(reward, "differentiable", True)
+        name = name or getattr(reward, "__name__", None) or type(reward).__name__
+        self.guard = guarded(name, timeout, timeout_option)
 
     def __call__(self, actions: Tensor, obs, metadata=None) -> Tensor:
         if isinstance(obs, (list, tuple)):
             obs = torch.stack([torch.as_tensor(o) for o in obs])
-        return self.reward(torch.as_tensor(obs).to(actions.device), actions)
+        obs = torch.as_tensor(obs).to(actions.device)
+        return self.guard(self.reward, obs, actions, what=f"{len(actions)} action chunks")
+
+
+def action_reward_factory(spec: str):
+    """The factory of an action reward: a name of :data:`ACTION_REWARDS`, or a user's script
+    ``file.py[:name]`` defining ``action_reward(obs, actions) -> (B,)`` or a factory
+    ``make_action_reward(**kwargs)`` returning one (``:name`` picks another function)."""
+    from pathlib import Path
+
+    from flowrl.errors import MissingFileError
+    from flowrl.rewards.registry import UnknownRewardError, _import_file
+
+    if spec in ACTION_REWARDS:
+        return ACTION_REWARDS[spec]
+    path_part, _, attr = spec.rpartition(":") if ".py:" in spec else (spec, "", "")
+    if not path_part.endswith(".py"):
+        raise ConfigError(
+            f"unknown action reward {spec!r}; give one of {sorted(ACTION_REWARDS)} or a script file.py "
+            "defining action_reward(obs, actions)"
+        )
+    path = Path(path_part).expanduser()
+    if not path.is_file():
+        raise MissingFileError(f"action reward script {spec!r} not found (looked for {path.resolve()})")
+    module = _import_file(path)  # sys.exit() or an error at import: a RewardError naming the script
+    name = attr or next((n for n in ("make_action_reward", "action_reward") if hasattr(module, n)), None)
+    fn = getattr(module, name, None) if name else None
+    if not callable(fn):
+        raise UnknownRewardError(
+            f"action reward script {path} defines no {attr!r}"
+            if attr
+            else f"action reward script {path} defines neither action_reward(obs, actions) nor "
+            "make_action_reward(**kwargs)"
+        )
+    if name.startswith("make_"):
+        return fn
+
+    def plain(**kwargs):
+        if kwargs:
+            raise ConfigError(
+                f"{name} takes no options but got {sorted(kwargs)}; define make_action_reward(**kwargs)"
+            )
+        return fn
+
+    return plain
 
 
 def target_reward(target: list[float]):

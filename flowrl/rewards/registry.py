@@ -22,6 +22,7 @@ or a factory ``make_reward(**kwargs)`` that returns one, or registers factories 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import queue
@@ -260,9 +261,12 @@ class Reward:
         uwo_coef: lambda of ``uwo``.
         timeout: seconds a batch's scoring may take (the task's ``reward_timeout``); past it the
             run stops with a RewardError naming the reward (null: no limit). Scoring then runs in
-            flowrl's one daemon reward thread (with the caller's grad mode), so a reward that
-            never returns cannot hang the run or the interpreter's exit; a call on images that
-            need gradients (reward backprop) runs inline, untimed.
+            flowrl's one daemon reward thread, so a reward that never returns cannot hang the run
+            or the interpreter's exit. A call on images that need gradients (reward backprop,
+            reward-gradient guidance) runs there too, under the caller's grad mode and autocast
+            (both thread-local, :func:`guarded`): autograd's graph is not tied to the thread that
+            built it, so the caller's backward runs through the reward as if it were inline.
+        timeout_option: the option that sets ``timeout``, named in the timeout's message.
     """
 
     COMBINE = ("sum", "mean", "wco", "uwo")
@@ -275,6 +279,7 @@ class Reward:
         combine: str = "sum",
         uwo_coef: float = 1.0,
         timeout: float | None = None,
+        timeout_option: str = "reward_timeout",
     ):
         if combine not in self.COMBINE:
             raise ConfigError(f"reward combine must be one of {self.COMBINE}, got {combine!r}")
@@ -283,6 +288,7 @@ class Reward:
                 f"reward combine {combine!r} needs an ensemble of at least 2 rewards, got {len(specs)}"
             )
         self.combine, self.uwo_coef, self.timeout = combine, uwo_coef, timeout
+        self.timeout_option = timeout_option
         self.allow_nonfinite = allow_nonfinite
         if not specs:
             raise ConfigError("no reward given: set rewards: [{name: jpeg_compressibility}] in the task file")
@@ -321,7 +327,7 @@ class Reward:
         self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None
     ) -> tuple[Tensor, dict]:
         """(B,) weighted total and an info dict with each term's (B,) values under ``reward/<name>``."""
-        if self.timeout is not None and not (isinstance(images, Tensor) and images.requires_grad):
+        if self.timeout is not None:
             return self.submit(images, prompts, metadata).result()
         return self._score(images, prompts, metadata)
 
@@ -335,18 +341,8 @@ class Reward:
                 out = fn(images, prompts, metadata)
             except RewardError:
                 raise
-            except SystemExit as e:  # never a clean exit of the run
-                raise RewardError(
-                    f"reward {name!r} called sys.exit({e.code!r}) while scoring; a reward must return its values "
-                    "(raise an exception to report a problem)"
-                ) from e
-            except KeyboardInterrupt as e:
-                raise RewardError(f"reward {name!r} was interrupted (KeyboardInterrupt) while scoring") from e
-            except Exception as e:
-                raise RewardError(
-                    f"reward {name!r} raised {type(e).__name__}: {e}; fix the reward function (the traceback "
-                    "above shows where), or call flowrl.rewards.Reward on a small batch to debug it alone"
-                ) from e
+            except BaseException as e:  # SystemExit and KeyboardInterrupt too: never a clean exit of the run
+                raise reward_call_error(name, e) from e
             values, extra = validate_rewards(name, out, len(prompts), self.device, self.allow_nonfinite)
             members.append(weight * values)
             label = Path(name).stem if name.endswith(".py") else name
@@ -370,7 +366,13 @@ class Reward:
         sampled meanwhile; ``.result()`` waits at most ``timeout`` seconds from the batch's start."""
         if self._worker is None or self._worker.stuck:
             self._worker = _Worker()
-        return self._worker.put(self, images, prompts, metadata)
+        return self._worker.put(
+            lambda: self._score(images, prompts, metadata),
+            lambda: self._current or self.terms[0][0],
+            self.timeout,
+            f"a batch of {len(prompts)} images",
+            self.timeout_option,
+        )
 
     def close(self) -> None:
         if self._worker is not None:
@@ -406,18 +408,79 @@ def _what(e: BaseException) -> str:
     return f"called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
 
 
-class _Pending:
-    """A batch submitted to the reward thread; :meth:`result` as a Future's, with the timeout."""
+def reward_call_error(name: str, e: BaseException) -> RewardError:
+    """The RewardError for a reward ``name`` that raised ``e`` (``SystemExit`` and
+    ``KeyboardInterrupt`` included: never a clean exit of the run) while scoring."""
+    if isinstance(e, SystemExit):
+        return RewardError(
+            f"reward {name!r} called sys.exit({e.code!r}) while scoring; a reward must return its values "
+            "(raise an exception to report a problem)"
+        )
+    if isinstance(e, KeyboardInterrupt):
+        return RewardError(f"reward {name!r} was interrupted (KeyboardInterrupt) while scoring")
+    return RewardError(
+        f"reward {name!r} raised {type(e).__name__}: {e}; fix the reward function (the traceback "
+        "above shows where), or call flowrl.rewards.Reward on a small batch to debug it alone"
+    )
 
-    def __init__(self, reward: Reward, worker: _Worker):
-        self.reward, self.worker = reward, worker
+
+class guarded:
+    """A reward call made safe: ``guarded(name, timeout)(fn, *args)`` runs ``fn(*args)`` in a
+    daemon reward thread and waits at most ``timeout`` seconds (None: no limit, then inline);
+    a raise, ``sys.exit()`` or ``KeyboardInterrupt`` inside it is a RewardError naming the reward.
+    For rewards outside :class:`Reward`: the robot action rewards of ``flowrl evaluate --guide``.
+
+    The call runs under the caller's grad mode and autocast (thread-local state), so a reward on
+    inputs that need gradients returns a graph the caller differentiates as if it were inline.
+    """
+
+    def __init__(self, name: str, timeout: float | None, timeout_option: str = "reward_timeout"):
+        self.name, self.timeout, self.timeout_option = name, timeout, timeout_option
+        self._worker: _Worker | None = None
+
+    def __call__(self, fn: Callable, *args, what: str = "a batch"):
+        def run():
+            try:
+                return fn(*args)
+            except FlowrlError:
+                raise
+            except BaseException as e:
+                raise reward_call_error(self.name, e) from e
+
+        if self.timeout is None:
+            return run()
+        if self._worker is None or self._worker.stuck:
+            self._worker = _Worker()
+        return self._worker.put(run, lambda: self.name, self.timeout, what, self.timeout_option).result()
+
+
+def _thread_state() -> Callable[[], contextlib.ExitStack]:
+    """The calling thread's grad mode and autocast (per device type), to re-enter in another
+    thread: both are thread-local, and a reward thread must score as the caller would inline."""
+    grad = torch.is_grad_enabled()
+    casts = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+
+    def enter() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.set_grad_enabled(grad))
+        for device_type, dtype in casts:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype))
+        return stack
+
+    return enter
+
+
+class _Pending:
+    """A call submitted to the reward thread; :meth:`result` as a Future's, with the timeout."""
+
+    def __init__(self, worker: _Worker, name: Callable[[], str], timeout, what: str, option: str):
+        self.worker, self.name, self.timeout, self.what, self.option = worker, name, timeout, what, option
         self.future: Future = Future()
         self.started = threading.Event()
         self.start_time = 0.0
-        self.reward_batch = 0
 
     def result(self, timeout: float | None = None):
-        limit = self.reward.timeout
+        limit = self.timeout
         if limit is None:
             return self.future.result()
         if self.started.wait(limit):
@@ -426,17 +489,17 @@ class _Pending:
                 return self.future.result(timeout=max(remaining, 0.0))
             except TimeoutError:
                 pass
-        self.worker.stuck = True  # the thread stays busy; the next batch gets a fresh one
+        self.worker.stuck = True  # the thread stays busy; the next call gets a fresh one
         raise RewardError(
-            f"reward {self.reward._current or self.reward.terms[0][0]!r} did not return within "
-            f"reward_timeout={limit:g} s for a batch of {self.reward_batch} images; make it faster, or raise "
-            "reward_timeout (null for no limit)"
+            f"reward {self.name()!r} did not return within {self.option}={limit:g} s for {self.what}; "
+            f"make it faster, or raise {self.option}"
+            + (" (null for no limit)" if self.option == "reward_timeout" else "")
         )
 
 
 class _Worker:
-    """One daemon thread scoring batches in order (a hung reward cannot block the interpreter's
-    exit, as a ThreadPoolExecutor's worker does)."""
+    """One daemon thread running reward calls in order (a hung reward cannot block the
+    interpreter's exit, as a ThreadPoolExecutor's worker does)."""
 
     def __init__(self):
         self.jobs: queue.Queue = queue.Queue()
@@ -444,10 +507,9 @@ class _Worker:
         self.thread = threading.Thread(target=self._loop, name="flowrl-reward", daemon=True)
         self.thread.start()
 
-    def put(self, reward: Reward, images, prompts, metadata) -> _Pending:
-        pending = _Pending(reward, self)
-        pending.reward_batch = len(prompts)
-        self.jobs.put((pending, images, prompts, metadata, torch.is_grad_enabled()))
+    def put(self, fn: Callable, name: Callable[[], str], timeout, what: str, option: str) -> _Pending:
+        pending = _Pending(self, name, timeout, what, option)
+        self.jobs.put((pending, fn, _thread_state()))
         return pending
 
     def stop(self) -> None:
@@ -458,13 +520,13 @@ class _Worker:
             job = self.jobs.get()
             if job is None:
                 return
-            pending, images, prompts, metadata, grad = job
+            pending, fn, state = job
             pending.start_time = time.monotonic()
             pending.started.set()
             try:
-                with torch.set_grad_enabled(grad):
-                    pending.future.set_result(pending.reward._score(images, prompts, metadata))
-            except BaseException as e:  # _score turns a reward's own into RewardError; anything else as is
+                with state():
+                    pending.future.set_result(fn())
+            except BaseException as e:  # the callers make a reward's own a RewardError; others as is
                 pending.future.set_exception(e)
 
 
