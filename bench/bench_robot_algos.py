@@ -1,52 +1,58 @@
-"""ReinFlow vs DPPO on the same robot task, side by side: wall-clock seconds and environment steps
-to first reach the same deterministic evaluation return, from BC policies cloned from the same
-demonstrations.
+"""Every robot fine-tuning method on the same task, side by side: the final deterministic return and
+the environment steps and wall-clock seconds to first reach one common return, from BC policies
+cloned from the same demonstrations, over several seeds.
 
-For one environment (default InvertedPendulum-v5, the tests' smoke task) the two task files are
-the library's own: ``tasks/robot_*_reinflow.yaml`` (flow policy, ReinFlow) and
-``tasks/robot_*_dppo.yaml`` (diffusion policy, DPPO) with that ``env.id``; ``--task-pair`` names
-them explicitly. Then:
+The methods (``--methods``, default all of :data:`METHODS`): DPPO (DDPM, and DPPO's DDIM), ReinFlow,
+pi-RL's Flow-SDE and Flow-Noise, FPO and FPO++, and the Gaussian heads (DPPO's Gaussian MLP + PPO,
+ResiP's residual PPO, DSRL's noise-space PPO). For one environment (``--env``, default
+InvertedPendulum-v5):
 
-1. the demonstrations are generated once (the ReinFlow task's ``demos`` section, the scripted
-   expert) and both tasks clone them (``demos.path``), so both BC policies see the same data;
-2. per algorithm, ``flowrl.pretrain.pretrain`` (timed on its own, evaluation excluded) and
+1. each method's task: the library's own ``tasks/robot_*.yaml`` with that ``env.id`` that runs the
+   method (``algorithm.name``, and the sampler for DPPO's DDIM), else the env's ReinFlow task file
+   (``--base-task``) with the method's overrides from :data:`METHODS` (each method's settings from
+   its InvertedPendulum task file: family, sampler, clip range, ...); the table says which;
+2. the demonstrations are generated once (the base task's ``demos`` section, its scripted expert)
+   and every method clones them (``demos.path``), so every BC policy sees the same data; methods
+   whose BC policy is the same (same family, architecture, BC settings and seed: ReinFlow, pi-RL,
+   FPO and the residual / DSRL heads all steer or fine-tune the flow policy) share one BC run;
+3. per method and seed, ``flowrl.pretrain.pretrain`` (timed on its own, its evaluation off) and
    ``flowrl.run.Run.train`` for ``--iterations`` epochs with the deterministic evaluation
-   (``env.eval_episodes`` episodes on the fixed seeds ``train.eval_seed + i``) every
-   ``--eval-every`` epochs and at epoch 0 (the BC policy);
-3. from the trainer's metrics rows: cumulative env steps and cumulative training seconds
-   (rollout + PPO update: ``time_collect + time_update``; evaluation, plotting and checkpoints
-   are excluded), and the first evaluation reaching the target return (default 90% of the task's
-   ``env.success_return``, the episode cap on the pendulum; or ``--target``).
+   (``env.eval_episodes`` episodes on the fixed seeds ``train.eval_seed + i``, the same for every
+   method) every ``--eval-every`` epochs and at epoch 0 (the BC policy);
+4. from the trainer's metrics rows: cumulative env steps and cumulative training seconds
+   (rollout + update: ``time_collect + time_update``; evaluation, plotting and checkpoints
+   excluded), and the first evaluation reaching the target return: ``--target``, else
+   ``--target-frac`` (0.9) x the task's ``env.success_return``, else (Reacher: no success return)
+   the scripted expert's mean demonstration return.
 
-Each task keeps its own hyperparameters (network size, minibatches, samplers: ReinFlow K = 4 flow
-steps, DPPO T = 20 DDPM steps of which K = 10 are fine-tuned); both tasks must collect the same env
-steps per iteration for the env-step axis to be a like-for-like budget (the script says if not).
-The seconds-to-target is only as fine as ``--eval-every``. One torch thread (``--threads``).
+Per method over the seeds: the final return's mean and 95% t interval (``flowrl.seeds.mean_interval``),
+how many seeds reached the target, and over those the env steps and training seconds to it (mean
++- interval), and the ratio of its mean seconds to DPPO's. The seconds-to-target are only as fine
+as ``--eval-every``; seconds measured while other work shares the cores are inflated and noisy (the
+report states the load average), env steps are not. ``--parallel N`` runs N (method, seed) jobs at
+once (one torch thread each).
 
-    python bench/bench_robot_algos.py                       # InvertedPendulum-v5, ~3-6 min on 1 core
-    python bench/bench_robot_algos.py --iterations 15 --seed 1
-    python bench/bench_robot_algos.py --seeds 0,1,2                # 3 seeds: mean +- 95% interval
-    python bench/bench_robot_algos.py --task-pair robot_double_pendulum_reinflow my_double_pendulum_dppo.yaml
-    python bench/bench_robot_algos.py --task-pair robot_double_pendulum_reinflow robot_double_pendulum_reinflow \\
-        --set-dppo model.family=diffusion_policy algorithm.name=dppo algorithm.ratio_scope=step \\
-        algorithm.denoising_discount=0.99 train.minibatch_size=2000
+    python bench/bench_robot_algos.py --methods reinflow,dppo --seeds 0,1,2       # InvertedPendulum-v5
+    python bench/bench_robot_algos.py --env InvertedDoublePendulum-v5 --seeds 0,1,2 --iterations 10
+    python bench/bench_robot_algos.py --env Reacher-v5 --methods dppo,reinflow,gaussian_ppo --parallel 3
+    python bench/bench_robot_algos.py --task-pair robot_double_pendulum_reinflow my_dppo_task.yaml
 
-Writes ``--out`` (default bench/out): ``robot_algos_<env>.md`` (the table), ``.json`` (the curves)
-and ``.png`` (evaluation return against env steps and against training seconds, both
-algorithms), plus the demonstrations, BC policies and run folders under ``<out>/<env>/``.
-With ``--seeds 0,1,2`` every seed runs both algorithms (one table each, the same demonstrations),
-and an aggregate table gives, per algorithm, the mean and 95% t interval over seeds
-(``flowrl.seeds.mean_interval``) of the final return and of the env steps and training seconds
-to the target (over the seeds that reached it); the plot shows the seeds' mean curves.
+Writes ``--out`` (default bench/out): ``robot_algos_<env>.md`` (the tables), ``.json`` (the curves)
+and ``.png`` (the seeds' mean evaluation return +- interval against env steps and against training
+seconds, every method), plus the demonstrations, BC policies and run folders under ``<out>/<env>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -54,60 +60,310 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-ALGOS = ("reinflow", "dppo")
+
+_FLOW_CLIPS = ["sampler.denoised_clip=1.0", "sampler.noise_clip=null", "sampler.logprob_clip=null"]
+# method -> (algorithm.name, sampler.name a task file of it sets or None, overrides on the env's
+# ReinFlow task file). The overrides are each method's settings in its InvertedPendulum task file
+# (tasks/robot_inverted_pendulum_<method>.yaml) that differ from the ReinFlow one; everything else
+# (network widths, env, demonstrations, BC, learning rates, epochs) stays the base task's.
+METHODS: dict[str, tuple[str, str | None, list[str]]] = {
+    "dppo": (
+        "dppo",
+        None,
+        [
+            "model.family=diffusion_policy",
+            "model.num_train_steps=20",  # DPPO: denoising_steps 20
+            "sampler.name=ddpm",
+            "sampler.ft_steps=10",  # DPPO: ft_denoising_steps 10
+            "sampler.min_std=0.1",  # DPPO: min_sampling_denoising_std 0.1
+            "algorithm.name=dppo",
+            "algorithm.ratio_scope=step",
+            "algorithm.denoising_discount=0.99",  # DPPO: gamma_denoising 0.99
+            "train.minibatch_size=2000",  # (env step, denoising step) pairs
+        ],
+    ),
+    "dppo_ddim": (
+        "dppo",
+        "ddim",
+        [
+            "model.family=diffusion_policy",
+            "model.num_train_steps=20",
+            "sampler.name=ddim",
+            "sampler.num_steps=5",  # DPPO robomimic: ddim_steps 5
+            "sampler.ft_steps=5",
+            "sampler.eta=1.0",
+            "sampler.min_std=0.1",
+            "algorithm.name=dppo",
+            "algorithm.ratio_scope=step",
+            "algorithm.denoising_discount=0.99",
+            "algorithm.clip_range=0.1",
+            "algorithm.clip_range_base=0.01",
+            "algorithm.clip_range_rate=3",  # DPPO: clip_ploss_coef_rate 3
+            "train.minibatch_size=2000",
+        ],
+    ),
+    "reinflow": ("reinflow", None, ["algorithm.name=reinflow"]),
+    "gaussian_ppo": (
+        "gaussian_ppo",
+        None,
+        [
+            "model.family=gaussian_policy",
+            "model.gaussian_std_init=0.1",  # DPPO's Gaussian: fixed_std 0.1
+            "model.gaussian_std_min=0.01",
+            "model.gaussian_std_max=0.2",
+            "model.gaussian_tanh_mean=true",
+            "sampler.name=gaussian",
+            "sampler.noise_clip=3.0",
+            "sampler.logprob_clip=[-5.0, 2.0]",
+            "sampler.logprob_reduction=mean",
+            "algorithm.name=gaussian_ppo",
+            "algorithm.ratio_scope=step",
+            "algorithm.clip_range=0.01",
+            "train.update_epochs=10",  # DPPO's Gaussian: update_epochs 10
+        ],
+    ),
+    "pirl_flow_sde": (
+        "pirl_flow_sde",
+        None,
+        [
+            "sampler.name=flow_sde",
+            "sampler.noise_level=0.5",  # pi-RL / RLinf: noise_level 0.5
+            "sampler.sde_window=1",
+            "algorithm.name=pirl_flow_sde",
+            "algorithm.ratio_scope=step",
+            "algorithm.clip_range=0.2",  # RLinf ppo: clip_ratio 0.2
+        ],
+    ),
+    "pirl_flow_noise": (
+        "pirl_flow_noise",
+        None,
+        [
+            "sampler.name=flow_noise",
+            "sampler.noise_min_std=0.08",  # pi-RL: noise_logvar_range [0.08, 0.16]
+            "sampler.noise_max_std=0.16",
+            "sampler.denoised_clip=null",
+            "sampler.noise_clip=null",
+            "algorithm.name=pirl_flow_noise",
+            "algorithm.ratio_scope=chain",
+            "algorithm.chain_logprob=reinflow",
+            "algorithm.clip_range=0.2",
+        ],
+    ),
+    "fpo": (
+        "fpo",
+        None,
+        [
+            "sampler.name=euler",
+            "sampler.noise_std=0.1",
+            "~algorithm.ratio_scope",  # PPO's options, not FPO's
+            "~algorithm.ent_coef",
+            "algorithm.name=fpo",
+            "algorithm.clip_range=0.05",  # FPO playground: clipping_epsilon 0.05
+            "algorithm.num_mc_samples=8",
+            "algorithm.target_kl=null",
+        ],
+    ),
+    "fpo++": (
+        "fpo++",
+        None,
+        [
+            "sampler.name=euler",
+            "sampler.noise_std=0.1",
+            "~algorithm.ratio_scope",  # PPO's options, not FPO's
+            "~algorithm.ent_coef",
+            "algorithm.name=fpo++",
+            "algorithm.clip_range=0.05",
+            "algorithm.num_mc_samples=8",
+            "algorithm.target_kl=null",
+        ],
+    ),
+    "residual_ppo": (
+        "residual_ppo",
+        None,
+        [
+            "model.family=residual_policy",
+            "model.base_family=flow_policy",
+            "model.head_hidden_dims=[256, 256]",  # ResiP: 2 x 256
+            "model.residual_scale=0.1",  # ResiP: action_scale 0.1
+            "model.base_noise=sampled",
+            "model.gaussian_std_init=0.22313",  # ResiP: init_logstd -1.5
+            "model.gaussian_std_min=0.001",
+            "model.gaussian_std_max=1.0",
+            "sampler.name=gaussian",
+            *_FLOW_CLIPS,
+            "sampler.logprob_reduction=sum",
+            "algorithm.name=residual_ppo",
+            "algorithm.ratio_scope=step",
+            "algorithm.clip_range=0.2",  # ResiP: clip_coef 0.2
+            "algorithm.target_kl=0.1",  # ResiP: target_kl 0.1
+            "optim.learning_rate=3.0e-4",
+        ],
+    ),
+    "dsrl_ppo": (
+        "dsrl_ppo",
+        None,
+        [
+            "model.family=dsrl_policy",
+            "model.base_family=flow_policy",
+            "model.head_hidden_dims=[128, 128, 128]",  # DSRL gym: 3 layers of 128
+            "model.dsrl_noise_bound=1.5",  # DSRL: action_magnitude 1.5
+            "model.gaussian_std_init=0.5",
+            "model.gaussian_std_min=0.01",
+            "model.gaussian_std_max=1.0",
+            "sampler.name=gaussian",
+            *_FLOW_CLIPS,
+            "sampler.logprob_reduction=sum",
+            "algorithm.name=dsrl_ppo",
+            "algorithm.ratio_scope=step",
+            "algorithm.clip_range=0.2",
+            "algorithm.target_kl=1.0",
+            "optim.learning_rate=3.0e-4",  # DSRL: actor_lr 3e-4
+        ],
+    ),
+}
+# the order of --methods all: the most compared first
+ORDER = (
+    "dppo",
+    "reinflow",
+    "gaussian_ppo",
+    "pirl_flow_sde",
+    "dppo_ddim",
+    "pirl_flow_noise",
+    "fpo",
+    "fpo++",
+    "residual_ppo",
+    "dsrl_ppo",
+)
+assert set(ORDER) == set(METHODS)
 
 
-def find_task_pair(env_id: str) -> tuple[str, str]:
-    """The first ``tasks/robot_*.yaml`` of each algorithm whose ``env.id`` is ``env_id``."""
-    found: dict[str, str] = {}
+def _task_data(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def find_tasks(env_id: str, methods: list[str], base_task: str | None) -> dict[str, tuple[str, list[str]]]:
+    """Per method: (task file, overrides): the method's own ``tasks/robot_*.yaml`` for ``env_id`` if
+    there is one, else the env's ReinFlow task (or ``base_task``) with the method's overrides."""
+    own: dict[str, str] = {}
+    base = base_task
     for path in sorted((ROOT / "tasks").glob("robot_*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        env = (data.get("env") or {}).get("id", "InvertedPendulum-v5")
+        data = _task_data(path)
+        if (data.get("env") or {}).get("id", "InvertedPendulum-v5") != env_id:
+            continue
+        if (data.get("clip_reward") or {}).get("enabled") or "expert" in path.stem:
+            continue
         algo = (data.get("algorithm") or {}).get("name", "reinflow")
-        if env == env_id and algo in ALGOS and not (data.get("clip_reward") or {}).get("enabled"):
-            found.setdefault(algo, path.stem)
-    missing = [a for a in ALGOS if a not in found]
-    if missing:
-        raise SystemExit(
-            f"no {' or '.join(missing)} task file in {ROOT / 'tasks'} has env.id {env_id} "
-            f"(found: {found or 'none'}); pass --task-pair REINFLOW_TASK DPPO_TASK, e.g. the ReinFlow file "
-            "twice with --set-dppo model.family=diffusion_policy algorithm.name=dppo algorithm.ratio_scope=step ..."
-        )
-    return found["reinflow"], found["dppo"]
+        sampler = (data.get("sampler") or {}).get("name")
+        for m, (name, sampler_name, _) in METHODS.items():
+            if name == algo and (sampler_name is None or sampler == sampler_name):
+                if sampler_name is None and m.startswith("dppo") and sampler == "ddim":
+                    continue  # the DDIM task is dppo_ddim's, not DDPM DPPO's
+                own.setdefault(m, path.stem)
+        if algo == "reinflow" and base is None:
+            base = path.stem
+    out = {}
+    for m in methods:
+        if m in own:
+            out[m] = (own[m], [])
+        elif base is not None:
+            out[m] = (base, METHODS[m][2])
+        else:
+            raise SystemExit(
+                f"no ReinFlow task file in {ROOT / 'tasks'} has env.id {env_id} to derive {m} from; "
+                "pass --base-task TASK"
+            )
+    return out
 
 
-def first_reach(rows: list[dict], target: float) -> dict | None:
-    """The first evaluated row whose mean evaluation return is >= target."""
-    for r in rows:
-        if r.get("eval_return_mean") is not None and r["eval_return_mean"] >= target:
-            return r
+def first_reach(curve: list[dict], target: float) -> dict | None:
+    """The first evaluation whose mean return is >= target."""
+    for p in curve:
+        if p["eval_return_mean"] >= target:
+            return p
     return None
 
 
-def run_algo(algo: str, task: str, overrides: list[str], work: Path) -> dict:
-    """BC-pretrain then fine-tune one algorithm through the library; its curve and timings."""
-    from flowrl.config import load_config
-    from flowrl.pretrain import pretrain
-    from flowrl.run import Run
-
-    cfg = load_config(
-        task,
-        [
-            f"pretrain.output_dir={work / f'bc_{algo}'}",
-            "pretrain.eval_episodes=0",  # the BC policy is evaluated as the run's epoch 0
-            f"train.output_dir={work / 'runs'}",
-            f"train.run_name={algo}",
-            *overrides,
+def bc_key(cfg) -> str:
+    """What makes two methods' BC policies the same: the cloned family, its architecture and the
+    BC settings (with the same demonstrations and seed)."""
+    m = cfg.model
+    family = m.base_family if m.family in ("residual_policy", "dsrl_policy") else m.family
+    key = {
+        "family": family,
+        "hidden_dims": m.hidden_dims,
+        "time_dim": m.time_dim,
+        "action_horizon": m.action_horizon,
+        "obs_horizon": cfg.env.obs_horizon,
+        "pretrain": [
+            cfg.pretrain.steps,
+            cfg.pretrain.batch_size,
+            cfg.pretrain.learning_rate,
+            cfg.pretrain.weight_decay,
         ],
-    )
-    if cfg.algorithm.name != algo:
-        raise SystemExit(f"task {task} runs algorithm.name={cfg.algorithm.name}, expected {algo}")
-    print(f"[{algo}] behavior cloning ({task}: {cfg.pretrain.steps} steps) ...", flush=True)
+        "seed": cfg.train.seed,
+    }
+    if family == "diffusion_policy":
+        key["T"] = m.num_train_steps
+    if family == "gaussian_policy":
+        key["gaussian"] = [m.gaussian_std_init, m.gaussian_std_min, m.gaussian_std_max, m.gaussian_tanh_mean]
+    return family + "_" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def sampler_label(cfg) -> str:
+    s, m = cfg.sampler, cfg.model
+    if m.family == "diffusion_policy":
+        if s.name == "ddim":
+            return f"DDIM {s.num_steps} of T={m.num_train_steps} (K={s.ft_steps} fine-tuned)"
+        return f"DDPM T={m.num_train_steps} (K={s.ft_steps} fine-tuned)"
+    if m.family == "gaussian_policy":
+        return "Gaussian MLP"
+    if m.family in ("residual_policy", "dsrl_policy"):
+        return f"{m.family.split('_')[0]} head on flow K={s.num_steps}"
+    return f"{s.name or 'reinflow'} K={s.num_steps}"
+
+
+def _load(task: str, overrides: list[str]):
+    """The task's config with the overrides; ``~section.key`` removes a key of the task file (an
+    option of the base method's objective that the derived method's does not take)."""
+    from flowrl.config import from_dict, read_task
+
+    data = read_task(task, [o for o in overrides if not o.startswith("~")])
+    for o in overrides:
+        if o.startswith("~"):
+            section, _, key = o[1:].partition(".")
+            (data.get(section) or {}).pop(key, None)
+    return from_dict(data)
+
+
+def run_bc(task: str, overrides: list[str], bc_dir: str, threads: int) -> dict:
+    """One BC policy into ``bc_dir`` (a job of the pool)."""
+    torch.set_num_threads(threads)
+    from flowrl.pretrain import pretrain
+
+    cfg = _load(task, [*overrides, f"pretrain.output_dir={bc_dir}", "pretrain.eval_episodes=0"])
     t0 = time.perf_counter()
     bc = pretrain(cfg, task, progress=False)
-    bc_wall = time.perf_counter() - t0
-    shutil.rmtree(work / "runs" / algo, ignore_errors=True)  # this script's own previous run
-    print(f"[{algo}] fine-tuning {cfg.train.num_epochs} epochs ...", flush=True)
+    return {
+        "bc_seconds": bc["train_seconds"],
+        "bc_wall_seconds": time.perf_counter() - t0,
+        "bc_loss_last": bc["bc_loss_last"],
+    }
+
+
+def run_method(method: str, task: str, overrides: list[str], bc_dir: str, work: str, threads: int) -> dict:
+    """Fine-tune one method from its BC policy through the library; its curve and timings (a job)."""
+    torch.set_num_threads(threads)
+    from flowrl.run import Run
+
+    name = method.replace("+", "p")
+    cfg = _load(
+        task,
+        [*overrides, f"pretrain.output_dir={bc_dir}", f"train.output_dir={work}", f"train.run_name={name}"],
+    )
+    shutil.rmtree(Path(work) / name, ignore_errors=True)  # this script's own previous run
+    print(
+        f"[{method} seed {cfg.train.seed}] fine-tuning {cfg.train.num_epochs} epochs ({task}) ...", flush=True
+    )
     trainer = Run(cfg, task, progress=False)
     t0 = time.perf_counter()
     rows = trainer.train()
@@ -115,7 +371,6 @@ def run_algo(algo: str, task: str, overrides: list[str], work: Path) -> dict:
     seconds, curve = 0.0, []
     for r in rows:
         seconds += r.get("time_collect", 0.0) + r.get("time_update", 0.0)
-        r["train_seconds"] = seconds
         if r.get("eval_return_mean") is not None:
             curve.append(
                 {
@@ -127,243 +382,256 @@ def run_algo(algo: str, task: str, overrides: list[str], work: Path) -> dict:
                     "train_return_mean": r.get("train_return_mean"),
                 }
             )
-        print(
-            f"[{algo}] it {r['epoch']:>3}  env steps {r['env_steps']:>7}  train s {seconds:7.1f}  "
-            f"eval {r.get('eval_return_mean', float('nan')):8.1f}",
-            flush=True,
-        )
-    env_steps = rows[-1]["env_steps"]
-    rollout_s = sum(r.get("time_collect", 0.0) for r in rows)
+    print(
+        f"[{method} seed {cfg.train.seed}] done: eval "
+        + " ".join(f"{p['eval_return_mean']:.1f}" for p in curve)
+        + f" ({seconds:.1f} train s)",
+        flush=True,
+    )
     c = cfg.env
-    return {
-        "algorithm": algo,
+    result = {
+        "method": method,
         "task": task,
-        "env": cfg.env.id,
-        "success_return": cfg.env.success_return,
-        "sampler": (
-            f"DDPM T={cfg.model.num_train_steps} (K={cfg.sampler.ft_steps} fine-tuned)"
-            if cfg.model.family == "diffusion_policy"
-            else f"flow K={cfg.sampler.num_steps}"
-        ),
+        "derived": bool(overrides and any(o.startswith("algorithm.name=") for o in overrides)),
+        "seed": cfg.train.seed,
+        "sampler": sampler_label(cfg),
         "hidden_dims": cfg.model.hidden_dims,
-        "steps_per_iteration": c.num_envs * c.n_steps * cfg.env.action_steps,
-        "bc_steps": cfg.pretrain.steps,
-        "bc_seconds": bc["train_seconds"],
-        "bc_wall_seconds": bc_wall,
-        "bc_loss_last": bc["bc_loss_last"],
-        "bc_return": rows[0]["eval_return_mean"],
+        "steps_per_iteration": c.num_envs * c.n_steps * c.action_steps,
+        "bc_return": curve[0]["eval_return_mean"],
         "best_return": max(p["eval_return_mean"] for p in curve),
         "final_return": curve[-1]["eval_return_mean"],
         "iterations": rows[-1]["epoch"],
-        "env_steps": env_steps,
-        "train_seconds": rows[-1]["train_seconds"],
-        "rollout_seconds": rollout_s,
+        "env_steps": rows[-1]["env_steps"],
+        "train_seconds": seconds,
+        "rollout_seconds": sum(r.get("time_collect", 0.0) for r in rows),
         "wall_seconds_with_eval": total_wall,
-        "env_steps_per_s": env_steps / max(rows[-1]["train_seconds"], 1e-9),
-        "rollout_env_steps_per_s": env_steps / max(rollout_s, 1e-9),
         "curve": curve,
         "run_dir": str(trainer.run_dir),
     }
+    # each job's result as it ends, so --report-only can tabulate the jobs that finished
+    (Path(work) / f"{name}.result.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def fmt(x, spec: str = ".0f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def table(results: list[dict], target: float) -> str:
-    head = (
-        "| algorithm | sampler | BC s | BC return | best return | final return "
-        f"| env steps to {target:g} | train s to {target:g} | total env steps | total train s "
-        "| env-steps/s (train) | env-steps/s (rollout) |"
-    )
-    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
-    for r in results:
-        hit = r["reached"]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["algorithm"],
-                    r["sampler"],
-                    fmt(r["bc_seconds"], ".1f"),
-                    fmt(r["bc_return"], ".1f"),
-                    fmt(r["best_return"], ".1f"),
-                    fmt(r["final_return"], ".1f"),
-                    fmt(hit["env_steps"], "d") if hit else "not reached",
-                    fmt(hit["train_seconds"], ".1f") if hit else "not reached",
-                    fmt(r["env_steps"], "d"),
-                    fmt(r["train_seconds"], ".1f"),
-                    fmt(r["env_steps_per_s"], ".0f"),
-                    fmt(r["rollout_env_steps_per_s"], ".0f"),
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
-
-
-def aggregate_table(by_seed: dict[int, list[dict]], target: float) -> str:
-    """Per algorithm over seeds: the final return, and the env steps and training seconds to the
-    target over the seeds that reached it, each mean +/- the 95% t interval."""
+def pm(values, spec: str) -> str:
     from flowrl.seeds import mean_interval
 
-    def pm(values, spec):
-        if not values:
-            return "not reached"
-        m, ci = mean_interval(values)
-        return fmt(m, spec) + ("" if ci is None else f" ± {fmt(ci, spec)}")
+    if not values:
+        return "n/a"
+    m, ci = mean_interval(values)
+    return fmt(m, spec) + ("" if ci is None else f" ± {fmt(ci, spec)}")
 
+
+def aggregate_table(results: dict[str, list[dict]], target: float) -> str:
+    """Per method over seeds: BC and final return, seeds reaching the target, env steps and training
+    seconds to it (over those seeds), mean +- the 95% t interval; seconds also as a ratio to DPPO's."""
     lines = [
-        f"| algorithm | seeds reaching {target:g} | final return | env steps to {target:g} | train s to {target:g} |",
-        "|---|---|---|---|---|",
+        f"| method | sampler | task | BC return | final return | reached {target:g} | env steps to {target:g} "
+        f"| train s to {target:g} | s-to-target / DPPO's | train s per iteration |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    seconds = {}
-    for i, algo in enumerate(ALGOS):
-        runs = [results[i] for results in by_seed.values()]
-        hits = [r["reached"] for r in runs if r["reached"]]
-        seconds[algo] = [h["train_seconds"] for h in hits]
+
+    def hits(m):
+        return [r["reached"] for r in results[m] if r["reached"]]
+
+    ref = [h["train_seconds"] for h in hits("dppo")] if "dppo" in results else []
+    for m, runs in results.items():
+        h = hits(m)
+        secs = [x["train_seconds"] for x in h]
+        ratio = fmt(np.mean(secs) / np.mean(ref), ".2f") if secs and ref else "n/a"
+        task = runs[0]["task"] + (" + overrides" if runs[0]["derived"] else "")
         lines.append(
-            f"| {algo} | {len(hits)}/{len(runs)} | {pm([r['final_return'] for r in runs], '.1f')} "
-            f"| {pm([h['env_steps'] for h in hits], '.0f')} | {pm(seconds[algo], '.1f')} |"
+            f"| {m} | {runs[0]['sampler']} | {task} | {pm([r['bc_return'] for r in runs], '.1f')} "
+            f"| {pm([r['final_return'] for r in runs], '.1f')} | {len(h)}/{len(runs)} "
+            f"| {pm([x['env_steps'] for x in h], '.0f')} | {pm(secs, '.1f')} | {ratio} "
+            f"| {pm([r['train_seconds'] / max(r['iterations'], 1) for r in runs], '.1f')} |"
         )
-    if seconds["reinflow"] and seconds["dppo"]:
-        saved = 1 - np.mean(seconds["reinflow"]) / np.mean(seconds["dppo"])
-        lines += ["", f"ReinFlow's mean training seconds to {target:g} are {saved:.1%} less than DPPO's."]
     return "\n".join(lines)
 
 
-def mean_curves(by_seed: dict[int, list[dict]]) -> list[dict]:
-    """Per algorithm, the seeds' evaluations averaged at the iterations every seed evaluated:
-    steps and seconds their means, the return its mean with the 95% t interval as the band."""
+def seed_table(results: dict[str, list[dict]], target: float) -> str:
+    lines = [
+        "| method | seed | BC return | best | final | env steps to target | train s to target | total train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, runs in results.items():
+        for r in runs:
+            h = r["reached"]
+            lines.append(
+                f"| {m} | {r['seed']} | {fmt(r['bc_return'], '.1f')} | {fmt(r['best_return'], '.1f')} "
+                f"| {fmt(r['final_return'], '.1f')} | {fmt(h['env_steps'], 'd') if h else 'not reached'} "
+                f"| {fmt(h['train_seconds'], '.1f') if h else 'not reached'} | {fmt(r['train_seconds'], '.1f')} |"
+            )
+    return "\n".join(lines)
+
+
+def mean_curves(results: dict[str, list[dict]]) -> list[dict]:
+    """Per method, the seeds' evaluations averaged at the iterations every seed evaluated: steps and
+    seconds their means, the return its mean with the 95% t interval as the band."""
     from flowrl.seeds import mean_interval
 
     out = []
-    for i, algo in enumerate(ALGOS):
-        curves = [{p["iteration"]: p for p in results[i]["curve"]} for results in by_seed.values()]
+    for m, runs in results.items():
+        curves = [{p["iteration"]: p for p in r["curve"]} for r in runs]
         common = sorted(set.intersection(*(set(c) for c in curves)))
         points = []
         for it in common:
-            m, ci = mean_interval([c[it]["eval_return_mean"] for c in curves])
+            mean, ci = mean_interval([c[it]["eval_return_mean"] for c in curves])
             points.append(
                 {
                     "env_steps": float(np.mean([c[it]["env_steps"] for c in curves])),
                     "train_seconds": float(np.mean([c[it]["train_seconds"] for c in curves])),
-                    "eval_return_mean": m,
+                    "eval_return_mean": mean,
                     "eval_return_std": ci or 0.0,
                 }
             )
-        first = next(iter(by_seed.values()))[i]
-        out.append(
-            {"algorithm": f"{algo}, {len(curves)} seeds", "sampler": first["sampler"], "curve": points}
-        )
+        out.append({"label": f"{m} ({runs[0]['sampler']}), {len(runs)} seed(s)", "curve": points})
     return out
 
 
-def plot(results: list[dict], target: float, path: Path, title: str, band: str = "mean +/- std") -> None:
+def plot(curves: list[dict], target: float, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100, sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), dpi=100, sharey=True)
     for ax, key, label in (
         (axes[0], "env_steps", "environment steps"),
-        (axes[1], "train_seconds", "training seconds (rollout + update, 1 core)"),
+        (axes[1], "train_seconds", "training seconds (rollout + update, 1 thread)"),
     ):
-        for r in results:
-            x = np.array([p[key] for p in r["curve"]])
-            m = np.array([p["eval_return_mean"] for p in r["curve"]])
-            s = np.array([p["eval_return_std"] for p in r["curve"]])
-            (line,) = ax.plot(x, m, marker="o", ms=3, label=f"{r['algorithm']} ({r['sampler']})")
-            ax.fill_between(x, m - s, m + s, alpha=0.15, color=line.get_color())
+        for c in curves:
+            x = np.array([p[key] for p in c["curve"]])
+            m = np.array([p["eval_return_mean"] for p in c["curve"]])
+            s = np.array([p["eval_return_std"] for p in c["curve"]])
+            (line,) = ax.plot(x, m, marker="o", ms=3, label=c["label"])
+            ax.fill_between(x, m - s, m + s, alpha=0.12, color=line.get_color())
         ax.axhline(target, ls="--", color="gray", lw=1, label=f"target {target:g}")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"deterministic eval return ({band})")
-    axes[0].legend(loc="best", fontsize=8)
+    axes[0].set_ylabel("deterministic eval return (mean +/- 95% interval over seeds)")
+    axes[0].legend(loc="best", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def _pool(n: int):
+    return ProcessPoolExecutor(max_workers=n, mp_context=get_context("spawn")) if n > 1 else None
+
+
+def _map(pool, fn, jobs: list[tuple]) -> list:
+    if pool is None:
+        return [fn(*j) for j in jobs]
+    return [f.result() for f in [pool.submit(fn, *j) for j in jobs]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--env", default="InvertedPendulum-v5", help="picks tasks/robot_*.yaml by env.id")
+    ap.add_argument("--methods", default="all", help=f"comma-separated, of {', '.join(ORDER)} (default all)")
+    ap.add_argument("--base-task", help="the task the methods without a task file of their own derive from")
     ap.add_argument(
-        "--env", default="InvertedPendulum-v5", help="picks tasks/robot_*_{reinflow,dppo}.yaml by env.id"
+        "--task-pair",
+        nargs=2,
+        metavar=("REINFLOW_TASK", "DPPO_TASK"),
+        help="ReinFlow vs DPPO from these two files",
     )
-    ap.add_argument("--task-pair", nargs=2, metavar=("REINFLOW_TASK", "DPPO_TASK"), help="overrides --env")
-    ap.add_argument("--iterations", type=int, default=15, help="RL fine-tuning iterations per algorithm")
+    ap.add_argument("--iterations", type=int, default=15, help="RL fine-tuning iterations per method")
     ap.add_argument(
         "--eval-every", type=int, default=1, help="evaluate every N iterations (and at 0 and the end)"
     )
-    ap.add_argument("--eval-episodes", type=int, default=None, help="default: the task's env.eval_episodes")
     ap.add_argument(
-        "--target", type=float, default=None, help="target return (default: --target-frac x success_return)"
+        "--eval-episodes", type=int, default=None, help="default: the base task's env.eval_episodes"
     )
-    ap.add_argument("--target-frac", type=float, default=0.9)
-    ap.add_argument("--seed", type=int, default=0, help="train.seed: BC init/minibatches and RL rollouts")
-    ap.add_argument("--seeds", help="several train.seed values, e.g. 0,1,2 (overrides --seed)")
+    ap.add_argument("--target", type=float, default=None, help="target return (default: see --target-frac)")
+    ap.add_argument(
+        "--target-frac",
+        type=float,
+        default=0.9,
+        help="target = this x env.success_return; without a success return, the expert's mean demonstration return",
+    )
+    ap.add_argument(
+        "--seeds", default="0", help="train.seed values, e.g. 0,1,2 (BC init/minibatches and RL rollouts)"
+    )
+    ap.add_argument("--seed", type=int, default=None, help="one seed (as --seeds S)")
     ap.add_argument("--bc-steps", type=int, default=None, help="default: each task's pretrain.steps")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for both tasks")
-    ap.add_argument("--set-reinflow", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--set-dppo", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every method")
+    ap.add_argument(
+        "--set-method",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("METHOD", "KEY=VALUE"),
+        help="one method's override",
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="tabulate the finished jobs' results under --out (e.g. another --target)",
+    )
+    ap.add_argument("--parallel", type=int, default=1, help="(method, seed) jobs at once")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from flowrl.config import load_config
     from flowrl.data.experts import resolve_demonstrations
+    from flowrl.seeds import parse_seeds
 
-    tasks = dict(zip(ALGOS, args.task_pair or find_task_pair(args.env)))
+    if args.task_pair:
+        tasks = {"reinflow": (args.task_pair[0], []), "dppo": (args.task_pair[1], [])}
+    else:
+        methods = list(ORDER) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(ORDER)}")
+        tasks = find_tasks(args.env, methods, args.base_task)
+    seeds = [args.seed] if args.seed is not None else parse_seeds(args.seeds)
     common = [
         f"train.num_epochs={args.iterations}",
         f"train.eval_every={args.eval_every}",
         "train.save_every=0",
         f"train.torch_threads={args.threads}",
-        *([f"env.eval_episodes={args.eval_episodes}"] if args.eval_episodes else []),
         *([f"pretrain.steps={args.bc_steps}"] if args.bc_steps else []),
         *args.set,
     ]
-    per_algo = {"reinflow": common + args.set_reinflow, "dppo": common + args.set_dppo}
-    cfgs = {a: load_config(tasks[a], per_algo[a]) for a in ALGOS}
-    ref = cfgs["reinflow"]
+    per_method = {
+        m: [*ov, *common, *[kv for mm, kv in args.set_method if mm == m]] for m, (task, ov) in tasks.items()
+    }
+    cfgs = {m: _load(tasks[m][0], per_method[m]) for m in tasks}
+    first = next(iter(tasks))
+    ref = cfgs[first]
     env_id = ref.env.id
-    for key in ("id", "action_steps", "obs_horizon", "kwargs", "max_episode_steps"):
-        if getattr(ref.env, key) != getattr(cfgs["dppo"].env, key):
-            raise SystemExit(f"the two tasks differ in env.{key}: {tasks}")
-    if (
-        ref.env.eval_episodes != cfgs["dppo"].env.eval_episodes
-        or ref.train.eval_seed != cfgs["dppo"].train.eval_seed
-    ):
-        raise SystemExit(
-            "the two tasks evaluate on different episodes: set env.eval_episodes/train.eval_seed with --set"
-        )
-    if ref.demos != cfgs["dppo"].demos:
-        print(f"note: the tasks' demos sections differ; both clone the ReinFlow task's ({tasks['reinflow']})")
-    if args.target is not None:
-        target = args.target
-    elif ref.env.success_return is not None:
-        target = args.target_frac * ref.env.success_return
-    else:
-        raise SystemExit(f"{tasks['reinflow']} has no env.success_return: pass --target")
+    episodes = args.eval_episodes or ref.env.eval_episodes
+    for m, cfg in cfgs.items():
+        for key in ("id", "action_steps", "obs_horizon", "kwargs", "max_episode_steps"):
+            if getattr(cfg.env, key) != getattr(ref.env, key):
+                raise SystemExit(f"{m}'s task {tasks[m][0]} differs from {tasks[first][0]} in env.{key}")
+        if cfg.demos != ref.demos:
+            print(f"note: {m}'s task has another demos section; every method clones {tasks[first][0]}'s")
+        per_method[m] += [f"env.eval_episodes={episodes}", f"train.eval_seed={ref.train.eval_seed}"]
 
     out = Path(args.out)
     work = out / env_id
     work.mkdir(parents=True, exist_ok=True)
-    # 1. the demonstrations, once, shared by both BC policies
+    # 1. the demonstrations, once, shared by every BC policy
     demo_dir = work / "demos"
-    shutil.rmtree(demo_dir, ignore_errors=True)  # regenerate: the cache does not key on the config
-    t0 = time.perf_counter()
+    if not args.report_only:
+        shutil.rmtree(demo_dir, ignore_errors=True)  # regenerate: the cache does not key on the config
     demos = resolve_demonstrations(ref, demo_dir) if ref.demos.path is None else None
     demo_path = demo_dir / "demos.npz" if demos is not None else Path(ref.demos.path)
-    demo_s = time.perf_counter() - t0
+    demo_return = None
     if demos is not None:
         rets = demos.episode_returns()
+        demo_return = float(np.mean(rets)) if rets is not None else None
         print(
-            f"demonstrations: {demos.num_episodes} episodes, {len(demos.actions)} steps, "
-            f"return {fmt(float(np.mean(rets)) if rets is not None else None, '.1f')} ({demo_s:.1f} s) -> {demo_path}"
+            f"demonstrations: {demos.num_episodes} episodes, return {fmt(demo_return, '.1f')} -> {demo_path}"
         )
     demo_override = [
         f"demos.path={demo_path}",
@@ -371,51 +639,102 @@ def main() -> None:
     ]
     if demos is None and ref.demos.obs_keys:
         demo_override.append(f"demos.obs_keys={json.dumps(ref.demos.obs_keys)}")
+    if args.target is not None:
+        target, target_doc = args.target, "--target"
+    elif ref.env.success_return is not None:
+        target = args.target_frac * ref.env.success_return
+        target_doc = f"{args.target_frac:g} x env.success_return {ref.env.success_return:g}"
+    elif demo_return is not None:
+        target, target_doc = round(demo_return, 2), "the scripted expert's mean demonstration return"
+    else:
+        raise SystemExit(f"{tasks[first][0]} has no env.success_return and no expert return: pass --target")
 
-    # 2. BC + RL per algorithm and seed, one after the other (one process, one thread)
-    from flowrl.seeds import parse_seeds
-
-    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
-    by_seed: dict[int, list[dict]] = {}
+    # 2. BC per distinct BC policy and seed, then RL per method and seed
+    jobs, bc_jobs = [], {}
     for seed in seeds:
-        folder = work / f"seed_{seed}" if len(seeds) > 1 else work
-        results = []
-        for algo in ALGOS:
-            r = run_algo(algo, tasks[algo], [*demo_override, *per_algo[algo], f"train.seed={seed}"], folder)
-            r["reached"], r["seed"] = first_reach(r["curve"], target), seed
-            results.append(r)
-        by_seed[seed] = results
-    if results[0]["steps_per_iteration"] != results[1]["steps_per_iteration"]:
-        print("note: the tasks collect different env steps per iteration; compare on the env-step axis")
+        for m in tasks:
+            ov = [*demo_override, *per_method[m], f"train.seed={seed}"]
+            key = bc_key(_load(tasks[m][0], ov))
+            bc_dir = str(work / "bc" / key)
+            bc_jobs.setdefault(key, (tasks[m][0], ov, bc_dir, args.threads))
+            jobs.append((m, tasks[m][0], ov, bc_dir, str(work / f"seed_{seed}"), args.threads, seed, key))
+    jobs.sort(key=lambda j: list(tasks).index(j[0]))  # all seeds of the first method first
+    load0 = os.getloadavg()[0]
+    t_start = time.time()
+    if args.report_only:  # the jobs that finished (their result files), BC times from their folders
+        runs, bcs = [], {}
+        for j in jobs:
+            f = Path(j[4]) / f"{j[0].replace('+', 'p')}.result.json"
+            runs.append(json.loads(f.read_text()) if f.is_file() else None)
+            bc_eval = Path(j[3]) / "eval.json"
+            if bc_eval.is_file():
+                e = json.loads(bc_eval.read_text())
+                bcs[j[-1]] = {"bc_seconds": e["train_seconds"], "bc_loss_last": e["bc_loss_last"]}
+        missing = [f"{j[0]}/seed {j[6]}" for j, r in zip(jobs, runs) if r is None]
+        if missing:
+            print(f"not run (left out of the tables): {', '.join(missing)}")
+    else:
+        pool = _pool(args.parallel)
+        print(f"behavior cloning: {len(bc_jobs)} policies ({', '.join(bc_jobs)}) ...", flush=True)
+        bcs = dict(zip(bc_jobs, _map(pool, run_bc, list(bc_jobs.values()))))
+        runs = _map(pool, run_method, [j[:-2] for j in jobs])
+        if pool is not None:
+            pool.shutdown()
+    load1 = os.getloadavg()[0]
+    results: dict[str, list[dict]] = {}
+    for j, r in zip(jobs, runs):
+        if r is None:
+            continue
+        r["reached"] = first_reach(r["curve"], target)
+        r.update(bcs.get(j[-1], {}), bc_key=j[-1])
+        results.setdefault(j[0], []).append(r)
+    if not results:
+        raise SystemExit(f"no finished runs under {work}")
 
     # 3. report
+    steps = {r[0]["steps_per_iteration"] for r in results.values()}
     title = (
-        f"{env_id}: ReinFlow ({tasks['reinflow']}) vs DPPO ({tasks['dppo']}), "
-        f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}, "
-        f"{args.threads} torch thread(s), eval {ref.env.eval_episodes} fixed-seed episodes"
+        f"{env_id}: {len(tasks)} methods, seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}, "
+        f"{args.threads} torch thread(s) per job, {args.parallel} job(s) at once, eval {episodes} fixed-seed episodes"
     )
     lines = [
         f"# {title}",
         "",
-        f"Target return {target:g}; {args.iterations} iterations x "
-        f"up to {results[0]['steps_per_iteration']} env steps, evaluation every {args.eval_every}; "
-        "train s = rollout + PPO update (evaluation excluded); BC s = behavior-cloning time "
-        f"(same {demo_path.name}, {ref.demos.num_episodes if demos is not None else '?'} demonstration episodes).",
+        f"Target return {target:g} ({target_doc}); {args.iterations} iterations x "
+        f"{'/'.join(map(str, sorted(steps)))} env steps, evaluation every {args.eval_every}; "
+        f"train s = rollout + update (evaluation excluded), measured at load average {load0:.1f} -> {load1:.1f} "
+        f"on {os.cpu_count()} cores ({(time.time() - t_start) / 60:.1f} min wall in all); the same "
+        f"{demo_path.name} for every BC policy (expert return {fmt(demo_return, '.1f')}).",
+        "",
+        f"## {len(seeds)} seed(s): mean ± 95% interval (t)",
+        "",
+        aggregate_table(results, target),
+        "",
+        "## per seed",
+        "",
+        seed_table(results, target),
         "",
     ]
-    if len(seeds) > 1:
-        lines += [f"## {len(seeds)} seeds: mean ± 95% interval (t)", "", aggregate_table(by_seed, target), ""]
-    for seed, results in by_seed.items():
-        lines += ([f"## seed {seed}", ""] if len(seeds) > 1 else []) + [table(results, target), ""]
+    if len(steps) > 1:
+        lines.insert(
+            3, "Note: the methods collect different env steps per iteration; compare on the env-step axis.\n"
+        )
     md = "\n".join(lines)
     stem = f"robot_algos_{env_id}"
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(
-        json.dumps({"target": target, "tasks": tasks, "args": vars(args), "results": by_seed}, indent=2)
+        json.dumps(
+            {
+                "target": target,
+                "target_doc": target_doc,
+                "tasks": tasks,
+                "args": vars(args),
+                "results": results,
+            },
+            indent=2,
+        )
     )
-    shown = mean_curves(by_seed) if len(seeds) > 1 else by_seed[seeds[0]]
-    band = "mean +/- 95% interval over seeds" if len(seeds) > 1 else "mean +/- std"
-    plot(shown, target, out / f"{stem}.png", title.replace("), seed", "),\nseed"), band)
+    plot(mean_curves(results), target, out / f"{stem}.png", title)
     print()
     print(md)
     print(f"wrote {out / stem}.md, .json, .png")
