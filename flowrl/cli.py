@@ -140,6 +140,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     d = cfg.train.device
     device = "cuda" if d == "cuda" or (d == "auto" and torch.cuda.is_available()) else "cpu"
     bc_dir = cfg.bc_dir(name)
+    _check_evaluate_memory(cfg, Path(args.policy) if args.policy else bc_dir, args, device)
     policy = load_policy(Path(args.policy) if args.policy else bc_dir, device)
     sampler = sampler_for(cfg, policy)
     if args.guide == "rlg":
@@ -190,6 +191,23 @@ def _evaluate(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{r[0]} {g:.1f}" for r, g in zip(runs, returns))
         print(f"video: {args.video} (reset seed {seed}; returns: {shown})")
     return 0
+
+
+def _check_evaluate_memory(cfg, folder: Path, args: argparse.Namespace, device: str) -> None:
+    """The episodes (one environment each, all at once) and particles that cannot fit: refused
+    before the policy loads (:mod:`flowrl.memory`; train.skip_memory_check=true skips it)."""
+    from flowrl import memory
+    from flowrl.errors import read_json
+
+    if cfg.train.skip_memory_check or not (folder / "policy.json").is_file():
+        return
+    arch = read_json(folder / "policy.json", "policy file")
+    if not isinstance(arch, dict) or "obs_dim" not in arch or "action_dim" not in arch:
+        return  # load_policy names what is missing
+    particles = args.particles if args.guide in ("best-of-n", "smc") else 1
+    n = args.episodes or cfg.env.eval_episodes
+    est = memory.estimate_env(cfg, int(arch["obs_dim"]), int(arch["action_dim"]), n, particles)
+    memory.check(est, device, "train.skip_memory_check=true", what="evaluation")
 
 
 def _build_action_reward(spec: str, factory, kwargs: dict):
@@ -431,6 +449,7 @@ def _sample(args: argparse.Namespace) -> int:
     if FAMILIES[family].kind != "text_to_image":
         raise ConfigError(f"flowrl sample draws images; --family {family} is a policy (use flowrl evaluate)")
     sampler_name = args.sampler_name or FAMILIES[family].samplers[0]
+    _check_sample_memory(args, family, len(prompts), device)
     pipe = load_pipeline(args.model_pretrained, family, image_size=args.model_tiny_image_size)
     kind = _load_finetuned(pipe, family, Path(args.lora)) if args.lora else None
     if args.guide == "rlg" and kind == "full":
@@ -478,6 +497,49 @@ def _sample(args: argparse.Namespace) -> int:
         + (" and trajectory.safetensors" if args.save_trajectory else "")
     )
     return 0
+
+
+def _sample_noise(args: argparse.Namespace, sampler_name: str) -> tuple[float, float | None]:
+    """flowrl sample's --eta and --noise-level: 0 (the deterministic chain evaluation samples)
+    unless given, but for --guide smc the training sampler's noise (eta 1; the flow samplers' own
+    level): SMC's resampling differs from best-of-N only when the particles' steps draw noise, as
+    ``flowrl evaluate`` samples SMC's chunks stochastically. An explicit 0 with smc is refused."""
+    smc = args.guide == "smc"
+    eta = args.sampler_eta if args.sampler_eta is not None else 1.0 if smc else 0.0
+    noise = args.sampler_noise_level if args.sampler_noise_level is not None else None if smc else 0.0
+    if smc and (eta if sampler_name == "ddim" else noise) == 0:
+        flag = "--eta" if sampler_name == "ddim" else "--noise-level"
+        raise ConfigError(
+            f"--guide smc with {flag} 0: every step is deterministic, so resampled particles stay identical "
+            f"copies and SMC is best-of-N; drop {flag} (smc's default samples with noise) or use --guide best-of-n"
+        )
+    args.sampler_eta, args.sampler_noise_level = eta, noise
+    return eta, noise
+
+
+def _check_sample_memory(args: argparse.Namespace, family: str, num_images: int, device) -> None:
+    """Sizes that cannot fit (every image of the command samples in one chain): refused before the
+    model loads (:mod:`flowrl.memory`; --skip-memory-check skips it)."""
+    from flowrl import memory
+
+    if args.skip_memory_check:
+        return
+    sizes = memory.read_model_sizes(args.model_pretrained, args.model_tiny_image_size)
+    if sizes is None:
+        return
+    particles = args.particles if args.guide in ("best-of-n", "smc") else 1
+    steps = args.sampler_num_steps or 20
+    est = memory.estimate_sample(
+        num_images,
+        particles,
+        steps,
+        args.sampler_guidance_scale,
+        family,
+        sizes,
+        args.model_pretrained == "tiny",
+        gradient=args.guide == "reward-grad",
+    )
+    memory.check(est, str(device), "--skip-memory-check", what="command")
 
 
 def _sample_noise(args: argparse.Namespace, sampler_name: str) -> tuple[float, float | None]:
@@ -745,6 +807,12 @@ def build_parser() -> argparse.ArgumentParser:
         guide_help="inference-time guidance: RL guidance (needs --lora), reward gradient, best-of-N, SMC",
         reward_help="reward for reward-grad / best-of-n / smc: a name or a script path",
         what="sample",
+    )
+    sa.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="skip the memory estimate that refuses sizes that cannot fit before the model loads "
+        "(an order-of-magnitude estimate, flowrl.memory)",
     )
     sa.add_argument(
         "--save-trajectory",

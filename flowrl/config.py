@@ -441,6 +441,9 @@ class TrainConfig:
     device: str = "auto"
     # torch threads of the run (null: torch's default; 1 is fastest for small policy networks)
     torch_threads: int | None = None
+    # skip the memory check made before any weights load (flowrl.memory: an order-of-magnitude estimate of the
+    # peak from the sizes; a run estimated above 4x the device's available memory is refused, above 1x warned)
+    skip_memory_check: bool = False
 
 
 @dataclass

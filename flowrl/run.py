@@ -96,6 +96,9 @@ class Run:
         Collector = collector_class(cfg.kind)
         # before anything heavy: bad prompts, reward names, model folders and resume folders fail fast
         Collector.check(cfg, task_name)
+        from flowrl.memory import check_run
+
+        check_run(cfg, task_name)  # sizes that cannot fit: refused (or warned) before any weights load
         resume_from = self._resume_folder()
         if resume_from is not None:
             check_resume(cfg, resume_from)  # changed keys that break exactness: refused, listed

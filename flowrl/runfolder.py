@@ -42,6 +42,7 @@ FREE_ON_RESUME = {
     "train.save_every",
     "train.keep_checkpoints",
     "train.torch_threads",
+    "train.skip_memory_check",
 }
 
 
