@@ -127,7 +127,11 @@ def make_vector_env(num_envs: int, vectorization: str = "sync", **make_kwargs) -
     bootstrapping truncated episodes)."""
     fns = [lambda: make_env(**make_kwargs) for _ in range(num_envs)]
     if vectorization == "async":
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        # rendering envs start fresh processes: an EGL/OpenGL state forked from this one hangs
+        context = "spawn" if make_kwargs.get("render_mode") is not None else None
+        return gym.vector.AsyncVectorEnv(
+            fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, context=context
+        )
     if vectorization != "sync":
         raise ValueError(f"vectorization must be sync or async, got {vectorization!r}")
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)

@@ -164,3 +164,36 @@ def test_default_clip_weights_offline_error_names_the_fix(monkeypatch):
     with pytest.raises(MissingFileError, match="clip_reward.pretrained=/path/to") as err:
         shared_reward_model(cfg.clip_reward)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_clip_reward_with_async_envs_equals_sync(renderer):
+    """env.vectorization=async with rendering: the envs run in spawned processes (a forked EGL
+    state hangs), CLIP in this one; the rewards and both return terms equal the sync envs'."""
+    from flowrl.config import load_config
+    from flowrl.envs.rollouts import task_vector_env
+
+    clip = [
+        "clip_reward.enabled=true",
+        "clip_reward.model=flowrl-tiny",
+        "clip_reward.pretrained=null",
+        "clip_reward.goal_prompt=a pole balanced upright",
+        "clip_reward.render_size=32",
+        "clip_reward.device=cpu",
+        "env.max_episode_steps=6",
+    ]
+    outs = []
+    for mode in ("sync", "async"):
+        vec = task_vector_env(
+            load_config("robot_inverted_pendulum_reinflow", [*clip, f"env.vectorization={mode}"]), 2, True
+        )
+        vec.reset(seed=[0, 1])
+        steps = [vec.step(np.zeros((2, 4, 1), np.float32)) for _ in range(2)]
+        vec.close()
+        outs.append(steps)
+    for (_, ra, _, _, ia), (_, rb, _, _, ib) in zip(*outs):
+        np.testing.assert_allclose(ra, rb, rtol=1e-6)
+        np.testing.assert_allclose(ia["reward_clip"], ib["reward_clip"], rtol=1e-6)
+    fa, fb = outs[0][1][4]["final_info"], outs[1][1][4]["final_info"]
+    for key in ("episode_return", "episode_return_env", "episode_return_clip"):
+        np.testing.assert_allclose(fa[key], fb[key], rtol=1e-6)
