@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -540,8 +541,11 @@ def device_of(setting: str | None) -> str:
     """The device a command will use: ``train.device`` / ``--device`` (auto: cuda when visible)."""
     import torch
 
+    if setting in (None, "auto", "cuda") and torch.cuda.is_available():
+        rank = os.environ.get("LOCAL_RANK")  # torchrun / accelerate: this process's GPU
+        return f"cuda:{rank}" if rank is not None and rank.isdigit() else "cuda"
     if setting in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cpu"
     if setting.startswith("cuda") and not torch.cuda.is_available():
         return "cpu"  # the command reports that itself
     return setting
