@@ -41,6 +41,7 @@ sample --skip-memory-check``) turns the check off.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -148,6 +149,33 @@ class ModelSizes:
     denoiser: Blocks
     decoder: Blocks | None  # the VAE decoder (None: a pixel-space model)
     source: str  # where the sizes were read
+    image_hw: tuple[int, int] | None = None  # (H, W) when not image_side x image_side (model.resolution)
+
+    @property
+    def pixels(self) -> int:
+        return self.image_hw[0] * self.image_hw[1] if self.image_hw else self.image_side**2
+
+    def describe(self) -> str:
+        h, w = self.image_hw or (self.image_side, self.image_side)
+        return f"{h}x{w} images ({'x'.join(map(str, self.latent))} latents)"
+
+    def at_resolution(self, resolution) -> ModelSizes:
+        """The sizes at ``model.resolution`` (an int, or [H, W] pixels): every feature map, token count
+        and latent scales with the image's area (the text tokens do not; they are few)."""
+        if resolution is None:
+            return self
+        h, w = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        ratio = h * w / self.image_side**2
+        scale = lambda b: Blocks([(n * ratio, k) for n, k in b.blocks])  # noqa: E731
+        c, lh, lw = self.latent
+        latent = (c, max(1, round(lh * h / self.image_side)), max(1, round(lw * w / self.image_side)))
+        return dataclasses.replace(
+            self,
+            latent=latent,
+            denoiser=scale(self.denoiser),
+            decoder=scale(self.decoder) if self.decoder is not None else None,
+            image_hw=(h, w),
+        )
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -316,9 +344,13 @@ def estimate_text_to_image(cfg, family: str, sizes: ModelSizes) -> Estimate:
     B = t.sample_batch_size * t.num_batches_per_epoch
     K = s.num_steps
     E = math.prod(sizes.latent)
-    res = f"{sizes.image_side}x{sizes.image_side} images ({'x'.join(map(str, sizes.latent))} latents)"
+    res = sizes.describe()
     size_fix = (
-        "lower model.tiny_image_size" if m.pretrained == "tiny" else "use a model of a smaller resolution"
+        "lower model.resolution"
+        if getattr(m, "resolution", None) is not None
+        else "lower model.tiny_image_size"
+        if m.pretrained == "tiny"
+        else "use a model of a smaller resolution (or set model.resolution)"
     )
     full = m.finetune == "full"
     trained = (
@@ -350,7 +382,7 @@ def estimate_text_to_image(cfg, family: str, sizes: ModelSizes) -> Estimate:
         ),
         Term(
             f"the stored chain ({B} trajectories x {K + 1} states of {res})",
-            B * ((K + 1) * E + sizes.cond_elements * G + 3 * sizes.image_side**2) * 4,
+            B * ((K + 1) * E + sizes.cond_elements * G + 3 * sizes.pixels) * 4,
             "lower train.sample_batch_size or train.num_batches_per_epoch (or sampler.num_steps)"
             + f", or {size_fix}",
         ),
@@ -412,7 +444,7 @@ def estimate_sample(
     G = _uses_cfg(family, guidance_scale)
     rows = num_images * particles
     E = math.prod(sizes.latent)
-    res = f"{sizes.image_side}x{sizes.image_side} images"
+    res = sizes.describe()
     size_fix = "lower --tiny-image-size" if tiny else "use a model of a smaller resolution"
     act = rows * G * (sizes.denoiser.saved(False) if gradient else sizes.denoiser.transient()) * 4
     if gradient and sizes.decoder is not None:
@@ -426,7 +458,7 @@ def estimate_sample(
             ),
             Term(
                 f"the chain ({rows} samples x {num_steps + 1} states of {res})",
-                rows * ((num_steps + 1) * E + sizes.cond_elements * G + 3 * sizes.image_side**2) * 4,
+                rows * ((num_steps + 1) * E + sizes.cond_elements * G + 3 * sizes.pixels) * 4,
                 f"lower -n/--num-per-prompt, the prompts, --particles or --num-steps, or {size_fix}",
             ),
             Term(
@@ -565,6 +597,8 @@ def check_run(cfg, task_name: str = "task") -> None:
         from flowrl.models import detect_family
 
         sizes = read_model_sizes(cfg.model.pretrained, cfg.model.tiny_image_size)
+        if sizes is not None and cfg.model.pretrained != "digits":
+            sizes = sizes.at_resolution(getattr(cfg.model, "resolution", None))
         if sizes is None:
             return
         est = estimate_text_to_image(cfg, detect_family(cfg.model.pretrained, cfg.model.family), sizes)

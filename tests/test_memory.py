@@ -151,3 +151,23 @@ def test_env_estimate_reads_policy_json(tmp_path):
     )
     with pytest.raises(memory.MemoryEstimateError, match="lower env.num_envs or env.n_steps"):
         memory.check_run(big, "t")
+
+
+def test_sizes_at_a_resolution_scale_with_the_area():
+    """model.resolution (an int or [H, W] pixels): latents, feature maps and images scale with the
+    area; at the model's own size nothing changes."""
+    from flowrl.models.tiny import tiny_unet
+
+    base = memory.read_model_sizes("tiny", 32)
+    assert (
+        base.at_resolution(None) is base and base.at_resolution(32).denoiser.saved() == base.denoiser.saved()
+    )
+    tall = base.at_resolution([64, 32])
+    assert (
+        tall.latent == (4, 32, 16) and tall.pixels == 64 * 32 and tall.describe().startswith("64x32 images")
+    )
+    assert math.isclose(tall.denoiser.saved(), 2 * base.denoiser.saved())
+    # and against the UNet's own blocks at the square of the same area
+    unet = tiny_unet(16)
+    square = memory.unet_blocks(dict(unet.config), 32).saved()
+    assert math.isclose(base.at_resolution(64).denoiser.saved(), square)
