@@ -83,7 +83,7 @@ class TextToImageCollector(Collector):
     @classmethod
     def check(cls, cfg, task_name: str) -> None:
         from flowrl.data.prompts import load_eval_prompt_data, load_prompt_data
-        from flowrl.models import detect_family, text_encoder_options
+        from flowrl.models import check_resolution, detect_family, text_encoder_options
         from flowrl.rewards import resolve_reward
         from flowrl.samplers import check_fits
 
@@ -101,6 +101,7 @@ class TextToImageCollector(Collector):
         family = detect_family(cfg.model.pretrained, cfg.model.family)
         check_fits(cfg, family)
         text_encoder_options(cfg.model, family)  # a family that cannot train its text encoder (TexForce)
+        check_resolution(cfg.model, family)  # model.resolution against the VAE and patch size
 
     def __init__(self, cfg, run):
         from flowrl.data.prompts import load_eval_prompt_data, load_prompt_data

@@ -144,6 +144,27 @@ def detect_family(pretrained: str | None, family: str = "auto") -> str:
     )
 
 
+def check_resolution(m, family: str) -> None:
+    """``model.resolution`` against the VAE scale x patch size before any weights load (the adapter
+    checks it again on the loaded model): a local folder's ``vae`` and ``transformer`` configs,
+    the tiny models' (VAE scale 2, patch 1), or a hub model's (scale 8; SD3 patch 2); Flux's latents
+    are packed 2x2."""
+    if m.resolution is None or FAMILIES[family].kind != "text_to_image" or m.pretrained == "digits":
+        return
+    from flowrl.models.base import latent_size
+
+    scale, patch = (2, 1) if m.pretrained == "tiny" else (8, 2)
+    folder = None if m.pretrained == "tiny" else Path(m.pretrained).expanduser()
+    if folder is not None and (folder / "vae" / "config.json").is_file():
+        vae = read_json(folder / "vae" / "config.json", "model.pretrained: VAE config")
+        scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        net = folder / "transformer" / "config.json"
+        if net.is_file():
+            patch = read_json(net, "model.pretrained: transformer config").get("patch_size", 1)
+    patch = 2 if family == "flux" else patch if family == "sd3" else 1
+    latent_size(m.resolution, (0, 0), scale, scale * patch, family)
+
+
 def load_pipeline(
     pretrained: str,
     family: str,
@@ -247,6 +268,7 @@ __all__ = [
     "adapter_class",
     "build_adapter",
     "build_model",
+    "check_resolution",
     "detect_family",
     "load_pipeline",
     "text_encoder_options",

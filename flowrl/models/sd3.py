@@ -71,8 +71,9 @@ class SD3Adapter(FlowTransformerAdapter):
     def load_pipeline(cls, source: str, revision: str | None, prediction_type: str | None):
         """The pipeline from a folder or hub id; a local folder without T5 (its model_index.json
         entry null, as ``save_pretrained`` writes a pipeline built with ``text_encoder_3=None``, or
-        the ``text_encoder_3`` / ``tokenizer_3`` folder not downloaded) loads without it, as
-        Flow-GRPO runs SD3 (``from_pretrained`` refuses such a folder unless told)."""
+        the ``text_encoder_3`` / ``tokenizer_3`` folder not downloaded, T5-XXL being most of the
+        download) loads without it, as diffusers supports (``from_pretrained`` refuses such a folder
+        unless told ``text_encoder_3=None, tokenizer_3=None``); Flow-GRPO's code loads T5."""
         from diffusers import StableDiffusion3Pipeline
 
         from flowrl.errors import read_json

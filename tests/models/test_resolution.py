@@ -12,7 +12,7 @@ from PIL import Image
 
 from flowrl.cli import main as cli_main
 from flowrl.config import ConfigError, load_config
-from flowrl.models import build_adapter, build_model, load_pipeline
+from flowrl.models import build_adapter, build_model
 from flowrl.samplers import sampler_for
 
 TINY = {  # the tiny pipelines, built at 32 px (latents 4 x 16 x 16: the tiny VAE halves)
@@ -51,10 +51,6 @@ def folders(tmp_path_factory):
 @pytest.mark.parametrize("family", list(TINY))
 def test_family_from_a_saved_folder_samples_at_its_size_and_at_model_resolution(folders, family):
     folder = str(folders / family)
-    # reloaded, it samples at the size it was saved at (32 px), whatever the pipeline class's default
-    own = build_adapter(load_pipeline(folder, family), family, "frozen")
-    assert own.latent_shape == (4, 16, 16)
-
     cfg = load_config(
         "tasks/jpeg_tiny.yaml",
         [f"model.pretrained={folder}", "model.resolution=[16, 24]", *SMALL, *TINY[family][2]],
@@ -72,6 +68,9 @@ def test_family_from_a_saved_folder_samples_at_its_size_and_at_model_resolution(
     step.log_prob.sum().backward()  # one update's gradient reaches the LoRA weights
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.trainable_parameters())
     assert tuple(adapter.decode(chain.latents[:, -1]).shape[-2:]) == (16, 24)
+    # without model.resolution the reloaded model samples at the size it was saved at (32 px),
+    # whatever the pipeline class's default (Flux: 1024)
+    assert build_adapter(adapter.pipeline, family, "frozen").latent_shape == (4, 16, 16)
 
 
 def test_flowrl_train_and_sample_run_from_saved_folders_at_model_resolution(folders, tmp_path):
@@ -86,8 +85,24 @@ def test_flowrl_train_and_sample_run_from_saved_folders_at_model_resolution(fold
     common = ["sample", "--model", str(folders / "flux"), "--prompt", "a cat", "--num-steps", "2"]
     assert cli_main([*common, "--resolution", "16", "24", "--out", str(out)]) == 0
     assert Image.open(out / "0000.png").size == (24, 16)  # (width, height)
-    assert cli_main([*common, "--out", str(tmp_path / "own")]) == 0
-    assert Image.open(tmp_path / "own" / "0000.png").size == (32, 32)  # the saved model's own size
+
+
+def test_a_resolution_the_folder_cannot_sample_stops_before_any_weights_load(folders):
+    """The task's checks (before the run loads the model) read the folder's VAE and transformer
+    configs: tiny VAE scale 2; SD3 patch 1; Flux packs 2x2 (so multiples of 4 px)."""
+    from flowrl.collectors.text_to_image import TextToImageCollector
+
+    for family, bad, good in (("sd", "[17, 24]", "[18, 24]"), ("flux", "[18, 24]", "[20, 24]")):
+        for resolution, ok in ((bad, False), (good, True)):
+            cfg = load_config(
+                "tasks/jpeg_tiny.yaml",
+                [f"model.pretrained={folders / family}", f"model.resolution={resolution}", *TINY[family][2]],
+            )
+            if ok:
+                TextToImageCollector.check(cfg, "t")
+            else:
+                with pytest.raises(ConfigError, match=f"a {family} model's height and width"):
+                    TextToImageCollector.check(cfg, "t")
 
 
 def test_a_resolution_the_model_cannot_sample_is_one_line(capsys):
