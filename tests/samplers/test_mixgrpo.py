@@ -116,7 +116,8 @@ def test_config_checks():
     cfg = load_config("mixgrpo_tiny")
     assert (cfg.sampler.window_schedule, cfg.algorithm.options.timestep_fraction) == ("progressive", 1.0)
     assert cfg.sampler.group_same_noise and not load_config("flow_grpo_tiny").sampler.group_same_noise
-    flux = load_config("mixgrpo_flux", ["model.pretrained=tiny", "model.resolution=null"])  # the paper's numbers, no download
+    # the paper's numbers, no download (the tiny model at its own size)
+    flux = load_config("mixgrpo_flux", ["model.pretrained=tiny", "model.resolution=null"])
     s = flux.sampler
     assert (s.num_steps, s.sde_window, s.window_shift_interval, s.window_stride) == (25, 4, 25, 1)
     with pytest.raises(ConfigError, match="window_schedule must be random"):
