@@ -350,6 +350,15 @@ def run_bc(task: str, overrides: list[str], bc_dir: str, threads: int) -> dict:
     }
 
 
+def finished_bc(bc_dir: str) -> dict | None:
+    """A BC folder's timings if its policy was saved (``eval.json`` is written last)."""
+    f = Path(bc_dir) / "eval.json"
+    if not (f.is_file() and (Path(bc_dir) / "policy.safetensors").is_file()):
+        return None
+    e = json.loads(f.read_text())
+    return {"bc_seconds": e["train_seconds"], "bc_loss_last": e["bc_loss_last"]}
+
+
 def run_method(method: str, task: str, overrides: list[str], bc_dir: str, work: str, threads: int) -> dict:
     """Fine-tune one method from its BC policy through the library; its curve and timings (a job)."""
     torch.set_num_threads(threads)
@@ -575,6 +584,11 @@ def main() -> None:
         action="store_true",
         help="tabulate the finished jobs' results under --out (e.g. another --target)",
     )
+    ap.add_argument(
+        "--reuse-bc",
+        action="store_true",
+        help="keep the demonstrations and the BC policies a previous run under --out finished",
+    )
     ap.add_argument("--parallel", type=int, default=1, help="(method, seed) jobs at once")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--threads", type=int, default=1)
@@ -622,7 +636,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     # 1. the demonstrations, once, shared by every BC policy
     demo_dir = work / "demos"
-    if not args.report_only:
+    if not (args.report_only or args.reuse_bc):
         shutil.rmtree(demo_dir, ignore_errors=True)  # regenerate: the cache does not key on the config
     demos = resolve_demonstrations(ref, demo_dir) if ref.demos.path is None else None
     demo_path = demo_dir / "demos.npz" if demos is not None else Path(ref.demos.path)
@@ -662,21 +676,22 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     t_start = time.time()
     if args.report_only:  # the jobs that finished (their result files), BC times from their folders
-        runs, bcs = [], {}
+        runs = []
         for j in jobs:
             f = Path(j[4]) / f"{j[0].replace('+', 'p')}.result.json"
             runs.append(json.loads(f.read_text()) if f.is_file() else None)
-            bc_eval = Path(j[3]) / "eval.json"
-            if bc_eval.is_file():
-                e = json.loads(bc_eval.read_text())
-                bcs[j[-1]] = {"bc_seconds": e["train_seconds"], "bc_loss_last": e["bc_loss_last"]}
+        bcs = {k: done for k, v in bc_jobs.items() if (done := finished_bc(v[2]))}
         missing = [f"{j[0]}/seed {j[6]}" for j, r in zip(jobs, runs) if r is None]
         if missing:
             print(f"not run (left out of the tables): {', '.join(missing)}")
     else:
         pool = _pool(args.parallel)
         print(f"behavior cloning: {len(bc_jobs)} policies ({', '.join(bc_jobs)}) ...", flush=True)
-        bcs = dict(zip(bc_jobs, _map(pool, run_bc, list(bc_jobs.values()))))
+        bcs = {k: done for k, v in bc_jobs.items() if args.reuse_bc and (done := finished_bc(v[2]))}
+        if bcs:
+            print(f"reusing {len(bcs)} finished BC policies (--reuse-bc)", flush=True)
+        todo = [k for k in bc_jobs if k not in bcs]
+        bcs.update(zip(todo, _map(pool, run_bc, [bc_jobs[k] for k in todo])))
         runs = _map(pool, run_method, [j[:-2] for j in jobs])
         if pool is not None:
             pool.shutdown()
