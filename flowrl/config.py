@@ -401,6 +401,9 @@ class TrainConfig:
     # any train.prompts source (a folder gives its test split), "test" (the test split of the train.prompts
     # folder), or null (the first 8 training prompts)
     eval_prompts: typing.Any = None
+    # text_to_image: evaluation prompts sampled and scored per batch (null: all in one batch), so that a test split
+    # of thousands fits (Flow-GRPO's test_batch_size); the grid shows the first 64
+    eval_batch_size: int | None = None
     # text_to_image: score rewards in a background thread while the next batch samples
     async_reward: bool = True
     # evaluate every this many epochs, and before and after training (0 = only before and after)

@@ -39,6 +39,7 @@ FREE_ON_RESUME = {
     "train.log_with",
     "train.eval_every",
     "train.eval_prompts",
+    "train.eval_batch_size",
     "train.save_every",
     "train.keep_checkpoints",
     "train.torch_threads",

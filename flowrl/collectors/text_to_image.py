@@ -60,6 +60,10 @@ class TextToImageCollector(Collector):
                 f"train.minibatch_size ({t.minibatch_size}) must divide the samples per epoch "
                 f"(sample_batch_size x num_batches_per_epoch = {total}); set train.minibatch_size to a divisor of {total}"
             )
+        if t.eval_batch_size is not None and t.eval_batch_size < 1:
+            raise ConfigError(
+                f"train.eval_batch_size must be >= 1 or null (all at once), got {t.eval_batch_size}; e.g. 16"
+            )
         if t.pairs and cfg.method.objective != "dpo":
             raise ConfigError(
                 f"train.pairs gives preference pairs, which only algorithm.name=dpo trains on (this task's is "
@@ -260,26 +264,38 @@ class TextToImageCollector(Collector):
     def evaluate(self, epoch: int) -> dict:
         """Images of the evaluation prompts from a fixed seed with the deterministic sampler
         (DDIM eta 0, flow ODE; LCM stays seeded-stochastic), their mean reward, and a grid
-        ``samples/epoch_<epoch>.png``."""
+        ``samples/epoch_<epoch>.png`` (of the first 64). ``train.eval_batch_size`` prompts are sampled
+        and scored at a time (a test split of thousands fits), the noise drawn in that order."""
         from flowrl.report import save_image_grid
         from flowrl.samplers import sampler_for
 
-        run = self.run
+        run, size, grid = self.run, self.cfg.train.eval_batch_size or len(self.eval_prompts), 64
         sampler = sampler_for(self.cfg, run.adapter, evaluation=True)
         gen = torch.Generator().manual_seed(self.cfg.eval_seed)
-        with run.ema_weights(), run.accelerator.autocast():
-            chain = sampler.sample(
-                run.adapter, self.eval_prompts, self.cfg.sampler.guidance_scale, generator=gen
-            )
-            images = run.adapter.decode(chain.latents[:, -1])
         _, metadata = self.eval_data.take(range(len(self.eval_data)))
-        rewards, info = self.reward(images, self.eval_prompts, metadata)
+        shown, scores, infos = [], [], []
+        with run.ema_weights():
+            for s in range(0, len(self.eval_prompts), size):
+                prompts = self.eval_prompts[s : s + size]
+                with run.accelerator.autocast():
+                    chain = sampler.sample(
+                        run.adapter, prompts, self.cfg.sampler.guidance_scale, generator=gen
+                    )
+                    images = run.adapter.decode(chain.latents[:, -1])
+                r, i = self.reward(images, prompts, metadata[s : s + size])
+                scores.append(r)
+                infos.append(i)
+                shown.append(images[: max(grid - s, 0)])
+        rewards = torch.cat(scores)
+        info = {k: torch.cat([i[k] for i in infos]) for k in infos[0] if k.startswith("reward/")}
         if run.accelerator.is_main_process:
             save_image_grid(
-                images, run.run_dir / "samples" / f"epoch_{epoch:04d}.png", labels=self.eval_prompts
+                torch.cat(shown),
+                run.run_dir / "samples" / f"epoch_{epoch:04d}.png",
+                labels=self.eval_prompts[:grid],
             )
         row = {"eval_reward_mean": rewards.mean().item()}
-        row.update({f"eval_{k}": v for k, v in mean_info([info]).items()})
+        row.update({f"eval_{k}": v for k, v in mean_info(infos).items()})
         if len(self.reward.terms) > 1:  # each term alone, a held-out one (weight 0) included
             terms = {k: v for k, v in info.items() if k.startswith("reward/")}
             row.update({f"eval_{k}_mean": v.float().mean().item() for k, v in terms.items()})

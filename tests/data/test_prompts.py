@@ -158,7 +158,7 @@ SMALL = [
     "train.async_reward=false",
     "algorithm.group_size=2",
     "algorithm.name=grpo",
-    "model.tiny_image_size=16",
+    "model.tiny_image_size=8",
 ]
 
 
@@ -180,6 +180,7 @@ def _run(tmp_path, geneval_dir, name: str, *extra: str) -> list[dict]:
             f"rewards.0.kwargs={{log: {log}}}",
             f"train.prompts={geneval_dir}",
             "train.eval_prompts=test",
+            "train.eval_batch_size=1",  # the test split sampled and scored a prompt at a time
             "train.num_epochs=2",
             f"train.output_dir={tmp_path}",
             f"train.run_name={name}",
@@ -193,15 +194,31 @@ def _run(tmp_path, geneval_dir, name: str, *extra: str) -> list[dict]:
 def test_metadata_reaches_the_reward_and_draws_repeat_on_resume(tmp_path, geneval_dir):
     calls = _run(tmp_path, geneval_dir, "whole")
     train, evals = _calls(calls)
-    assert len(train) == 2 and len(evals) == 2  # 2 epochs; evaluated before and after
+    assert len(train) == 2 and len(evals) == 4  # 2 epochs; evaluated before and after, 1 prompt a batch
     by_prompt = {r["prompt"]: r for r in GENEVAL_TRAIN}
     for call in train:  # each prompt's own metadata line, the group's 2 samples alike
         assert call["metadata"] == [by_prompt[p] for p in call["prompts"]]
         assert call["prompts"][0::2] == call["prompts"][1::2]
-    assert all(e["metadata"] == GENEVAL_TEST for e in evals)  # the test split, with its metadata
+    assert [m for e in evals for m in e["metadata"]] == GENEVAL_TEST * 2  # the test split, its metadata
 
     # resumed from the whole run's first checkpoint, epoch 1 draws what the whole run drew
     resumed = _run(
         tmp_path, geneval_dir, "resumed", f"train.resume={tmp_path / 'whole/checkpoints/epoch_000001'}"
     )
     assert _calls(resumed[len(calls) :])[0] == train[1:]
+
+
+def test_sample_guided_by_a_reward_that_reads_the_prompts_file_metadata(tmp_path):
+    from flowrl.cli import main
+
+    prompts = _write_jsonl(tmp_path / "p.jsonl", GENEVAL_TRAIN[:2])
+    log, script = tmp_path / "calls.jsonl", tmp_path / "recorder.py"
+    script.write_text(RECORDER)
+    argv = ["sample", "--model", "tiny", "--tiny-image-size", "8", "--num-steps", "2", "-n", "2"]
+    argv += ["--prompts-file", str(prompts), "--out", str(tmp_path / "out"), "--guide", "best-of-n"]
+    argv += ["--particles", "2", "--reward", str(script), "--reward-kwargs", json.dumps({"log": str(log)})]
+    assert main(argv) == 0
+    by_prompt = {r["prompt"]: r for r in GENEVAL_TRAIN}
+    calls = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert calls and all(c["metadata"] == [by_prompt[p] for p in c["prompts"]] for c in calls)
+    assert {p for c in calls for p in c["prompts"]} == set(by_prompt) - {GENEVAL_TRAIN[2]["prompt"]}

@@ -242,3 +242,22 @@ def test_clip_colours_of_crops_and_the_default_vocabulary(tiny_models):
     assert w.shape[0] == len(COLORS) and torch.allclose(w.norm(dim=-1), torch.ones(len(COLORS)))
     vocab = _vocabulary("geneval")
     assert len(vocab) == 80 and vocab[0] == "person" and "wine glass" in vocab
+
+
+def test_flow_grpo_geneval_task_file(tmp_path):
+    """tasks/flow_grpo_geneval_sd3.yaml: Flow-GRPO's objective with the geneval reward on its
+    GenEval folder's train split, evaluated on the test split 14 prompts a batch."""
+    import json
+
+    from flowrl.config import load_config
+    from flowrl.data.prompts import load_eval_prompt_data, load_prompt_data
+
+    folder = tmp_path / "geneval"
+    folder.mkdir()
+    for split, rows in [("train", GENEVAL_ROWS[:2]), ("test", GENEVAL_ROWS[2:])]:
+        (folder / f"{split}_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config("tasks/flow_grpo_geneval_sd3.yaml", [f"train.prompts={folder}"])
+    assert [r.name for r in cfg.rewards] == ["geneval"] and cfg.rewards[0].kwargs["score"] == "fractional"
+    assert cfg.algorithm.name == "grpo" and cfg.train.eval_batch_size == 14
+    assert load_prompt_data(cfg.train.prompts).metadata == GENEVAL_ROWS[:2]
+    assert load_eval_prompt_data(cfg.train.eval_prompts, cfg.train.prompts).metadata == GENEVAL_ROWS[2:]
