@@ -211,7 +211,9 @@ def plot_bc_quality(rows: list[dict], summary: dict, path) -> None:
         for i, (name, rets) in enumerate(groups):
             jitter = np.random.default_rng(i).uniform(-0.12, 0.12, len(rets))
             ax.scatter(i + jitter, rets, s=12, alpha=0.6)
-            ax.hlines(np.mean(rets), i - 0.3, i + 0.3, colors=f"C{i}", label=f"{name}: mean {np.mean(rets):.1f}")
+            ax.hlines(
+                np.mean(rets), i - 0.3, i + 0.3, colors=f"C{i}", label=f"{name}: mean {np.mean(rets):.1f}"
+            )
         ax.set_xticks(range(len(groups)), [n for n, _ in groups], fontsize=8)
         ax.set_ylabel("episode return")
     finish_plot(fig, ax, "return per episode" if groups else "BC loss", path)

@@ -61,7 +61,9 @@ FAMILIES: dict[str, Family] = {
         "text_to_image", "flowrl.models.flux:FluxAdapter", ("flow_sde", "flow_cps"), "FluxPipeline"
     ),
     "diffusion_policy": Family("env", "flowrl.models.policy:DiffusionPolicy", ("ddpm", "ddim"), "diffusion"),
-    "flow_policy": Family("env", "flowrl.models.policy:FlowPolicy", ("reinflow", "euler", "flow_sde", "flow_noise"), "flow"),
+    "flow_policy": Family(
+        "env", "flowrl.models.policy:FlowPolicy", ("reinflow", "euler", "flow_sde", "flow_noise"), "flow"
+    ),
     # Gaussian heads (flowrl/models/gaussian_policy.py): DPPO's Gaussian MLP, ResiP's residual, DSRL's noise policy
     "gaussian_policy": Family(
         "env", "flowrl.models.gaussian_policy:GaussianPolicy", ("gaussian",), "gaussian"
