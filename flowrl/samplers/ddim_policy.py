@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import torch
 
-from flowrl.core.gaussian import gaussian_log_prob
-from flowrl.core.seeding import randn
 from flowrl.samplers.base import StepOutput
 from flowrl.samplers.ddpm_policy import DDPMPolicySampler
 
@@ -119,26 +117,8 @@ class DDIMPolicySampler(DDPMPolicySampler):
         sigma = (self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()).clamp(min=1e-10)
         mean = a_prev.sqrt() * pred_original + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         std = sigma.clamp(min=self.min_std) if stochastic else torch.zeros_like(sigma)
-        # 3. draw x' ~ N(mu, std^2 I) unless given (the noise drawn on the mean path too)
-        if prev_sample is None:
-            if noise is None:
-                noise = randn(x.shape, generator, x.device)
-            if self.noise_clip is not None:
-                noise = noise.clamp(-self.noise_clip, self.noise_clip)
-            prev_sample = mean + std * noise
-        prev_sample = prev_sample.float()
-        # 4. the log-density with the std floor, over the chunk's first logprob_horizon actions
-        if not stochastic:
-            log_prob = torch.full(x.shape[:1], float("nan"), device=x.device)
-        else:
-            h = self.logprob_horizon
-            log_prob = gaussian_log_prob(
-                prev_sample[:, :h].detach(),
-                mean[:, :h],
-                std.expand_as(mean)[:, :h],
-                self.logprob_reduction,
-                clamp=self.logprob_clip,
-            )
+        # 3. draw x' ~ N(mu, std^2 I) unless given, and its log-density (the std floored)
+        prev_sample, log_prob = self.draw(mean, std, prev_sample, generator, noise, stochastic)
         return StepOutput(prev_sample, mean, std, log_prob, pred_original)
 
 

@@ -177,27 +177,33 @@ class DDPMPolicySampler(ChainSampler):
             std = torch.where(last, 0.0, posterior_var.sqrt().clamp(min=1e-3))
         else:
             std = torch.zeros_like(posterior_var)
-        # 5. draw x_{t-1} ~ N(mu, sigma_t^2 I) unless given
+        # 5. draw x_{t-1} ~ N(mu, sigma_t^2 I) unless given, and its log-density over the chunk
+        prev_sample, log_prob = self.draw(mean, std, prev_sample, generator, noise, not deterministic)
+        return StepOutput(prev_sample, mean, std, log_prob, pred_original)
+
+    def draw(self, mean, std, prev_sample=None, generator=None, noise=None, stochastic=True):
+        """x' ~ N(mean, std^2 I) with the noise clipped to ``noise_clip`` (unless ``prev_sample``
+        is given; the noise is drawn on the mean path too), and log N(x'; mean, std^2 I) with the
+        elementwise clamp ``logprob_clip``, over the chunk's first ``logprob_horizon`` actions
+        (DPPO's reward_horizon); NaN when not ``stochastic``."""
         if prev_sample is None:
             if noise is None:
-                noise = randn(sample.shape, generator, sample.device)
+                noise = randn(mean.shape, generator, mean.device)
             if self.noise_clip is not None:
                 noise = noise.clamp(-self.noise_clip, self.noise_clip)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.float()
-        # 6. log N(x_{t-1}; mu, sigma_t^2 I), reduced over the chunk
-        if deterministic:
-            log_prob = torch.full(sample.shape[:1], float("nan"), device=sample.device)
-        else:
-            h = self.logprob_horizon  # DPPO's reward_horizon: the first h actions of the chunk
-            log_prob = gaussian_log_prob(
-                prev_sample[:, :h].detach(),
-                mean[:, :h],
-                std.expand_as(mean)[:, :h],
-                self.logprob_reduction,
-                clamp=self.logprob_clip,
-            )
-        return StepOutput(prev_sample, mean, std, log_prob, pred_original)
+        if not stochastic:
+            return prev_sample, torch.full(mean.shape[:1], float("nan"), device=mean.device)
+        h = self.logprob_horizon
+        log_prob = gaussian_log_prob(
+            prev_sample[:, :h].detach(),
+            mean[:, :h],
+            std.expand_as(mean)[:, :h],
+            self.logprob_reduction,
+            clamp=self.logprob_clip,
+        )
+        return prev_sample, log_prob
 
     # ------------------------------------------------------------------ the chain
     def predict(self, adapter, x, k, cond, guidance_scale=1.0, reference=False, stochastic=True):
