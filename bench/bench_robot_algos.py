@@ -359,6 +359,62 @@ def finished_bc(bc_dir: str) -> dict | None:
     return {"bc_seconds": e["train_seconds"], "bc_loss_last": e["bc_loss_last"]}
 
 
+def summarize(method, task, overrides, cfg, rows, run_dir, total_wall=None) -> dict:
+    """One run's curve (every evaluation: env steps, cumulative training seconds, return) and totals,
+    from the trainer's metrics rows up to its last evaluation."""
+    last = max(r["epoch"] for r in rows if r.get("eval_return_mean") is not None)
+    rows = [r for r in rows if r["epoch"] <= last]
+    seconds, curve = 0.0, []
+    for r in rows:
+        seconds += r.get("time_collect", 0.0) + r.get("time_update", 0.0)
+        if r.get("eval_return_mean") is not None:
+            curve.append(
+                {
+                    "iteration": r["epoch"],
+                    "env_steps": r["env_steps"],
+                    "train_seconds": seconds,
+                    "eval_return_mean": r["eval_return_mean"],
+                    "eval_return_std": r["eval_return_std"],
+                    "train_return_mean": r.get("train_return_mean"),
+                }
+            )
+    c = cfg.env
+    return {
+        "method": method,
+        "task": task,
+        "derived": bool(overrides and any(o.startswith("algorithm.name=") for o in overrides)),
+        "seed": cfg.train.seed,
+        "sampler": sampler_label(cfg),
+        "hidden_dims": cfg.model.hidden_dims,
+        "steps_per_iteration": c.num_envs * c.n_steps * c.action_steps,
+        "bc_return": curve[0]["eval_return_mean"],
+        "best_return": max(p["eval_return_mean"] for p in curve),
+        "final_return": curve[-1]["eval_return_mean"],
+        "iterations": last,
+        "planned_iterations": cfg.train.num_epochs,
+        "env_steps": rows[-1]["env_steps"],
+        "train_seconds": seconds,
+        "rollout_seconds": sum(r.get("time_collect", 0.0) for r in rows),
+        "wall_seconds_with_eval": total_wall,
+        "curve": curve,
+        "run_dir": str(run_dir),
+    }
+
+
+def partial_result(method: str, task: str, overrides: list[str], work: str) -> dict | None:
+    """A run that was stopped before its end (no result file): its metrics rows up to its last
+    evaluation, if it evaluated after training at least once."""
+    name = method.replace("+", "p")
+    metrics = Path(work) / name / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if sum(r.get("eval_return_mean") is not None for r in rows) < 2:
+        return None
+    cfg = _load(task, overrides)
+    return summarize(method, task, overrides, cfg, rows, metrics.parent)
+
+
 def run_method(method: str, task: str, overrides: list[str], bc_dir: str, work: str, threads: int) -> dict:
     """Fine-tune one method from its BC policy through the library; its curve and timings (a job)."""
     torch.set_num_threads(threads)
@@ -376,47 +432,13 @@ def run_method(method: str, task: str, overrides: list[str], bc_dir: str, work: 
     trainer = Run(cfg, task, progress=False)
     t0 = time.perf_counter()
     rows = trainer.train()
-    total_wall = time.perf_counter() - t0
-    seconds, curve = 0.0, []
-    for r in rows:
-        seconds += r.get("time_collect", 0.0) + r.get("time_update", 0.0)
-        if r.get("eval_return_mean") is not None:
-            curve.append(
-                {
-                    "iteration": r["epoch"],
-                    "env_steps": r["env_steps"],
-                    "train_seconds": seconds,
-                    "eval_return_mean": r["eval_return_mean"],
-                    "eval_return_std": r["eval_return_std"],
-                    "train_return_mean": r.get("train_return_mean"),
-                }
-            )
+    result = summarize(method, task, overrides, cfg, rows, trainer.run_dir, time.perf_counter() - t0)
     print(
         f"[{method} seed {cfg.train.seed}] done: eval "
-        + " ".join(f"{p['eval_return_mean']:.1f}" for p in curve)
-        + f" ({seconds:.1f} train s)",
+        + " ".join(f"{p['eval_return_mean']:.1f}" for p in result["curve"])
+        + f" ({result['train_seconds']:.1f} train s)",
         flush=True,
     )
-    c = cfg.env
-    result = {
-        "method": method,
-        "task": task,
-        "derived": bool(overrides and any(o.startswith("algorithm.name=") for o in overrides)),
-        "seed": cfg.train.seed,
-        "sampler": sampler_label(cfg),
-        "hidden_dims": cfg.model.hidden_dims,
-        "steps_per_iteration": c.num_envs * c.n_steps * c.action_steps,
-        "bc_return": curve[0]["eval_return_mean"],
-        "best_return": max(p["eval_return_mean"] for p in curve),
-        "final_return": curve[-1]["eval_return_mean"],
-        "iterations": rows[-1]["epoch"],
-        "env_steps": rows[-1]["env_steps"],
-        "train_seconds": seconds,
-        "rollout_seconds": sum(r.get("time_collect", 0.0) for r in rows),
-        "wall_seconds_with_eval": total_wall,
-        "curve": curve,
-        "run_dir": str(trainer.run_dir),
-    }
     # each job's result as it ends, so --report-only can tabulate the jobs that finished
     (Path(work) / f"{name}.result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -440,8 +462,8 @@ def aggregate_table(results: dict[str, list[dict]], target: float) -> str:
     seconds to it (over those seeds), mean +- the 95% t interval; seconds also as a ratio to DPPO's."""
     lines = [
         f"| method | sampler | task | BC return | final return | reached {target:g} | env steps to {target:g} "
-        f"| train s to {target:g} | s-to-target / DPPO's | train s per iteration |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| train s to {target:g} | s-to-target / DPPO's | train s per iteration | iterations run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def hits(m):
@@ -457,15 +479,25 @@ def aggregate_table(results: dict[str, list[dict]], target: float) -> str:
             f"| {m} | {runs[0]['sampler']} | {task} | {pm([r['bc_return'] for r in runs], '.1f')} "
             f"| {pm([r['final_return'] for r in runs], '.1f')} | {len(h)}/{len(runs)} "
             f"| {pm([x['env_steps'] for x in h], '.0f')} | {pm(secs, '.1f')} | {ratio} "
-            f"| {pm([r['train_seconds'] / max(r['iterations'], 1) for r in runs], '.1f')} |"
+            f"| {pm([r['train_seconds'] / max(r['iterations'], 1) for r in runs], '.1f')} | {iterations_run(runs)} |"
         )
     return "\n".join(lines)
 
 
+def iterations_run(runs: list[dict]) -> str:
+    """``5`` when every seed ran its planned iterations, else e.g. ``2-3 of 5 (stopped)``."""
+    done = sorted({r["iterations"] for r in runs})
+    planned = max(r.get("planned_iterations", r["iterations"]) for r in runs)
+    if done == [planned]:
+        return str(planned)
+    return f"{done[0]}{'' if len(done) == 1 else f'-{done[-1]}'} of {planned} (stopped)"
+
+
 def seed_table(results: dict[str, list[dict]], target: float) -> str:
     lines = [
-        "| method | seed | BC return | best | final | env steps to target | train s to target | total train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | seed | BC return | best | final | env steps to target | train s to target | total train s "
+        "| iterations |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, runs in results.items():
         for r in runs:
@@ -473,7 +505,8 @@ def seed_table(results: dict[str, list[dict]], target: float) -> str:
             lines.append(
                 f"| {m} | {r['seed']} | {fmt(r['bc_return'], '.1f')} | {fmt(r['best_return'], '.1f')} "
                 f"| {fmt(r['final_return'], '.1f')} | {fmt(h['env_steps'], 'd') if h else 'not reached'} "
-                f"| {fmt(h['train_seconds'], '.1f') if h else 'not reached'} | {fmt(r['train_seconds'], '.1f')} |"
+                f"| {fmt(h['train_seconds'], '.1f') if h else 'not reached'} | {fmt(r['train_seconds'], '.1f')} "
+                f"| {iterations_run([r])} |"
             )
     return "\n".join(lines)
 
@@ -679,7 +712,7 @@ def main() -> None:
         runs = []
         for j in jobs:
             f = Path(j[4]) / f"{j[0].replace('+', 'p')}.result.json"
-            runs.append(json.loads(f.read_text()) if f.is_file() else None)
+            runs.append(json.loads(f.read_text()) if f.is_file() else partial_result(j[0], j[1], j[2], j[4]))
         bcs = {k: done for k, v in bc_jobs.items() if (done := finished_bc(v[2]))}
         missing = [f"{j[0]}/seed {j[6]}" for j, r in zip(jobs, runs) if r is None]
         if missing:
