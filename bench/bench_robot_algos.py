@@ -750,8 +750,14 @@ def main() -> None:
         "",
         f"Target return {target:g} ({target_doc}); {args.iterations} iterations x "
         f"{'/'.join(map(str, sorted(steps)))} env steps, evaluation every {args.eval_every}; "
-        f"train s = rollout + update (evaluation excluded), measured at load average {load0:.1f} -> {load1:.1f} "
-        f"on {os.cpu_count()} cores ({(time.time() - t_start) / 60:.1f} min wall in all); the same "
+        "train s = rollout + update (evaluation excluded), "
+        + (
+            "tabulated from the runs' files (--report-only); "
+            if args.report_only
+            else f"measured at load average {load0:.1f} -> {load1:.1f} on {os.cpu_count()} cores "
+            f"({(time.time() - t_start) / 60:.1f} min wall in all); "
+        )
+        + f"the same "
         f"{demo_path.name} for every BC policy (expert return {fmt(demo_return, '.1f')}).",
         "",
         f"## {len(seeds)} seed(s): mean ± 95% interval (t)",
