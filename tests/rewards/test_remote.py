@@ -223,7 +223,9 @@ def test_remote_equals_local_reward_and_info():
         half_r, _ = Reward([{"name": "remote", "kwargs": {"url": server.url, "encoding": "float16"}}])(
             x, PROMPTS
         )
-    assert torch.equal(remote_r, local_r)  # float32 images travel exactly
+    # float32 images travel exactly (the wire round trip is tested bit for bit above); the server's
+    # thread may reduce in another order, so the scores agree to float32 rounding, not bitwise
+    torch.testing.assert_close(remote_r, local_r, rtol=1e-5, atol=1e-12)
     assert remote_info["reward_info/remote/accuracy"] == pytest.approx(
         local_info["reward_info/digit_alignment/accuracy"].item()
     )
