@@ -542,24 +542,6 @@ def _check_sample_memory(args: argparse.Namespace, family: str, num_images: int,
     memory.check(est, str(device), "--skip-memory-check", what="command")
 
 
-def _sample_noise(args: argparse.Namespace, sampler_name: str) -> tuple[float, float | None]:
-    """flowrl sample's --eta and --noise-level: 0 (the deterministic chain evaluation samples)
-    unless given, but for --guide smc the training sampler's noise (eta 1; the flow samplers' own
-    level): SMC's resampling differs from best-of-N only when the particles' steps draw noise, as
-    ``flowrl evaluate`` samples SMC's chunks stochastically. An explicit 0 with smc is refused."""
-    smc = args.guide == "smc"
-    eta = args.sampler_eta if args.sampler_eta is not None else 1.0 if smc else 0.0
-    noise = args.sampler_noise_level if args.sampler_noise_level is not None else None if smc else 0.0
-    if smc and (eta if sampler_name == "ddim" else noise) == 0:
-        flag = "--eta" if sampler_name == "ddim" else "--noise-level"
-        raise ConfigError(
-            f"--guide smc with {flag} 0: every step is deterministic, so resampled particles stay identical "
-            f"copies and SMC is best-of-N; drop {flag} (smc's default samples with noise) or use --guide best-of-n"
-        )
-    args.sampler_eta, args.sampler_noise_level = eta, noise
-    return eta, noise
-
-
 def _write_samples(out: Path, images, prompts, chain, args, sampler, sampler_name: str, family: str) -> None:
     """``flowrl sample``'s files: one PNG per image, grid.png, and the chain when asked."""
     import torch
