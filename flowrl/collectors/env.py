@@ -128,32 +128,27 @@ class EnvCollector(Collector):
             raise ConfigError(
                 f"model.finetune={m.finetune!r}: policies fine-tune all weights; set model.finetune=full"
             )
-        sampler_of = {
-            "dppo": "ddpm",
-            "reinflow": "reinflow",
-            "pirl_flow_sde": "flow_sde",
-            "pirl_flow_noise": "flow_noise",
+        # method -> (the policy family it fine-tunes, the samplers it is defined on; the first its default)
+        chains = {
+            "dppo": ("diffusion_policy", ("ddpm", "ddim")),
+            "reinflow": ("flow_policy", ("reinflow",)),
+            "pirl_flow_sde": ("flow_policy", ("flow_sde",)),
+            "pirl_flow_noise": ("flow_policy", ("flow_noise",)),
         }
-        want = sampler_of.get(cfg.algorithm.name)
         family = m.family
-        also = {"ddpm": ("ddim",)}  # DPPO fine-tunes DDPM or DDIM chains
-        if want is not None and s.name not in (None, want, *also.get(want, ())):
-            raise ConfigError(
-                f"algorithm.name={cfg.algorithm.name!r} is defined on the {want} sampler, not sampler.name={s.name!r}; "
-                f"set sampler.name={want}"
-            )
-        fits = {
-            "ddpm": "diffusion_policy",
-            "reinflow": "flow_policy",
-            "flow_sde": "flow_policy",
-            "flow_noise": "flow_policy",
-        }
-        if want is not None and family != "auto" and family != fits[want]:
-            other = {"diffusion_policy": "dppo", "flow_policy": "reinflow"}.get(family, "dppo")
-            raise ConfigError(
-                f"algorithm.name={cfg.algorithm.name!r} fine-tunes a {fits[want]} but model.family={family!r}; "
-                f"use algorithm.name={other}"
-            )
+        if cfg.algorithm.name in chains:
+            fits, samplers = chains[cfg.algorithm.name]
+            if s.name not in (None, *samplers):
+                raise ConfigError(
+                    f"algorithm.name={cfg.algorithm.name!r} is defined on the {' or '.join(samplers)} sampler, not "
+                    f"sampler.name={s.name!r}; set sampler.name={samplers[0]}"
+                )
+            if family != "auto" and family != fits:
+                other = {"diffusion_policy": "dppo", "flow_policy": "reinflow"}.get(family, "dppo")
+                raise ConfigError(
+                    f"algorithm.name={cfg.algorithm.name!r} fine-tunes a {fits} but model.family={family!r}; "
+                    f"use algorithm.name={other}"
+                )
         for name, value in (("env.obs_horizon", e.obs_horizon), ("env.action_steps", e.action_steps)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
