@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from flowrl.config import load_config, tasks_dir  # noqa: E402
 from flowrl.demo.digits import digit_prompt  # noqa: E402
+from flowrl.efficiency import table  # noqa: E402
 from flowrl.run import Run  # noqa: E402
 
 # method -> (task file under tasks/, overrides): each method from its ready task file
@@ -101,50 +102,6 @@ def run_method(name: str, task: str, overrides: list[str], args, out: Path, tag:
         )
         alignment.append(row[key])
     return {"queries": queries, "seconds": seconds, "reward": reward, "alignment": alignment}
-
-
-def at(curve: dict, axis: str, x: float) -> float:
-    """The held-out alignment of the last evaluation at or before ``x`` on ``axis``."""
-    value = curve["alignment"][0]
-    for xi, ai in zip(curve[axis], curve["alignment"]):
-        if xi <= x + 1e-9:
-            value = ai
-    return value
-
-
-def first_reach(curve: dict, target: float, axis: str = "seconds") -> float | None:
-    """Seconds (or queries) until the held-out alignment first reaches ``target`` (None: never)."""
-    for s, a in zip(curve[axis][1:], curve["alignment"][1:]):
-        if a >= target:
-            return s
-    return None
-
-
-def table(curves: dict) -> str:
-    ddpo = curves.get("ddpo")
-    target = ddpo["alignment"][-1] if ddpo else None
-    t_ddpo = first_reach(ddpo, target) if ddpo else None
-    online = [c for n, c in curves.items() if n not in OFFLINE] or list(curves.values())
-    common_t = min(c["seconds"][-1] for c in online)  # every online method has run this long
-    common_q = min((c["queries"][-1] for n, c in curves.items() if n not in OFFLINE), default=0)
-    lines = [
-        f"| method | alignment before | at {common_q} queries | at {common_t:.0f} s | final "
-        "| queries | seconds | queries to DDPO's final | s to DDPO's final | time / DDPO's |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, c in curves.items():
-        reach = first_reach(c, target) if target is not None else None
-        q_reach = first_reach(c, target, "queries") if target is not None else None
-        ratio = f"{reach / t_ddpo:.2f}" if reach is not None and t_ddpo else "not reached"
-        lines.append(
-            f"| {name} | {c['alignment'][0]:.3f} | {at(c, 'queries', common_q):.3f} | "
-            f"{at(c, 'seconds', common_t):.3f} | {c['alignment'][-1]:.3f} | {c['queries'][-1]} | "
-            f"{c['seconds'][-1]:.0f} | {'' if q_reach is None else q_reach} | "
-            f"{'' if reach is None else f'{reach:.0f}'} | {ratio} |"
-        )
-    if target is not None:
-        lines.append(f"\nDDPO's final held-out alignment (the target): {target:.3f}")
-    return "\n".join(lines)
 
 
 def plot(curves: dict, held: dict, path: Path, title: str) -> None:
@@ -212,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         held[name] = run_method(name, *available[name], args, out, f"{name}-thickness", args.held_out_queries)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"alignment_task": curves, "thickness_task": held}))
-    text = table(curves) if curves else ""
+    note = "DDPO's final held-out alignment (the target): {}"
+    text = (
+        table(curves, "alignment", "ddpo", "DDPO", "alignment before", note, offline=tuple(OFFLINE))
+        if curves
+        else ""
+    )
     if held:
         text += "\n\nTrained on ink, held-out alignment (reward hacking):\n\n| method | ink before | ink final | alignment before | alignment final |\n|---|---|---|---|---|\n"
         text += "\n".join(

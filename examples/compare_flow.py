@@ -33,6 +33,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from flowrl.efficiency import table  # noqa: E402
+
 # method -> (task file under tasks/, overrides)
 METHODS = {
     "flow_grpo": (
@@ -85,50 +87,6 @@ def run_method(name: str, args, out: Path) -> dict:
     return {"queries": queries, "seconds": seconds, "reward": reward, "eval": held}
 
 
-def at(curve: dict, axis: str, x: float) -> float:
-    """The evaluation reward of the last evaluation at or before ``x`` on ``axis``."""
-    value = curve["eval"][0]
-    for xi, ai in zip(curve[axis], curve["eval"]):
-        if xi <= x + 1e-9:
-            value = ai
-    return value
-
-
-def first_reach(curve: dict, target: float, axis: str = "seconds") -> float | None:
-    """Seconds (or queries) until the evaluation reward first reaches ``target`` (None: never)."""
-    for s, a in zip(curve[axis][1:], curve["eval"][1:]):
-        if a >= target:
-            return s
-    return None
-
-
-def table(curves: dict) -> str:
-    base = curves.get(BASELINE)
-    target = base["eval"][-1] if base else None
-    t_base = first_reach(base, target) if base else None
-    common_t = min(c["seconds"][-1] for c in curves.values())
-    common_q = min(c["queries"][-1] for c in curves.values())
-    lines = [
-        f"| method | eval reward before | at {common_q} queries | at {common_t:.0f} s | final | queries "
-        "| seconds | s/epoch | queries to Flow-GRPO's final | s to Flow-GRPO's final | time / Flow-GRPO's |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, c in curves.items():
-        reach = first_reach(c, target) if target is not None else None
-        q_reach = first_reach(c, target, "queries") if target is not None else None
-        ratio = f"{reach / t_base:.2f}" if reach is not None and t_base else "not reached"
-        per_epoch = c["seconds"][-1] / max(1, len(c["seconds"]) - 1)
-        lines.append(
-            f"| {name} | {c['eval'][0]:.4f} | {at(c, 'queries', common_q):.4f} | "
-            f"{at(c, 'seconds', common_t):.4f} | {c['eval'][-1]:.4f} | {c['queries'][-1]} | "
-            f"{c['seconds'][-1]:.0f} | {per_epoch:.1f} | {'' if q_reach is None else q_reach} | "
-            f"{'' if reach is None else f'{reach:.0f}'} | {ratio} |"
-        )
-    if target is not None:
-        lines.append(f"\nFlow-GRPO's final evaluation reward (the target): {target:.4f} (JPEG kB, negated)")
-    return "\n".join(lines)
-
-
 def plot(curves: dict, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
     colors = plt.get_cmap("tab10").colors
@@ -172,7 +130,16 @@ def main(argv: list[str] | None = None) -> int:
             curves[name] = run_method(name, args, out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "results.json").write_text(json.dumps(curves))  # each finished method kept
-    text = table(curves)
+    text = table(
+        curves,
+        "eval",
+        BASELINE,
+        "Flow-GRPO",
+        "eval reward before",
+        "Flow-GRPO's final evaluation reward (the target): {} (JPEG kB, negated)",
+        digits=4,
+        per_epoch=True,
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text + "\n")
     queries = max(c["queries"][-1] for c in curves.values())

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from flowrl.efficiency import at, first_reach
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -32,10 +34,10 @@ def test_table_and_replot(tmp_path):
         "fpo": {"queries": [0, 16, 32], "seconds": [0.0, 4.0, 8.0], "reward": [None, -1.3, -1.3],
                 "eval": [-1.30, -1.29, -1.28]},
     }  # fmt: skip
-    assert cf.first_reach(curves["nft"], -1.20) == 5.0
-    assert cf.first_reach(curves["nft"], -1.20, "queries") == 16
-    assert cf.first_reach(curves["fpo"], -1.20) is None
-    assert cf.at(curves["flow_grpo"], "seconds", 8.0) == -1.30  # the last evaluation at or before 8 s
+    assert first_reach(curves["nft"], "eval", -1.20) == 5.0
+    assert first_reach(curves["nft"], "eval", -1.20, "queries") == 16
+    assert first_reach(curves["fpo"], "eval", -1.20) is None
+    assert at(curves["flow_grpo"], "eval", "seconds", 8.0) == -1.30  # the last evaluation at or before 8 s
     (tmp_path / "results.json").write_text(json.dumps(curves))
     assert cf.main(["--replot", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "table.md").read_text()
