@@ -17,32 +17,7 @@ import pytest
 
 from tests.test_bad_input import CONFIG_CASES, DEMO_CASES, ROBOT_CONFIG_CASES
 
-from .conftest import ROBOT_TASK, TASK, leftovers
-
-# one epoch of 2 samples of 8x8 pixels, 2 denoising steps: the smallest run that calls everything
-TINY = [
-    "train.num_epochs=1",
-    "train.sample_batch_size=2",
-    "train.num_batches_per_epoch=1",
-    "train.minibatch_size=2",
-    "sampler.num_steps=2",
-    "train.eval_every=0",
-    "train.save_every=0",
-    "train.eval_prompts=[a]",
-    "model.tiny_image_size=8",
-    "algorithm.stat_min_count=1",
-    "train.torch_threads=1",
-]
-
-
-def train(out: Path, *extra) -> list[str]:
-    return ["train", TASK, f"train.output_dir={out}", "train.run_name=r", *extra]
-
-
-def write(path: Path, text: str | bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
-    return str(path)
+from .conftest import ROBOT_TASK, TASK, TINY, leftovers, train, write
 
 
 def reward(tp: Path, body: str, name: str = "user_reward.py") -> str:

@@ -10,29 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ROBOT_TASK, TASK
+from .conftest import ROBOT_TASK, TINY, train, write
 
 SAMPLE = ["sample", "--prompt", "a", "--tiny-image-size", "8", "--num-steps", "2"]
-TINY = [
-    "train.num_epochs=1",
-    "train.sample_batch_size=2",
-    "train.num_batches_per_epoch=1",
-    "train.minibatch_size=2",
-    "sampler.num_steps=2",
-    "train.eval_every=0",
-    "train.save_every=0",
-    "train.eval_prompts=[a]",
-    "model.tiny_image_size=8",
-    "algorithm.stat_min_count=1",
-    "train.torch_threads=1",
-]
 
 
 def script(tmp_path: Path, name: str, body: str) -> str:
-    path = tmp_path / "scripts" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("import sys, time\nimport torch\n\nDIFFERENTIABLE = True\n\n" + body)
-    return str(path)
+    header = "import sys, time\nimport torch\n\nDIFFERENTIABLE = True\n\n"
+    return write(tmp_path / "scripts" / name, header + body)
 
 
 def image_reward(line: str, only_with_grad: bool = False) -> str:
@@ -93,8 +78,7 @@ def test_reward_backprop_reward(refuse, tmp_path, line, extra, cause):
     scores the evaluation and the epoch's samples without gradients first, and then misbehaves."""
     out = tmp_path / "out"
     path = script(tmp_path, f"bp_{abs(hash(line)) % 10**6}.py", image_reward(line, only_with_grad=True))
-    argv = ["train", TASK, f"train.output_dir={out}", "train.run_name=r", *TINY, *extra]
-    refuse([*argv, "algorithm.name=draft", "rewards=[{name: " + path + "}]"], cause, out)
+    refuse(train(out, *TINY, *extra, "algorithm.name=draft", "rewards=[{name: " + path + "}]"), cause, out)
 
 
 def test_reward_backprop_gradient_through_the_reward_thread():
