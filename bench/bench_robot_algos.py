@@ -27,7 +27,11 @@ InvertedPendulum-v5):
 
 Per method over the seeds: the final return's mean and 95% t interval (``flowrl.seeds.mean_interval``),
 how many seeds reached the target, and over those the env steps and training seconds to it (mean
-+- interval), and the ratio of its mean seconds to DPPO's. The seconds-to-target are only as fine
++- interval), and the ratio of its mean seconds to DPPO's; then each method against DPPO paired by
+seed (the ratio of seconds to the target where both reached it, a bound where one did, and of
+seconds per iteration, mean +- interval over seeds). ``--report-only`` tabulates what finished
+under ``--out``, runs of more than ``--iterations`` cut at ``--iterations`` (the same budget for
+every method; the learning rate is constant, so a run's first N iterations are an N-iteration run). The seconds-to-target are only as fine
 as ``--eval-every``; seconds measured while other work shares the cores are inflated and noisy (the
 report states the load average), env steps are not. ``--parallel N`` runs N (method, seed) jobs at
 once (one torch thread each).
@@ -401,14 +405,18 @@ def summarize(method, task, overrides, cfg, rows, run_dir, total_wall=None) -> d
     }
 
 
-def partial_result(method: str, task: str, overrides: list[str], work: str) -> dict | None:
-    """A run that was stopped before its end (no result file): its metrics rows up to its last
-    evaluation, if it evaluated after training at least once."""
+def partial_result(
+    method: str, task: str, overrides: list[str], work: str, budget: int | None = None
+) -> dict | None:
+    """A run that was stopped before its end (no result file), or one cut at ``budget`` iterations:
+    its metrics rows (up to ``budget``) up to its last evaluation, if it evaluated after training
+    at least once."""
     name = method.replace("+", "p")
     metrics = Path(work) / name / "metrics.jsonl"
     if not metrics.is_file():
         return None
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if budget is None or r["epoch"] <= budget]
     if sum(r.get("eval_return_mean") is not None for r in rows) < 2:
         return None
     cfg = _load(task, overrides)
@@ -442,6 +450,18 @@ def run_method(method: str, task: str, overrides: list[str], bc_dir: str, work: 
     # each job's result as it ends, so --report-only can tabulate the jobs that finished
     (Path(work) / f"{name}.result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def finished_result(method: str, task: str, overrides: list[str], work: str, budget: int) -> dict | None:
+    """A job's result file, or (``--report-only``) its run cut at ``budget`` iterations when it ran
+    more (re-read from its metrics rows, so every method is tabulated at the same budget), or its
+    stopped run up to its last evaluation."""
+    f = Path(work) / f"{method.replace('+', 'p')}.result.json"
+    if f.is_file():
+        r = json.loads(f.read_text())
+        if r["iterations"] <= budget:
+            return r
+    return partial_result(method, task, overrides, work, budget)
 
 
 def fmt(x, spec: str = ".0f") -> str:
@@ -480,6 +500,51 @@ def aggregate_table(results: dict[str, list[dict]], target: float) -> str:
             f"| {pm([r['final_return'] for r in runs], '.1f')} | {len(h)}/{len(runs)} "
             f"| {pm([x['env_steps'] for x in h], '.0f')} | {pm(secs, '.1f')} | {ratio} "
             f"| {pm([r['train_seconds'] / max(r['iterations'], 1) for r in runs], '.1f')} | {iterations_run(runs)} |"
+        )
+    return "\n".join(lines)
+
+
+def paired_table(results: dict[str, list[dict]], target: float, ref: str = "dppo") -> str:
+    """Every method against ``ref`` (DPPO) seed by seed: the ratio of training seconds to the target
+    (where both reached it; where one did, a bound from the other's total seconds) and of training
+    seconds per iteration, with the mean and 95% t interval over the seeds that have the ratio."""
+    if ref not in results:
+        return ""
+    by_seed = {r["seed"]: r for r in results[ref]}
+    lines = [
+        f"| method | seeds paired with {ref} | s-to-{target:g} / {ref}'s, per seed | mean ± 95% interval "
+        f"| train s per iteration / {ref}'s | env steps to {target:g} / {ref}'s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, runs in results.items():
+        if m == ref:
+            continue
+        pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+        if not pairs:
+            continue
+        cells, ratios, steps = [], [], []
+        for a, b in pairs:
+            ha, hb = a["reached"], b["reached"]
+            if ha and ha["train_seconds"] == 0:
+                cells.append(f"{a['seed']}: 0 (BC at the target)")
+            elif ha and hb and hb["train_seconds"] > 0:
+                ratios.append(ha["train_seconds"] / hb["train_seconds"])
+                cells.append(f"{a['seed']}: {ratios[-1]:.2f}")
+                if hb["env_steps"] > 0:
+                    steps.append(ha["env_steps"] / hb["env_steps"])
+            elif ha and not hb:  # ref's seconds to the target exceed its whole run's
+                cells.append(f"{a['seed']}: < {ha['train_seconds'] / b['train_seconds']:.2f}")
+            elif hb and not ha and hb["train_seconds"] > 0:
+                cells.append(f"{a['seed']}: > {a['train_seconds'] / hb['train_seconds']:.2f}")
+            else:
+                cells.append(f"{a['seed']}: n/a")
+        per_it = [
+            (a["train_seconds"] / max(a["iterations"], 1)) / (b["train_seconds"] / max(b["iterations"], 1))
+            for a, b in pairs
+        ]
+        lines.append(
+            f"| {m} | {len(pairs)} | {', '.join(cells)} | {pm(ratios, '.2f')} ({len(ratios)} seeds) "
+            f"| {pm(per_it, '.2f')} | {pm(steps, '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -615,7 +680,8 @@ def main() -> None:
     ap.add_argument(
         "--report-only",
         action="store_true",
-        help="tabulate the finished jobs' results under --out (e.g. another --target)",
+        help="tabulate the finished jobs' results under --out (e.g. another --target); runs of more "
+        "than --iterations iterations are cut at --iterations, so every method has the same budget",
     )
     ap.add_argument(
         "--reuse-bc",
@@ -709,10 +775,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     t_start = time.time()
     if args.report_only:  # the jobs that finished (their result files), BC times from their folders
-        runs = []
-        for j in jobs:
-            f = Path(j[4]) / f"{j[0].replace('+', 'p')}.result.json"
-            runs.append(json.loads(f.read_text()) if f.is_file() else partial_result(j[0], j[1], j[2], j[4]))
+        runs = [finished_result(j[0], j[1], j[2], j[4], args.iterations) for j in jobs]
         bcs = {k: done for k, v in bc_jobs.items() if (done := finished_bc(v[2]))}
         missing = [f"{j[0]}/seed {j[6]}" for j, r in zip(jobs, runs) if r is None]
         if missing:
@@ -752,7 +815,7 @@ def main() -> None:
         f"{'/'.join(map(str, sorted(steps)))} env steps, evaluation every {args.eval_every}; "
         "train s = rollout + update (evaluation excluded), "
         + (
-            "tabulated from the runs' files (--report-only); "
+            f"tabulated from the runs' files (--report-only; runs of more iterations cut at {args.iterations}); "
             if args.report_only
             else f"measured at load average {load0:.1f} -> {load1:.1f} on {os.cpu_count()} cores "
             f"({(time.time() - t_start) / 60:.1f} min wall in all); "
@@ -769,6 +832,9 @@ def main() -> None:
         seed_table(results, target),
         "",
     ]
+    paired = paired_table(results, target)
+    if paired:
+        lines += ["## against DPPO, paired by seed", "", paired, ""]
     if len(steps) > 1:
         lines.insert(
             3, "Note: the methods collect different env steps per iteration; compare on the env-step axis.\n"

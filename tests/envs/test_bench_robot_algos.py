@@ -50,10 +50,11 @@ def test_every_method_resolves_on_the_env(bench, env_id):
 
 
 def test_own_task_files_are_preferred(bench):
-    tasks = bench.find_tasks("Reacher-v5", ["dppo", "reinflow", "gaussian_ppo", "fpo"], None)
+    tasks = bench.find_tasks("Reacher-v5", ["dppo", "reinflow", "gaussian_ppo", "fpo", "fpo++"], None)
     assert tasks["dppo"] == ("robot_reacher_dppo", [])
     assert tasks["gaussian_ppo"] == ("robot_reacher_gaussian", [])
-    assert tasks["fpo"][0] == "robot_reacher_reinflow" and "algorithm.name=fpo" in tasks["fpo"][1]
+    assert tasks["fpo"] == ("robot_reacher_fpo", [])  # Reacher's own FPO settings
+    assert tasks["fpo++"][0] == "robot_reacher_reinflow" and "algorithm.name=fpo++" in tasks["fpo++"][1]
     # on the pendulum DPPO's DDIM has its own file, and DDPM DPPO does not take it
     ip = bench.find_tasks("InvertedPendulum-v5", ["dppo", "dppo_ddim"], None)
     assert ip == {
@@ -83,3 +84,53 @@ def test_aggregate_by_hand(bench):
     assert dppo[4] == "13.0 ± 12.7"  # mean 13, t(1) 12.706 x std 1.414 / sqrt 2
     assert dppo[5:8] == ["2/2", "200 ± 1271", "6.0 ± 25.4"]
     assert reinflow[5:9] == ["1/2", "50", "1.0", "0.17"]  # 1.0 s / DPPO's mean 6.0 s
+
+
+def test_paired_ratios_and_bounds_by_hand(bench):
+    def run(method, seed, hit_s, total_s, iterations=2):
+        curve = [{"iteration": 0, "env_steps": 0, "train_seconds": 0.0, "eval_return_mean": 1.0}]
+        curve.append(
+            {"iteration": iterations, "env_steps": 100, "train_seconds": total_s, "eval_return_mean": 5.0}
+        )
+        hit = None if hit_s is None else {"env_steps": 100, "train_seconds": hit_s}
+        return {
+            "method": method,
+            "seed": seed,
+            "iterations": iterations,
+            "train_seconds": total_s,
+            "reached": hit,
+        }
+
+    results = {
+        "dppo": [run("dppo", 0, 10.0, 20.0), run("dppo", 1, 5.0, 20.0), run("dppo", 2, None, 40.0)],
+        "reinflow": [
+            run("reinflow", 0, 2.0, 4.0),
+            run("reinflow", 1, 2.0, 4.0),
+            run("reinflow", 2, 4.0, 8.0),
+        ],
+    }
+    row = bench.paired_table(results, 9.0).splitlines()[2].split(" | ")
+    # seeds 0, 1: 2/10 and 2/5; seed 2: DPPO never reached it, so its time exceeds its 40 s: < 4/40
+    assert row[2] == "0: 0.20, 1: 0.40, 2: < 0.10"
+    assert row[3] == "0.30 ± 1.27 (2 seeds)"  # mean 0.3, t(1) 12.706 x std 0.1414 / sqrt 2
+    assert row[4] == "0.20 ± 0.00"  # per iteration 2/10, 2/10, 4/20
+
+
+def test_report_only_cuts_longer_runs_at_the_budget(bench, tmp_path):
+    import json
+
+    work = tmp_path / "seed_0"
+    (work / "reinflow").mkdir(parents=True)
+    rows = [{"epoch": 0, "env_steps": 0, "eval_return_mean": 1.0, "eval_return_std": 0.0}]
+    for e in (1, 2, 3):
+        rows.append(
+            {"epoch": e, "env_steps": 10 * e, "time_collect": 1.0, "time_update": 0.5}
+            | {"eval_return_mean": float(e), "eval_return_std": 0.0}
+        )
+    (work / "reinflow" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (work / "reinflow.result.json").write_text(json.dumps({"iterations": 3, "final_return": 3.0}))
+    task, overrides = "robot_reacher_reinflow", ["train.num_epochs=2"]
+    assert bench.finished_result("reinflow", task, overrides, str(work), 3)["final_return"] == 3.0
+    cut = bench.finished_result("reinflow", task, overrides, str(work), 2)
+    assert (cut["iterations"], cut["final_return"], cut["env_steps"]) == (2, 2.0, 20)
+    assert cut["train_seconds"] == 3.0 and bench.iterations_run([cut]) == "2"
