@@ -37,14 +37,15 @@ class RAFTOptions:
 
 
 def top_in_groups(rewards: Tensor, groups: Tensor, keep: int) -> Tensor:
-    """(B,) bool: the ``keep`` highest rewards of each group (ties: the earlier index)."""
+    """(B,) bool: the ``keep`` highest rewards of each group (ties: the earlier index); groups are
+    any integer labels, of any sizes, in any order."""
     order = torch.argsort(-rewards.double(), stable=True)  # best first, ties by index
-    rank = torch.zeros_like(groups)
-    seen: dict[int, int] = {}
-    for i in order.tolist():
-        g = int(groups[i])
-        rank[i] = seen.get(g, 0)
-        seen[g] = rank[i].item() + 1
+    order = order[torch.argsort(groups[order], stable=True)]  # by group, then as above
+    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts  # where each group's run begins in ``order``
+    place = torch.arange(len(order), device=order.device) - torch.repeat_interleave(starts, counts)
+    rank = torch.empty_like(order)
+    rank[order] = place  # each trajectory's place in its group, best first
     return rank < keep
 
 

@@ -24,6 +24,23 @@ def test_top_in_groups_keeps_each_groups_best():
     assert top_in_groups(rewards, groups, 2).tolist() == [0, 1, 0, 1, 1, 0, 1, 0]
 
 
+def test_top_in_groups_equals_a_per_group_sort():
+    """The vectorized ranking against each group sorted by hand (best reward first, ties by
+    index), on random batches: uneven groups under scattered labels, many ties, keep above a size."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        B = int(torch.randint(1, 40, (1,), generator=g))
+        groups = torch.randint(-3, 6, (B,), generator=g) * 1000  # labels, not 0..n-1; uneven sizes
+        rewards = torch.randint(0, 4, (B,), generator=g).float() / 2  # 4 values: ties everywhere
+        keep = int(torch.randint(1, 6, (1,), generator=g))
+        expected, r, labels = [False] * B, rewards.tolist(), groups.tolist()
+        for label in set(labels):
+            members = sorted((i for i in range(B) if labels[i] == label), key=lambda i: (-r[i], i))
+            for i in members[:keep]:
+                expected[i] = True
+        assert top_in_groups(rewards, groups, keep).tolist() == expected
+
+
 def test_loss_is_the_denoising_loss_of_the_kept_rows(tiny_pipe):
     from diffusers import DDIMScheduler
 
