@@ -149,7 +149,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             base = load_policy(Path(args.base) if args.base else bc_dir, device)
         policy = RLGuidedAdapter(policy, args.rlg_weight, base=base)
     elif factory is not None:
-        if args.reward == "simulated_return":
+        if args.reward in ("simulated_return", "lqr_value"):
             kwargs.setdefault("env_id", cfg.env.id)
         reward = _build_action_reward(args.reward, factory, kwargs)
         timeout, option = (
@@ -158,7 +158,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             else (cfg.reward_timeout, "reward_timeout")
         )
         options = {
-            "reward-grad": {"scale": args.guide_scale},
+            "reward-grad": {"scale": args.guide_scale, "through_model": args.through_model},
             "best-of-n": {"n": args.particles},
             "smc": {"num_particles": args.particles, "lam": args.smc_lambda},
         }[args.guide]
@@ -664,7 +664,7 @@ def reward_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _add_guidance_arguments(
-    parser: argparse.ArgumentParser, guide_help: str, reward_help: str, what: str
+    parser: argparse.ArgumentParser, guide_help: str, reward_help: str, what: str, scale: float = 0.1
 ) -> None:
     """The inference-time guidance options ``flowrl sample`` and ``flowrl evaluate`` share."""
     parser.add_argument(
@@ -682,7 +682,10 @@ def _add_guidance_arguments(
         "(default: the task's reward_timeout; sample: 1800)",
     )
     parser.add_argument(
-        "--guide-scale", type=float, default=0.1, help=f"reward-gradient step (units of the {what}'s RMS)"
+        "--guide-scale",
+        type=float,
+        default=scale,
+        help=f"reward-gradient step (units of the {what}'s RMS; default {scale:g})",
     )
     parser.add_argument("--particles", type=int, default=4, help="N for best-of-n, particles for smc")
     parser.add_argument("--smc-lambda", type=float, default=10.0, help="SMC potential sharpness lambda")
@@ -743,9 +746,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guidance_arguments(
         ev,
         guide_help="inference-time guidance: RL guidance, reward gradient, best-of-N, SMC over action chunks",
-        reward_help="action reward: target | smoothness | simulated_return, or a script file.py[:name] "
-        "defining action_reward(obs, actions) or make_action_reward(**kwargs)",
+        reward_help="action reward: target | smoothness | simulated_return | lqr_value, or a script "
+        "file.py[:name] defining action_reward(obs, actions) or make_action_reward(**kwargs)",
         what="chunk",
+        scale=0.03,  # BENCHMARKS.md section 6: 0.03-0.05 on the pendulum's BC policy, 0.1 already overshoots
+    )
+    ev.add_argument(
+        "--through-model",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="reward-grad: DPS's gradient through the policy network (default: at the predicted chunk only; "
+        "through a few-step flow it points nowhere, BENCHMARKS.md section 6)",
     )
     ev.add_argument(
         "--base",

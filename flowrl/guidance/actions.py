@@ -157,8 +157,11 @@ class SimulatedReturn:
         return out.to(actions.device)
 
 
+from flowrl.guidance.lqr_value import LQRValue  # noqa: E402  (it needs nothing from this module)
+
 ACTION_REWARDS = {
     "target": target_reward,
     "smoothness": smoothness_reward,
     "simulated_return": SimulatedReturn,
+    "lqr_value": LQRValue,
 }
