@@ -83,6 +83,15 @@ class ModelConfig:
     time_dim: int = 16
     # diffusion_policy: T, the DDPM steps of pre-training (DPPO: 20)
     num_train_steps: int = 20
+    # flow_policy: a shortcut model (Frans et al. 2024; ReinFlow's ShortCutFlow): the velocity also reads the step
+    # size d, BC adds self-consistency targets, ReinFlow runs its K steps at d = 1/K (K a power of two)
+    shortcut: bool = False
+    # shortcut: L, the self-consistency d grid 1, 1/2, ..., 2^-(L-1) (ReinFlow's max_denoising_steps M gives M - 1: 19)
+    shortcut_levels: int = 19
+    # shortcut: the share of each BC batch given self-consistency targets (ReinFlow's self_consistency_k 0.25)
+    shortcut_sc_fraction: float = 0.25
+    # shortcut: delta of x_t = (1 - (1 - delta) t) x_0 + t x_1 and the target x_1 - (1 - delta) x_0 (ReinFlow: 1e-5)
+    shortcut_delta: float = 1e-5
     # hidden widths of the value network of GAE advantages (DPPO/ReinFlow: [256, 256, 256])
     value_hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 256])
     # gaussian_policy / residual_policy / dsrl_policy: the Gaussian head's learned, state-independent std at

@@ -61,6 +61,12 @@ def build_policy(cfg: TaskConfig, obs_dim: int, action_dim: int) -> ChunkPolicy:
             std_max=m.gaussian_std_max,
             tanh_mean=m.gaussian_tanh_mean,
         )
+    if family == "flow_policy" and m.shortcut:  # ReinFlow's shortcut model: the step size is an input too
+        from flowrl.models.shortcut import ShortcutFlowPolicy, shortcut_kwargs
+
+        policy = ShortcutFlowPolicy(**kwargs, **shortcut_kwargs(m))
+        policy.check_num_steps(cfg.sampler.num_steps)  # before cloning: the task's K must be on its d grid
+        return policy
     return adapter_class(family)(**kwargs)
 
 

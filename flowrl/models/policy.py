@@ -306,6 +306,7 @@ def load_policy(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         arch.pop("reference", False),
     )
     import flowrl.models.gaussian_policy  # noqa: F401  (registers the Gaussian heads' kinds)
+    import flowrl.models.shortcut  # noqa: F401  (registers the shortcut flow policy's kind)
 
     if kind not in POLICIES:
         raise InputError(f"{folder}/policy.json: unknown policy kind {kind!r}; known: {sorted(POLICIES)}")

@@ -143,6 +143,8 @@ class ReinFlowSampler(ChainSampler):
         """(velocity, std) at step k: the policy's velocity and, for a stochastic step, its noise
         network's std (``fixed_std`` without one); None on a mean-path step."""
         t = self.model_timesteps[k.cpu()].to(x.device, non_blocking=True)
+        if getattr(adapter, "takes_step_size", False):  # a shortcut policy: d = 1/K (PPOShortCut)
+            cond = {**cond, "step_size": torch.full_like(t, 1.0 / self.num_steps)}
         v = adapter.reference_forward(x, t, cond) if reference else adapter(x, t, cond)
         if not stochastic:
             return v, None
@@ -190,7 +192,9 @@ class ReinFlowSampler(ChainSampler):
 
 def from_config(sc, adapter, evaluation: bool = False) -> ReinFlowSampler:
     """A task's ReinFlow chain (learned noise) or Euler chain with a fixed std (``sampler.name:
-    euler``, ``sampler.noise_std``; 0 = the ODE)."""
+    euler``, ``sampler.noise_std``; 0 = the ODE). A shortcut policy's d = 1/K must be on its grid."""
+    if getattr(adapter, "takes_step_size", False):
+        adapter.check_num_steps(sc.num_steps)
     if sc.name == "euler":
         return ReinFlowSampler(sc.num_steps, sc.logprob_reduction, fixed_std=sc.noise_std, learned=False)
     return ReinFlowSampler(
