@@ -4,7 +4,7 @@ cloned from the same demonstrations, over several seeds.
 
 The methods (``--methods``, default all of :data:`METHODS`): DPPO (DDPM, and DPPO's DDIM), ReinFlow,
 pi-RL's Flow-SDE and Flow-Noise, FPO and FPO++, and the Gaussian heads (DPPO's Gaussian MLP + PPO,
-ResiP's residual PPO, DSRL's noise-space PPO). For one environment (``--env``, default
+ResiP's residual PPO, DSRL's noise-space PPO and SAC). For one environment (``--env``, default
 InvertedPendulum-v5):
 
 1. each method's task: the library's own ``tasks/robot_*.yaml`` with that ``env.id`` that runs the
@@ -224,6 +224,25 @@ METHODS: dict[str, tuple[str, str | None, list[str]]] = {
             "optim.learning_rate=3.0e-4",  # DSRL: actor_lr 3e-4
         ],
     ),
+    "dsrl_sac": (
+        "dsrl_sac",
+        None,
+        [
+            "model.family=dsrl_policy",
+            "model.base_family=flow_policy",
+            "model.dsrl_head=squashed",  # SB3's squashed-Gaussian actor
+            "model.head_hidden_dims=[128, 128, 128]",  # DSRL gym: 3 layers of 128
+            "model.dsrl_noise_bound=1.5",  # DSRL: action_magnitude 1.5
+            "sampler.name=gaussian",
+            *_FLOW_CLIPS,
+            "sampler.logprob_reduction=sum",
+            "~algorithm.ratio_scope",  # PPO's options, not SAC's
+            "~algorithm.ent_coef",
+            "algorithm.name=dsrl_sac",
+            "algorithm.warmup_steps=100",  # as tasks/robot_inverted_pendulum_dsrl_sac.yaml (DSRL: 2001)
+            "optim.learning_rate=3.0e-4",  # DSRL: actor_lr 3e-4
+        ],
+    ),
 }
 # the order of --methods all: the most compared first
 ORDER = (
@@ -237,6 +256,7 @@ ORDER = (
     "fpo++",
     "residual_ppo",
     "dsrl_ppo",
+    "dsrl_sac",
 )
 assert set(ORDER) == set(METHODS)
 

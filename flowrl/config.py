@@ -114,6 +114,9 @@ class ModelConfig:
     base_noise: str = "sampled"
     # dsrl_policy: b, the noise action w = b tanh(u) lies in [-b, b] (DSRL's action_magnitude 1.5)
     dsrl_noise_bound: float = 1.5
+    # dsrl_policy: the noise policy's head: gaussian (a learned, state-independent std; DSRL-PPO) | squashed
+    # (SAC's actor as DSRL runs it: mean and log std from a LayerNorm-tanh trunk; dsrl_sac's default)
+    dsrl_head: str = field(default="gaussian", metadata={"choices": ("gaussian", "squashed")})
 
 
 @dataclass

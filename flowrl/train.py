@@ -136,6 +136,8 @@ def update(run, chain: Chain, epoch: int) -> dict:
     """``train.update_epochs`` passes of the run's objective over the epoch's Chain; returns the
     diagnostics averaged over forwards, and the loop's own (grad norms, learning rates, steps)."""
     cfg, acc, objective = run.cfg, run.accelerator, run.objective
+    if hasattr(objective, "update"):  # an objective with its own update (DSRL-SAC: from its replay buffer)
+        return objective.update(run, chain, epoch)
     t, o, a = cfg.train, cfg.optim, cfg.algorithm
     accumulation = o.gradient_accumulation_steps
     fraction = getattr(a.options, "timestep_fraction", 1.0)

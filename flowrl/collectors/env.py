@@ -93,7 +93,7 @@ class RewardScaler:
 class EnvCollector(Collector):
     kind = "env"
     DEFAULTS = DEFAULTS
-    ADVANTAGES = ("gae",)
+    ADVANTAGES = ("gae", "none")  # none: an off-policy objective's own critic (DSRL-SAC)
     SEED_SCHEME = "env"
 
     @classmethod
@@ -149,6 +149,11 @@ class EnvCollector(Collector):
                     f"algorithm.name={cfg.algorithm.name!r} fine-tunes a {fits} but model.family={family!r}; "
                     f"use algorithm.name={other}"
                 )
+        if cfg.advantage == "none" and not hasattr(cfg.method.objective_class(), "observe"):
+            raise ConfigError(
+                f"algorithm.advantage=none: {cfg.algorithm.name} learns from GAE advantages on env tasks; "
+                "set algorithm.advantage=gae (only an off-policy method such as dsrl_sac learns without)"
+            )
         for name, value in (("env.obs_horizon", e.obs_horizon), ("env.action_steps", e.action_steps)):
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
@@ -254,6 +259,8 @@ class EnvCollector(Collector):
             next_obs_all.append(real_next)
             rewards[step], terminated[step], done[step] = reward, term, ended
             chunk_steps += int(executed_steps(info, ended).sum())
+            if hasattr(run.objective, "observe"):  # an off-policy objective learns between steps (DSRL-SAC)
+                run.objective.observe(run, epoch, chain, obs, reward, term, trunc, real_next)
             obs = obs_next
         chain = Chain.cat(chains)  # (B, ...) with B = S * N, time-major
         device = run.device
@@ -285,6 +292,8 @@ class EnvCollector(Collector):
         """GAE(gamma, lambda) over the S chunk steps with the value function; the TD(lambda)
         returns (the value targets) go to ``metadata["returns"]``."""
         e, a, device = self.cfg.env, self.cfg.algorithm, self.run.device
+        if self.run.value is None:  # algorithm.advantage=none: the objective learns from its own critic
+            return torch.zeros(len(chain), device=device), {}
         S, N = e.n_steps, e.num_envs
         md = chain.metadata
         value = self.run.value

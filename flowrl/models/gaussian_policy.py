@@ -26,6 +26,8 @@ steps in order; ``gaussian(x, cond)`` gives the Gaussian step's (mu, sigma, shif
   noise (DSRL's noise action space [-b, b], ``action_magnitude``, squashed as SAC squashes), and
   x_2 = base(w, s) the frozen chain run deterministically (flow ODE / DDIM eta 0). The ratio of
   u equals the ratio of w (tanh is a bijection whose Jacobian does not depend on the weights).
+  ``model.dsrl_head: squashed`` is SAC's actor instead, mu(s) and sigma(s) both from the state
+  (:mod:`flowrl.models.sac`; DSRL-SAC, :mod:`flowrl.objectives.sac`).
 
 Only the head's parameters train; the base (a BC or fine-tuned diffusion / flow policy) stays as
 loaded, and a checkpoint folder holds both (``policy.json`` names the base's own description).
@@ -355,14 +357,25 @@ class DSRLPolicy(_SteeredPolicy):
         std_min: float = 0.01,
         std_max: float = 2.0,
         noise_bound: float = 1.5,
+        head: str = "gaussian",
         **_,
     ):
         if noise_bound <= 0:
             raise ConfigError(
                 f"model.dsrl_noise_bound must be > 0, got {noise_bound}; DSRL's action_magnitude is 1.5"
             )
-        super().__init__(base, hidden_dims, std_init, std_min, std_max, 0.0, noise_bound=noise_bound)
+        if head not in ("gaussian", "squashed"):
+            raise ConfigError(f"model.dsrl_head must be gaussian or squashed (SAC's actor), got {head!r}")
+        super().__init__(
+            base, hidden_dims, std_init, std_min, std_max, 0.0, noise_bound=noise_bound, head=head
+        )
         self.noise_bound = noise_bound
+        if head == "squashed":  # DSRL-SAC's actor (flowrl/models/sac.py): state-dependent std
+            from flowrl.models.sac import SquashedGaussianHead
+
+            self.net = SquashedGaussianHead(self.obs_horizon * self.obs_dim, self.action_shape, hidden_dims)
+        # DSRL-SAC's warm-up rollouts act with the base policy's own noise, clip(N(0, I), -b, b)
+        self.warmup = False
 
     @classmethod
     def from_base(cls, base: ChunkPolicy, cfg) -> DSRLPolicy:
@@ -374,10 +387,20 @@ class DSRLPolicy(_SteeredPolicy):
             m.gaussian_std_min,
             m.gaussian_std_max,
             m.dsrl_noise_bound,
+            m.dsrl_head,
         )
 
+    def gaussian(self, x: Tensor, cond: dict[str, Tensor], reference: bool = False):
+        if self.warmup:  # u ~ N(0, I)
+            zero = torch.zeros(x.shape[0], *self.action_shape, device=x.device)
+            return zero, torch.ones_like(zero), None, None
+        return super().gaussian(x, cond, reference)
+
     def base_noise(self, x: Tensor) -> Tensor:
-        """w = b tanh(u): the MDP action u squashed into DSRL's noise action space [-b, b]."""
+        """w = b tanh(u): the MDP action u squashed into DSRL's noise action space [-b, b] (while
+        warming up: w = clip(u, -b, b))."""
+        if self.warmup:
+            return x.float().clamp(-self.noise_bound, self.noise_bound)
         return self.noise_bound * torch.tanh(x.float())
 
 

@@ -9,6 +9,7 @@
     d3po  D3PO / online DPO: pairs of the current chain ranked by the reward or human labels, per-step log-ratios
     nft   DiffusionNFT: negative-aware fine-tuning on the forward process of a flow model, no likelihood
     find  FIND: a policy over the initial noise x_T of the frozen denoiser, one ratio per sample
+    sac   soft actor-critic from a replay buffer, trained between env steps: DSRL-SAC
 
 A *method* is the name a user picks (``algorithm.name``): an objective with a default advantage
 estimator and its paper's defaults, written under the task file's own values. Adding an
@@ -32,6 +33,7 @@ OBJECTIVES = {
     "d3po": "flowrl.objectives.d3po:D3PO",
     "nft": "flowrl.objectives.nft:NFT",
     "find": "flowrl.objectives.find:FIND",
+    "sac": "flowrl.objectives.sac:SAC",
 }
 
 
@@ -156,6 +158,18 @@ METHODS: dict[str, Method] = {
             "algorithm": {"ratio_scope": "step", "clip_range": 0.2},
             "sampler": {"logprob_reduction": "sum", "noise_clip": None, "logprob_clip": None},
             "model": {"gaussian_std_init": 0.5, "gaussian_std_min": 0.01, "gaussian_std_max": 1.0},
+        },
+        fixed={"model": {"family": "dsrl_policy"}, "sampler": {"name": "gaussian"}},
+        cite="DSRL: Wagenmaker et al. 2025, arXiv 2506.15799",
+    ),
+    "dsrl_sac": Method(
+        "sac",
+        "none",  # off-policy: its own twin Q from a replay buffer (flowrl/objectives/sac.py)
+        ("env",),
+        {  # DSRL gym: SAC's squashed actor and Q nets of 3 x 128 (layer_size, num_layers), lr 3e-4
+            "model": {"dsrl_head": "squashed", "head_hidden_dims": [128, 128, 128]},
+            "sampler": {"logprob_reduction": "sum", "noise_clip": None, "logprob_clip": None},
+            "optim": {"learning_rate": 3e-4},
         },
         fixed={"model": {"family": "dsrl_policy"}, "sampler": {"name": "gaussian"}},
         cite="DSRL: Wagenmaker et al. 2025, arXiv 2506.15799",

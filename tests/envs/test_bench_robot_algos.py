@@ -23,11 +23,12 @@ def bench():
 
 
 FAMILY = {"dppo": "diffusion_policy", "dppo_ddim": "diffusion_policy", "gaussian_ppo": "gaussian_policy"}
-FAMILY.update(residual_ppo="residual_policy", dsrl_ppo="dsrl_policy")
+FAMILY.update(residual_ppo="residual_policy", dsrl_ppo="dsrl_policy", dsrl_sac="dsrl_policy")
 SAMPLER = {"dppo": "ddpm", "dppo_ddim": "ddim", "pirl_flow_sde": "flow_sde", "pirl_flow_noise": "flow_noise"}
 SAMPLER.update(
     fpo="euler", **{"fpo++": "euler"}, gaussian_ppo="gaussian", residual_ppo="gaussian", dsrl_ppo="gaussian"
 )
+SAMPLER.update(dsrl_sac="gaussian")
 
 
 @pytest.mark.parametrize("env_id", ["InvertedDoublePendulum-v5", "Reacher-v5"])
