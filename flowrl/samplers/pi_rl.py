@@ -21,9 +21,10 @@ which is the Euler step when sigma = 0 (the same SDE Flow-GRPO uses for images,
 :mod:`flowrl.samplers.flow`). pi-RL's default makes ONE step of each chunk stochastic, drawn
 uniformly per batch (``sampler.sde_window: 1``; its other steps are the ODE, their log-prob NaN),
 and PPO trains that step's log-prob (``algorithm.ratio_scope: step``); ``sde_window: 0`` makes every
-step stochastic. The denoising steps are an inner MDP of the environment step: one reward and one
-value per chunk (pi-RL's default; its ``double_layer`` variant that discounts inside the chunk is
-not implemented).
+step stochastic. The denoising steps are an inner MDP of the environment step (pi-RL's two-layer
+MDP): one reward and one value per chunk. RLinf's ``double_layer`` flag ("designed for flow-sde
+without acceleration") is read by none of its sampling, log-prob or loss code, only asserted
+exclusive with ``joint_logprob``; Flow-SDE without the one-step acceleration is ``sde_window: 0``.
 
 **Flow-Noise** (``sampler.name: flow_noise``): the Euler mean with a learned, bounded std from a
 noise network (pi-RL's ``noise_logvar_range`` [0.08, 0.16]), every step stochastic, and the chain's
