@@ -228,6 +228,9 @@ class EnvConfig:
     # how the num_envs envs step: sync (in this process) | async (a subprocess each, gymnasium's
     # AsyncVectorEnv: the same results, faster when a step costs more than its pipe, e.g. rendering)
     vectorization: str = field(default="sync", metadata={"choices": ("sync", "async")})
+    # running observation normalization (gymnasium's NormalizeObservation, CleanRL's PPO-MuJoCo recipe):
+    # training rollouts update the policy's observation statistics, evaluation reads them frozen (PPO from scratch)
+    normalize_obs: bool = False
 
 
 @dataclass

@@ -8,16 +8,15 @@ sampler, recording each chunk's denoising Chain (time-major: row s * N + n), and
 step's reward, termination, episode end and next observation. Advantages are GAE over the S
 chunk steps (Schulman et al. 2016) with a value function trained beside the policy, rewards
 divided by the running std of the discounted return (DPPO's and ReinFlow's
-``reward_scale_running``). Envs start fresh each epoch, so a resumed run repeats the
-uninterrupted one exactly.
+``reward_scale_running``); with ``env.normalize_obs`` the policy's observation statistics are
+running ones, updated by every training observation (:mod:`flowrl.envs.normalize`). Envs start
+fresh each epoch, so a resumed run repeats the uninterrupted one exactly.
 
 Evaluation runs ``env.eval_episodes`` episodes with reset seeds eval_seed, eval_seed + 1, ...
 along the sampler's mean path (no exploration noise), the same starts at every evaluation.
 """
 
 from __future__ import annotations
-
-import math
 
 import gymnasium as gym
 import numpy as np
@@ -28,6 +27,7 @@ from flowrl.chain import Chain
 from flowrl.collectors.base import Collector
 from flowrl.core import seeding
 from flowrl.core.gae import generalized_advantage_estimate
+from flowrl.envs.normalize import ObservationNormalizer, RewardScaler
 from flowrl.envs.rollouts import (
     act,
     format_return,
@@ -57,37 +57,6 @@ DEFAULTS = {
     },
 }
 DEMO_FORMATS = ["npz", "d4rl", "robomimic", "minari"]
-
-
-class RewardScaler:
-    """Divides rewards by the running std of the discounted return (PPO's reward scaling, as
-    DPPO's and ReinFlow's ``reward_scale_running``); its statistics are part of the training state."""
-
-    def __init__(self, gamma: float):
-        self.gamma = gamma
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
-
-    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        """(S, N) rewards and episode ends in time order -> scaled rewards; updates the statistics."""
-        ret = np.zeros(rewards.shape[1])
-        returns = np.empty_like(rewards)
-        for t in range(len(rewards)):
-            ret = ret * self.gamma + rewards[t]
-            returns[t] = ret
-            ret = ret * (1 - dones[t])
-        # Chan et al.'s parallel update of (mean, var, count) with the batch's returns
-        b_mean, b_var, b_count = returns.mean(), returns.var(), returns.size
-        delta, total = b_mean - self.mean, self.count + b_count
-        self.mean += delta * b_count / total
-        self.var = (self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total) / total
-        self.count = total
-        return rewards / math.sqrt(self.var + 1e-8)
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
 class EnvCollector(Collector):
@@ -124,6 +93,11 @@ class EnvCollector(Collector):
                     f"env.id={e.id!r}: importing {module!r} registered no environment {env_name!r}; call "
                     f"gymnasium.register(id={env_name!r}, ...) in it, or fix the id after the ':'"
                 )
+        if e.normalize_obs and m.pretrained != "scratch":
+            raise ConfigError(
+                "env.normalize_obs: running observation statistics would replace the pre-trained policy's own "
+                "(fit on its demonstrations); use it with model.pretrained=scratch, or set env.normalize_obs=false"
+            )
         if m.finetune != "full":
             raise ConfigError(
                 f"model.finetune={m.finetune!r}: policies fine-tune all weights; set model.finetune=full"
@@ -205,6 +179,10 @@ class EnvCollector(Collector):
         super().__init__(cfg, run)
         self.policy = run.adapter
         self.reward_scaler = RewardScaler(cfg.algorithm.gamma)
+        self.obs_norm = None  # env.normalize_obs: running statistics in the policy's normalizer
+        if cfg.env.normalize_obs:
+            gather = run.accelerator.gather if run.world > 1 else None
+            self.obs_norm = ObservationNormalizer(self.policy.normalizer, gather)
         self.env_steps = 0
         self.vec = task_vector_env(cfg, cfg.env.num_envs, clip_reward=True)
 
@@ -239,6 +217,9 @@ class EnvCollector(Collector):
         S, N = e.n_steps, e.num_envs
         gen = run.seeds.generator(epoch, seeding.SAMPLE)
         obs, _ = self.vec.reset(seed=[run.seeds.int(epoch, seeding.RESET, n) % (2**31) for n in range(N)])
+        norm = self.policy.normalizer
+        if self.obs_norm is not None:  # gymnasium's NormalizeObservation: update, then normalize
+            self.obs_norm.update(obs)
         chains, next_obs_all = [], []
         rewards = np.zeros((S, N))
         terminated, done = np.zeros((S, N), bool), np.zeros((S, N), bool)
@@ -255,8 +236,11 @@ class EnvCollector(Collector):
                 episode_returns += list(info["final_info"]["episode_return"][ended])
                 for k, v in clip_terms.items():
                     v += list(info["final_info"].get(f"episode_return_{k}", np.zeros(N))[ended])
+            if self.obs_norm is not None:
+                self.obs_norm.update(obs_next)
             chains.append(chain)
-            next_obs_all.append(real_next)
+            # normalized with the statistics the next step's observation sees (the value bootstrap agrees)
+            next_obs_all.append(norm.normalize_obs(torch.as_tensor(real_next, device=run.device)))
             rewards[step], terminated[step], done[step] = reward, term, ended
             chunk_steps += int(executed_steps(info, ended).sum())
             if hasattr(run.objective, "observe"):  # an off-policy objective learns between steps (DSRL-SAC)
@@ -269,9 +253,7 @@ class EnvCollector(Collector):
             step_rewards=rewards,  # (S, N) float64, what GAE and the reward scaler see
             terminated=terminated,
             done=done,
-            next_obs=self.policy.normalizer.normalize_obs(
-                torch.as_tensor(np.concatenate(next_obs_all), device=device)
-            ),
+            next_obs=torch.cat(next_obs_all),
         )
         steps = int(run.accelerator.reduce(torch.tensor(chunk_steps, device=device), "sum"))
         self.env_steps += steps
@@ -364,11 +346,21 @@ class EnvCollector(Collector):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"env_steps": self.env_steps, "reward_scaler": self.reward_scaler.state_dict()}
+        state = {"env_steps": self.env_steps, "reward_scaler": self.reward_scaler.state_dict()}
+        if self.obs_norm is not None:
+            state["obs_norm"] = self.obs_norm.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.env_steps = state["env_steps"]
         self.reward_scaler.load_state_dict(state["reward_scaler"])
+        if self.obs_norm is not None:
+            if "obs_norm" not in state:
+                raise ConfigError(
+                    "env.normalize_obs is on but the checkpoint has no observation statistics (trained without "
+                    "it); resume with env.normalize_obs=false"
+                )
+            self.obs_norm.load_state_dict(state["obs_norm"])
 
     def close(self) -> None:
         self.vec.close()
