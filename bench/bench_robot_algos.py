@@ -107,6 +107,13 @@ METHODS: dict[str, tuple[str, str | None, list[str]]] = {
         ],
     ),
     "reinflow": ("reinflow", None, ["algorithm.name=reinflow"]),
+    # ReinFlow on a shortcut flow policy at 2 steps, d = 1/2 (its task file names sampler.name: reinflow,
+    # which tells it from the plain ReinFlow task files: they leave it unset)
+    "reinflow_shortcut": (
+        "reinflow",
+        "reinflow",
+        ["algorithm.name=reinflow", "sampler.name=reinflow", "model.shortcut=true", "sampler.num_steps=2"],
+    ),
     "gaussian_ppo": (
         "gaussian_ppo",
         None,
@@ -252,6 +259,7 @@ ORDER = (
     "pirl_flow_sde",
     "dppo_ddim",
     "pirl_flow_noise",
+    "reinflow_shortcut",
     "fpo",
     "fpo++",
     "residual_ppo",
@@ -330,6 +338,8 @@ def bc_key(cfg) -> str:
         key["T"] = m.num_train_steps
     if family == "gaussian_policy":
         key["gaussian"] = [m.gaussian_std_init, m.gaussian_std_min, m.gaussian_std_max, m.gaussian_tanh_mean]
+    if family == "flow_policy" and m.shortcut:  # a shortcut policy: its own network and BC loss
+        key["shortcut"] = [m.shortcut_levels, m.shortcut_sc_fraction, m.shortcut_delta]
     return family + "_" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 

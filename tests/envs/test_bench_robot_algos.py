@@ -44,8 +44,9 @@ def test_every_method_resolves_on_the_env(bench, env_id):
         assert (cfg.sampler.name or "reinflow") == SAMPLER.get(method, "reinflow"), method
         keys[method] = bench.bc_key(cfg)
     # ReinFlow, pi-RL, FPO and the heads on the flow policy clone one and the same flow policy
-    flow = {m for m in bench.ORDER if m not in ("dppo", "dppo_ddim", "gaussian_ppo")}
+    flow = {m for m in bench.ORDER if m not in ("dppo", "dppo_ddim", "gaussian_ppo", "reinflow_shortcut")}
     assert len({keys[m] for m in flow}) == 1
+    assert keys["reinflow_shortcut"] != keys["reinflow"]  # the shortcut policy clones on its own
     assert keys["dppo"] == keys["dppo_ddim"] != keys["reinflow"]
     assert len({keys["dppo"], keys["gaussian_ppo"], keys["reinflow"]}) == 3
 
