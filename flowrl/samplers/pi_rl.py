@@ -43,7 +43,7 @@ import torch
 from flowrl.core.gaussian import gaussian_log_prob
 from flowrl.core.seeding import draw_device, randn
 from flowrl.samplers.base import StepOutput
-from flowrl.samplers.reinflow import ReinFlowSampler
+from flowrl.samplers.reinflow import ReinFlowSampler, with_step_size
 
 DEFAULT_NOISE_LEVEL = 0.5  # pi-RL / RLinf: noise_level 0.5
 
@@ -90,6 +90,7 @@ class FlowSDEPolicySampler(ReinFlowSampler):
     def predict(self, adapter, x, k, cond, guidance_scale=1.0, reference=False, stochastic=True):
         """The velocity at step k; the std is the schedule's (no noise network)."""
         t = self.model_timesteps[k.cpu()].to(x.device, non_blocking=True)
+        cond = with_step_size(adapter, cond, t, self.num_steps)  # a shortcut policy reads d = 1/K
         v = adapter.reference_forward(x, t, cond) if reference else adapter(x, t, cond)
         return v, None
 
@@ -133,7 +134,10 @@ class FlowSDEPolicySampler(ReinFlowSampler):
 
 
 def from_config(sc, adapter, evaluation: bool = False):
-    """A flow policy's pi-RL chain: Flow-SDE (``flow_sde``) or Flow-Noise (``flow_noise``)."""
+    """A flow policy's pi-RL chain: Flow-SDE (``flow_sde``) or Flow-Noise (``flow_noise``); a
+    shortcut policy runs at d = 1/K, which must be on its grid."""
+    if getattr(adapter, "takes_step_size", False):
+        adapter.check_num_steps(sc.num_steps)
     if sc.name == "flow_noise":
         sampler = ReinFlowSampler(
             sc.num_steps, sc.logprob_reduction, denoised_clip=sc.denoised_clip, noise_clip=sc.noise_clip

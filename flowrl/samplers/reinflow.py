@@ -143,8 +143,7 @@ class ReinFlowSampler(ChainSampler):
         """(velocity, std) at step k: the policy's velocity and, for a stochastic step, its noise
         network's std (``fixed_std`` without one); None on a mean-path step."""
         t = self.model_timesteps[k.cpu()].to(x.device, non_blocking=True)
-        if getattr(adapter, "takes_step_size", False):  # a shortcut policy: d = 1/K (PPOShortCut)
-            cond = {**cond, "step_size": torch.full_like(t, 1.0 / self.num_steps)}
+        cond = with_step_size(adapter, cond, t, self.num_steps)
         v = adapter.reference_forward(x, t, cond) if reference else adapter(x, t, cond)
         if not stochastic:
             return v, None
@@ -188,6 +187,14 @@ class ReinFlowSampler(ChainSampler):
         v = adapter(x_t, t, cond).float()
         err = noise - (x_t - tt * v) if target == "eps" else v - (x1 - noise)
         return err.pow(2).mean(dim=tuple(range(1, x1.ndim)))
+
+
+def with_step_size(adapter, cond: dict, t: Tensor, num_steps: int) -> dict:
+    """``cond`` with a shortcut policy's step size d = 1/K (ReinFlow's PPOShortCut) for every row;
+    ``cond`` itself for a policy that does not read d."""
+    if not getattr(adapter, "takes_step_size", False):
+        return cond
+    return {**cond, "step_size": torch.full_like(t, 1.0 / num_steps)}
 
 
 def from_config(sc, adapter, evaluation: bool = False) -> ReinFlowSampler:

@@ -150,6 +150,33 @@ def test_reinflow_shortcut_on_policy_ratio_is_exactly_one(num_steps):
     assert all(p.grad is not None for p in policy.net.parameters())
 
 
+def test_pi_rl_flow_sde_runs_a_shortcut_policy_at_d_one_over_k():
+    """pi-RL's Flow-SDE chain (its own predict) feeds a shortcut policy d = 1/K as ReinFlow's does:
+    the step mean is pi-RL's formula on the d = 1/K velocity, the ratio exactly 1; K off the grid is
+    refused there too."""
+    from flowrl.samplers.pi_rl import FlowSDEPolicySampler
+    from flowrl.samplers.pi_rl import from_config as pirl_from_config
+
+    policy, K, B = _policy(noise=False), 2, 6
+    sampler = FlowSDEPolicySampler(K, 0.5, 0, "mean")
+    chain = sampler.sample(policy, torch.randn(B, 2, 3), generator=torch.Generator().manual_seed(0))
+    for k in range(K):
+        x, t, tn = chain.latents[:, k], k / K, (k + 1) / K
+        v = policy.net(x, torch.full((B,), t), torch.full((B,), 1 / K), chain.cond["obs"])
+        sigma = sampler.sigmas[k].item()
+        a_hat, n_hat = x + (1 - t) * v, x - t * v  # pi-RL's Flow-SDE mean, by hand
+        mean = tn * a_hat + ((1 - tn) - sigma**2 * (tn - t) / (2 * (1 - t))) * n_hat
+        new = sampler.log_prob(policy, chain, torch.full((B,), k))
+        torch.testing.assert_close(new.mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(new.log_prob, chain.log_probs[:, k], rtol=0, atol=0)
+    cfg = load_config(
+        "robot_inverted_pendulum_reinflow_shortcut",
+        ["algorithm.name=pirl_flow_sde", "sampler.name=flow_sde", "sampler.num_steps=8"],
+    )
+    with pytest.raises(ConfigError, match="up to 4"):
+        pirl_from_config(cfg.sampler, _policy(levels=3, noise=False))
+
+
 def test_step_count_off_the_grid_is_refused_in_one_line():
     cfg = load_config("robot_inverted_pendulum_reinflow_shortcut", ["sampler.num_steps=3"])
     with pytest.raises(ConfigError) as e:
