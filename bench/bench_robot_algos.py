@@ -246,7 +246,7 @@ METHODS: dict[str, tuple[str, str | None, list[str]]] = {
             "~algorithm.ratio_scope",  # PPO's options, not SAC's
             "~algorithm.ent_coef",
             "algorithm.name=dsrl_sac",
-            "algorithm.warmup_steps=100",  # as tasks/robot_inverted_pendulum_dsrl_sac.yaml (DSRL: 2001)
+            "algorithm.warmup_steps=50",  # as tasks/robot_inverted_pendulum_dsrl_sac.yaml (DSRL: 2001)
             "optim.learning_rate=3.0e-4",  # DSRL: actor_lr 3e-4
         ],
     ),
