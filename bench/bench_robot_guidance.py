@@ -12,7 +12,7 @@ evaluate``), each row one ``flowrl evaluate`` call through ``flowrl.cli.main`` i
    pretrain.output_dir=W/bc --episodes E --seed s <row's options> --out W/<row>_<s>.json``;
 3. a markdown table (mean return over all E x seeds episodes, the per-seed means, the change
    against the unguided BC policy and its 95% interval from the per-episode paired differences)
-   to stdout and W/table.md, every row's command in W/commands.txt.
+   to stdout and W/table_TAG.md, every row's command in W/commands_TAG.txt.
 
 One process, one torch thread (``train.torch_threads=1``).
 """
@@ -71,11 +71,14 @@ def main() -> None:
         "--seeds", default="0,100,200", help="evaluation seeds (each: --episodes reset seeds from it)"
     )
     ap.add_argument("--episodes", type=int, default=10)
-    ap.add_argument("--rows", help="comma-separated row names (default: all); see ROWS")
+    ap.add_argument("--rows", help="row names separated by | (default: all); see ROWS")
     ap.add_argument("--set", nargs="*", default=[], help="task overrides for pretrain and every evaluation")
     ap.add_argument(
         "--finetune",
         help="a fine-tuned checkpoint: adds its row and the rlg rows (w 0.5, 2; base the BC policy)",
+    )
+    ap.add_argument(
+        "--tag", default="all", help="names this call's table_TAG.md, commands_TAG.txt, results_TAG.json"
     )
     ap.add_argument("--extra", action="append", default=[], help="NAME=OPTIONS: one more row, shlex-split")
     args = ap.parse_args()
@@ -89,7 +92,7 @@ def main() -> None:
         t0 = time.perf_counter()
         assert cli(["pretrain", *common]) == 0
         print(f"BC policy in {time.perf_counter() - t0:.0f} s", flush=True)
-    rows = dict(ROWS) if not args.rows else {k: ROWS[k] for k in args.rows.split(",")}
+    rows = dict(ROWS) if not args.rows else {k: ROWS[k] for k in args.rows.split("|")}
     if args.finetune:
         rows["fine-tuned"] = ["--policy", args.finetune]
         for w in ("0.5", "2"):
@@ -126,9 +129,9 @@ def main() -> None:
         lines.append(f"| {name} | {flat.mean():.1f} | {per} | {change} | {r['seconds']:.0f} |")
     table = "\n".join(lines)
     print(table)
-    (work / "table.md").write_text(table + "\n")
-    (work / "commands.txt").write_text("\n".join(commands) + "\n")
-    (work / "results.json").write_text(json.dumps(results, indent=1))
+    (work / f"table_{args.tag}.md").write_text(table + "\n")
+    (work / f"commands_{args.tag}.txt").write_text("\n".join(commands) + "\n")
+    (work / f"results_{args.tag}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ a fine-tune), for text-to-image models and robot policies alike.
     smc                  sequential Monte Carlo with reward potentials (FK steering)
     sampler              GuidedSampler: any of the three above as a drop-in sampler
     actions              action rewards for robot policies (target, smoothness, simulated return)
+    lqr_value            the LQR value of an action chunk (a long-horizon score for balancing tasks)
 
 Every method works with any :class:`~flowrl.samplers.base.ChainSampler` (DDIM, flow SDE/ODE,
 LCM, DPPO's DDPM, ReinFlow) and returns a :class:`GuidanceResult` that counts network

@@ -4,7 +4,7 @@ A flow policy behavior-cloned on InvertedPendulum-v5 from the task's weak demons
 without cart feedback: the cart drifts into the end of its rail) is evaluated through ``flowrl
 evaluate`` unguided and with the documented defaults ``--guide best-of-n|reward-grad --reward
 lqr_value`` on the same fixed reset seeds and initial-noise seed. Measured in BENCHMARKS.md
-section 6 on the full task (10 episodes x 3 seeds): unguided BC 318, guided 1000 on every episode.
+section 6 on the full task (10 episodes x 3 seeds): unguided BC 288, guided 1000 on every episode.
 """
 
 import json
