@@ -362,11 +362,7 @@ def estimate_text_to_image(cfg, family: str, sizes: ModelSizes) -> Estimate:
     )
     if m.text_encoder_finetune == "full":
         trained += sizes.text_params
-    keep_reference = (  # as flowrl.run.Run decides it
-        full
-        and bool(getattr(cfg.method.objective_class(), "needs_reference", False))
-        and getattr(a.options, "kl_coef", 1) > 0
-    )
+    keep_reference = full and cfg.method.objective_class().keeps_reference(cfg)  # as flowrl.run.Run asks
     weights = sizes.denoiser_params * (4 if full else wbytes) + sizes.other_params * wbytes
     weights += sizes.denoiser_params * wbytes * keep_reference
     terms = [

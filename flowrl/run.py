@@ -133,11 +133,7 @@ class Run:
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[t.mixed_precision]
 
         # the model, its sampler, the domain, the value function, the objective
-        objective_cls = cfg.method.objective_class()
-        keep_reference = (
-            getattr(objective_cls, "needs_reference", False)
-            and getattr(cfg.algorithm.options, "kl_coef", 1) > 0  # DPO, D3PO: always
-        )
+        keep_reference = cfg.method.objective_class().keeps_reference(cfg)
         self.adapter = build_model(cfg, task_name, self.device, weight_dtype, keep_reference)
         self.sampler = sampler_for(cfg, self.adapter)
         if t.gradient_checkpointing:

@@ -250,7 +250,7 @@ class DenoiserAdapter(nn.Module):
         else:
             raise RuntimeError(
                 "full fine-tuning has no reference policy: build the adapter with keep_reference=True "
-                "(the trainer does when algorithm.kl_coef > 0)"
+                "(the trainer does when the objective's keeps_reference(cfg) says so)"
             )
 
     def _predict(

@@ -273,7 +273,7 @@ class StableDiffusionAdapter(DenoiserAdapter):
             if self.text_encoder_finetune == "full" and self._text_reference is None:
                 raise RuntimeError(
                     "full fine-tuning of the text encoder has no reference: build the adapter with "
-                    "keep_reference=True (the trainer does when algorithm.kl_coef > 0)"
+                    "keep_reference=True (the trainer does when the objective's keeps_reference(cfg) says so)"
                 )
             lora = self.text_encoder_finetune == "lora"
             if lora:

@@ -76,6 +76,13 @@ class Objective:
     def validate(cls, cfg) -> None:
         """Config-time checks of the objective's options (raise ConfigError naming the key)."""
 
+    @classmethod
+    def keeps_reference(cls, cfg) -> bool:
+        """Whether the run keeps the reference policy (a frozen copy of the initial denoiser under
+        ``model.finetune=full``; LoRA's is the adapter disabled) because this objective, with
+        ``cfg``'s options, calls it (``reference=True``). By default it does not."""
+        return False
+
     @property
     def steps(self) -> str:
         """Which chain steps a minibatch row carries: ``sampled`` (a random subset of the stochastic

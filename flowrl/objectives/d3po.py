@@ -119,7 +119,10 @@ class D3PO(Objective):
 
     Options = D3POOptions
     needs_log_probs = True
-    needs_reference = True
+
+    @classmethod
+    def keeps_reference(cls, cfg) -> bool:
+        return True  # the per-step log-ratios' log pi_ref, always
 
     @classmethod
     def validate(cls, cfg) -> None:

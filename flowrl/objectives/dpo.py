@@ -91,11 +91,14 @@ class DiffusionDPO(Objective):
 
     Options = DPOOptions
     needs_log_probs = False
-    needs_reference = True  # a frozen copy of the denoiser under model.finetune=full
 
     def __init__(self, cfg, adapter, sampler, value=None, demonstrations=None, reward=None):
         super().__init__(cfg, adapter, sampler, value, demonstrations, reward)
         self.process = forward_process(adapter, sampler, self.options.dpo_timesteps)
+
+    @classmethod
+    def keeps_reference(cls, cfg) -> bool:
+        return True  # the reference's denoising losses of both images, always
 
     @classmethod
     def validate(cls, cfg) -> None:

@@ -80,11 +80,14 @@ class NFT(Objective):
 
     Options = NFTOptions
     needs_log_probs = False
-    needs_reference = True  # a frozen reference copy for full fine-tuning when kl_coef > 0
 
     def __init__(self, cfg, adapter, sampler, value=None, demonstrations=None, reward=None):
         super().__init__(cfg, adapter, sampler, value, demonstrations, reward)
         self.old = {k: v.detach().clone().float() for k, v in adapter.trainable_state_dict().items()}
+
+    @classmethod
+    def keeps_reference(cls, cfg) -> bool:
+        return cfg.algorithm.options.kl_coef > 0  # v_ref of the KL term
 
     @classmethod
     def validate(cls, cfg) -> None:

@@ -203,9 +203,9 @@ class PPO(Objective):
     def steps(self) -> str:
         return "all" if self.options.ratio_scope == "chain" else "sampled"
 
-    @property
-    def needs_reference(self) -> bool:
-        return self.options.kl_coef > 0
+    @classmethod
+    def keeps_reference(cls, cfg) -> bool:
+        return cfg.algorithm.options.kl_coef > 0  # the closed-form KL's log pi_ref
 
     def prepare(self, chain: Chain, epoch: int, generator: torch.Generator) -> None:
         if not torch.isfinite(chain.log_probs).any(1).all():

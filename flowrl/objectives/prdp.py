@@ -87,8 +87,13 @@ class PRDP(Objective):
 
     Options = PRDPOptions
     needs_log_probs = True
-    needs_reference = True  # the run keeps a frozen copy for full fine-tuning (kl_coef > 0 always)
     whole_groups = True  # minibatches hold whole prompt groups (flowrl.train.plan)
+
+    @classmethod
+    def keeps_reference(cls, cfg) -> bool:
+        # the log-ratios' log pi_ref; with prdp_reference: sampling they are taken against the epoch's
+        # sampling policy and the reference is never called
+        return cfg.algorithm.options.prdp_reference == "pretrained"
 
     @classmethod
     def validate(cls, cfg) -> None:
