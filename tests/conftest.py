@@ -1,10 +1,12 @@
 import copy
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One torch thread per pytest-xdist worker (scripts/test.sh runs one per core), 2 in a lone process.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)
